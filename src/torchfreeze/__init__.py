@@ -1,0 +1,75 @@
+"""torchfreeze: freezing parts of PyTorch models, correct, explicit and fast.
+
+See DESIGN.md for the concepts: selectors, frozen parameters, ``Frozen`` uses,
+pinned modes and freeze state. Every verb works on any ``nn.Module``.
+"""
+
+from ._batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm
+from ._errors import (
+    ArgumentError,
+    CacheRefusedError,
+    CheckpointError,
+    FreezeStateError,
+    FrozenTensorChanged,
+    ModeError,
+    SelectorError,
+    SelectorTypeError,
+    SharedParameterError,
+    TorchFreezeError,
+    WeightsError,
+)
+from ._freeze import (
+    freeze,
+    freeze_to,
+    frozen_parameters,
+    is_frozen,
+    layer_groups,
+    prepare_for_distributed,
+    trainable_parameters,
+    unfreeze,
+)
+from ._frozen import Frozen
+from ._mode import eval_mode, pin_mode, pinned_modes, train_mode, unpin_mode
+from ._select import select
+from ._summary import Summary, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # selection and freezing
+    "select",
+    "freeze",
+    "unfreeze",
+    "freeze_to",
+    "layer_groups",
+    "is_frozen",
+    "trainable_parameters",
+    "frozen_parameters",
+    "Frozen",
+    "prepare_for_distributed",
+    # mode
+    "pin_mode",
+    "unpin_mode",
+    "pinned_modes",
+    "eval_mode",
+    "train_mode",
+    "freeze_batchnorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    # inspection
+    "summary",
+    "Summary",
+    # errors
+    "TorchFreezeError",
+    "SelectorError",
+    "SelectorTypeError",
+    "SharedParameterError",
+    "ModeError",
+    "ArgumentError",
+    "FreezeStateError",
+    "CheckpointError",
+    "WeightsError",
+    "FrozenTensorChanged",
+    "CacheRefusedError",
+]

@@ -1,0 +1,243 @@
+"""Pinned modes: a module whose train/eval flag does not follow its ancestors.
+
+The primitive is :class:`_PinnedTrain`, stored as the module's *instance*
+attribute ``train``. ``nn.Module.train`` recurses with ``child.train(mode)``, so
+an ancestor's ``.train()`` / ``.eval()`` reaches the pin, which sets the
+module's own flag to the pinned value and passes the ancestor's mode on to its
+children unchanged (a pin is per module; pinning a subtree pins each module in
+it). No class is swapped, no parameter or buffer is touched, so parameter
+identity and ``state_dict`` keys stay as they were; the pin is a plain picklable
+object that ``copy.deepcopy`` re-binds to the copy, and ``torch.compile`` sees an
+ordinary ``training`` attribute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from torch import nn
+
+from ._errors import ModeError
+from ._select import resolve
+
+__all__ = [
+    "pin_mode",
+    "unpin_mode",
+    "pinned_modes",
+    "eval_mode",
+    "train_mode",
+    "get_pin",
+    "set_pin",
+    "remove_pin",
+    "check_mode",
+]
+
+_MODES = ("train", "eval")
+
+
+def check_mode(mode: Any, *, argument: str = "mode", allow_none: bool = False) -> None:
+    """Raise :class:`ModeError` unless ``mode`` is ``"train"``, ``"eval"`` (or ``None`` if allowed)."""
+    if mode is None and allow_none:
+        return
+    if mode not in _MODES:
+        allowed = "'train', 'eval'" + (" or None" if allow_none else "")
+        raise ModeError(
+            f"{argument}={mode!r} is not a mode; expected {allowed}. "
+            f"Fix: pass {argument}='eval' to keep dropout off and BatchNorm statistics fixed, "
+            f"or {argument}='train' to keep them on."
+        )
+
+
+class _PinnedTrain:
+    """Replacement for ``module.train`` that keeps the module's own flag pinned."""
+
+    __slots__ = ("module", "mode", "origin")
+
+    def __init__(self, module: nn.Module, mode: str, origin: str) -> None:
+        self.module = module
+        self.mode = mode
+        self.origin = origin
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected be boolean")
+        module = self.module
+        module.training = self.mode == "train"
+        for child in module.children():
+            child.train(mode)
+        return module
+
+    def __getstate__(self) -> tuple[nn.Module, str, str]:
+        return (self.module, self.mode, self.origin)
+
+    def __setstate__(self, state: tuple[nn.Module, str, str]) -> None:
+        self.module, self.mode, self.origin = state
+
+    def __repr__(self) -> str:
+        return f"<pinned {self.mode} mode ({self.origin})>"
+
+
+def get_pin(module: nn.Module) -> _PinnedTrain | None:
+    """The pin object of ``module``, or ``None`` if its mode follows its ancestors."""
+    pin = module.__dict__.get("train")
+    return pin if isinstance(pin, _PinnedTrain) else None
+
+
+def set_pin(module: nn.Module, mode: str, origin: str) -> None:
+    """Pin ``module``'s own flag to ``mode`` now and across every later ``train()``/``eval()``."""
+    module.__dict__["train"] = _PinnedTrain(module, mode, origin)
+    module.training = mode == "train"
+
+
+def remove_pin(module: nn.Module, follow: bool | None) -> None:
+    """Remove the pin; ``follow`` is the flag to take now (``None`` keeps the current one)."""
+    module.__dict__.pop("train", None)
+    if follow is not None:
+        module.training = follow
+
+
+def _parents(model: nn.Module) -> dict[int, nn.Module]:
+    """``id(child) -> parent`` over the whole tree (first path wins for shared modules)."""
+    parents: dict[int, nn.Module] = {}
+    for _, parent in model.named_modules():
+        for child in parent.children():
+            parents.setdefault(id(child), parent)
+    return parents
+
+
+def pin_mode(model: nn.Module, *selectors: Any, mode: str = "eval") -> nn.Module:
+    """Pin the train/eval flag of every selected module, whatever its ancestors do.
+
+    Args:
+        model: any ``nn.Module``.
+        *selectors: what to pin (see :func:`torchfreeze.select`); none means the whole model.
+            A module name pins every module of its subtree.
+        mode: ``"eval"`` (dropout off, BatchNorm statistics fixed) or ``"train"``
+            (for example Monte-Carlo dropout at test time).
+
+    Returns:
+        The model, changed in place.
+
+    Raises:
+        ModeError: ``mode`` is not ``"train"`` or ``"eval"``.
+        SelectorError: a selector matched nothing.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = pin_mode(model, nn.BatchNorm1d, mode="eval")
+        >>> model.train()[1].training
+        False
+    """
+    check_mode(mode)
+    selection = resolve(model, *selectors)
+    for module in selection.unique_modules().values():
+        set_pin(module, mode, "user")
+    return model
+
+
+def unpin_mode(model: nn.Module, *selectors: Any) -> nn.Module:
+    """Remove every pin in the selection; each module then takes its parent's flag.
+
+    Args:
+        model: any ``nn.Module``.
+        *selectors: where to remove pins; none means the whole model.
+
+    Returns:
+        The model, changed in place.
+
+    Raises:
+        SelectorError: a selector matched nothing.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Dropout(0.1))
+        >>> _ = pin_mode(model, "0", mode="eval")
+        >>> _ = unpin_mode(model)
+        >>> model.train()[0].training
+        True
+    """
+    selection = resolve(model, *selectors)
+    unpin_modules(model, selection.unique_modules().values(), origins=None)
+    return model
+
+
+def unpin_modules(model: nn.Module, modules: Any, *, origins: set[str] | None) -> None:
+    """Remove pins (only those whose origin is in ``origins``; all if ``None``).
+
+    Each unpinned module then takes its parent's current flag, as if the last
+    ``train()``/``eval()`` had reached it unpinned.
+    """
+    targets = {
+        id(m): m
+        for m in modules
+        if (pin := get_pin(m)) is not None and (origins is None or pin.origin in origins)
+    }
+    if not targets:
+        return
+    parents = _parents(model)
+    for _, module in model.named_modules():  # model order: parents settle before children
+        if id(module) in targets:
+            parent = parents.get(id(module))
+            remove_pin(module, None if parent is None else parent.training)
+
+
+def pinned_modes(model: nn.Module) -> dict[str, str]:
+    """Map each pinned module's qualified name to its pinned mode.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+        >>> pinned_modes(pin_mode(model, nn.Dropout, mode="train"))
+        {'1': 'train'}
+    """
+    result: dict[str, str] = {}
+    for name, module in model.named_modules():
+        pin = get_pin(module)
+        if pin is not None:
+            result[name] = pin.mode
+    return result
+
+
+@contextlib.contextmanager
+def _mode_context(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for module, flag in saved:
+            module.training = flag
+
+
+def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    """Context manager: ``model.eval()`` inside (pins respected), every exact flag restored on exit.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Dropout(0.5), nn.Dropout(0.5))
+        >>> model[1].eval()  # doctest: +ELLIPSIS
+        Dropout(...)
+        >>> with eval_mode(model):
+        ...     model[0].training
+        False
+        >>> [m.training for m in model]
+        [True, False]
+    """
+    return _mode_context(model, False)
+
+
+def train_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    """Context manager: ``model.train()`` inside (pins respected), every exact flag restored on exit.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Dropout(0.5)).eval()
+        >>> with train_mode(model):
+        ...     model[0].training
+        True
+        >>> model[0].training
+        False
+    """
+    return _mode_context(model, True)
