@@ -4,6 +4,7 @@ See DESIGN.md for the concepts: selectors, frozen parameters, ``Frozen`` uses,
 pinned modes and freeze state. Every verb works on any ``nn.Module``.
 """
 
+from ._cache import CacheStats, FeatureCache, cache_features
 from ._batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm
 from ._errors import (
     ArgumentError,
@@ -60,6 +61,10 @@ __all__ = [
     # inspection
     "summary",
     "Summary",
+    # speed
+    "cache_features",
+    "FeatureCache",
+    "CacheStats",
     # errors
     "TorchFreezeError",
     "SelectorError",
