@@ -51,13 +51,20 @@ def glob_to_regex(pattern: str) -> str:
         >>> bool(re.fullmatch(glob_to_regex("encoder.*"), "encoder.0.weight"))
         False
     """
-    segments = pattern.split(".")
+    segments: list[str] = []
+    for segment in pattern.split("."):
+        if not (segment == "**" and segments and segments[-1] == "**"):  # "**.**" is "**"
+            segments.append(segment)
     out = ""
     for index, segment in enumerate(segments):
         last = index == len(segments) - 1
         if segment == "**":
-            # any number of whole segments, each followed by a dot unless at the end
-            out += r"(?:.*)" if last else r"(?:[^.]+\.)*"
+            if not last:  # zero or more whole segments, each with its dot
+                out += r"(?:[^.]+\.)*"
+            elif index == 0:
+                out += r".+"
+            else:  # "a.**": "a" itself or anything below it
+                out = out[: -len(r"\.")] + r"(?:\..+)?"
             continue
         piece = ""
         i = 0

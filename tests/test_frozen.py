@@ -1,0 +1,129 @@
+"""Frozen: the constant function of the wrapped parameters, per use."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from torchfreeze import Frozen, ModeError, frozen_parameters, prepare_for_distributed, trainable_parameters
+
+
+def layers() -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    torch.manual_seed(0)
+    return nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+
+def ids(named) -> set[int]:
+    return {id(p) for _, p in named}
+
+
+def test_trainable_parameters_exclude_frozen_use_only():
+    l1, l2, l3 = layers()
+    m0 = nn.Sequential(l1, l2, l3)
+    m1 = nn.Sequential(l1, Frozen(l2), l3)
+    assert ids(trainable_parameters(m1)) == {id(p) for p in [*l1.parameters(), *l3.parameters()]}
+    assert ids(trainable_parameters(m0)) == {id(p) for p in m0.parameters()}
+    assert ids(frozen_parameters(m1)) == {id(p) for p in l2.parameters()}
+
+
+def test_gradient_reaches_neighbours_equal_to_unwrapped_and_not_wrapped():
+    l1, l2, l3 = layers()
+    m0 = nn.Sequential(l1, l2, l3)
+    m1 = nn.Sequential(l1, Frozen(l2), l3)
+    x = torch.randn(5, 3)
+    m0(x).sum().backward()
+    expected = {id(p): p.grad.clone() for p in [*l1.parameters(), *l3.parameters()]}
+    for p in m0.parameters():
+        p.grad = None
+    m1(x).sum().backward()
+    for p in [*l1.parameters(), *l3.parameters()]:
+        assert torch.equal(p.grad, expected[id(p)])
+    assert all(p.grad is None for p in l2.parameters())
+
+
+def test_difference_of_uses_trains_only_the_unwrapped_use():
+    l1, l2, l3 = layers()
+    m0 = nn.Sequential(l1, l2, l3)
+    m1 = nn.Sequential(l1, Frozen(l2), l3)
+    x = torch.randn(5, 3)
+    (m0(x) - m1(x)).sum().backward()
+    for p in [*l1.parameters(), *l3.parameters()]:
+        assert torch.count_nonzero(p.grad) == 0
+    assert all(torch.count_nonzero(p.grad) > 0 for p in l2.parameters())
+
+
+def test_output_equals_unwrapped_module():
+    _, l2, _ = layers()
+    x = torch.randn(2, 4)
+    assert torch.equal(Frozen(l2)(x), l2(x))
+
+
+def test_tied_use_keeps_requires_grad_and_trains():
+    l1, l2, l3 = layers()
+    model = nn.Sequential(l1, Frozen(l2), l2, l3)  # l2 used frozen and trainable
+    assert l2.weight.requires_grad
+    assert id(l2.weight) in ids(trainable_parameters(model))
+    model(torch.randn(2, 3)).sum().backward()
+    assert l2.weight.grad is not None
+
+
+def test_state_dict_keys_and_loading_plain_checkpoint():
+    l1, l2, l3 = layers()
+    plain = nn.Sequential(copy.deepcopy(l1), copy.deepcopy(l2), copy.deepcopy(l3))
+    for p in plain.parameters():
+        nn.init.constant_(p, 0.5)
+    wrapped = nn.Sequential(l1, Frozen(l2), l3)
+    assert "1.module.weight" in wrapped.state_dict()
+    wrapped.load_state_dict(plain.state_dict())  # the one documented call
+    assert torch.equal(l2.weight, torch.full_like(l2.weight, 0.5))
+    # and its own keys load back too
+    wrapped.load_state_dict(wrapped.state_dict())
+
+
+def test_mode_pins_the_wrapped_subtree():
+    inner = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    model = nn.Sequential(Frozen(inner, mode="eval"), nn.Dropout(0.5))
+    model.train()
+    assert not inner.training and not inner[1].training
+    assert model[1].training
+
+
+@pytest.mark.parametrize("bad", ["evaluation", True, 0], ids=["typo", "bool", "int"])
+def test_invalid_mode(bad):
+    inner = nn.Linear(2, 2)
+    with pytest.raises(ModeError, match="mode="):
+        Frozen(inner, mode=bad)
+    assert inner.__dict__.get("train") is None
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        Frozen(lambda x: x)  # type: ignore[arg-type]
+
+
+def test_prepare_for_distributed_only_touches_parameters_without_trainable_use():
+    l1, l2, l3 = layers()
+    tied = nn.Linear(4, 4)
+    model = nn.Sequential(l1, Frozen(l2), Frozen(tied), tied, l3)
+    prepare_for_distributed(model)
+    assert not any(p.requires_grad for p in l2.parameters())
+    assert all(p.requires_grad for p in tied.parameters())
+    assert all(p.requires_grad for p in [*l1.parameters(), *l3.parameters()])
+    # every parameter that still requires grad receives one: what DDP needs
+    model(torch.randn(2, 3)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_frozen_deepcopy_and_pickle_roundtrip():
+    import pickle
+
+    _, l2, _ = layers()
+    model = nn.Sequential(Frozen(l2, mode="eval"))
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        clone.train()
+        assert not clone[0].module.training
+        x = torch.randn(2, 4)
+        assert torch.equal(clone(x), model(x))

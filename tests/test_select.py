@@ -1,0 +1,152 @@
+"""Selection: one resolver for every selector kind."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from torchfreeze import SelectorError, SelectorTypeError, select
+from torchfreeze._select import glob_to_regex, resolve
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.ModuleDict(
+        {
+            "encoder": nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3), nn.Linear(3, 3)),
+            "head": nn.Linear(3, 1),
+        }
+    )
+
+
+CASES = [
+    ("dotted-module", ["encoder.0"], ["encoder.0"]),
+    ("dotted-parameter", ["head.bias"], ["head.bias"]),
+    ("glob-one-segment", ["encoder.*"], ["encoder.0", "encoder.1", "encoder.2"]),
+    ("glob-any-segments", ["**.bias"], ["encoder.0.bias", "encoder.1.bias", "encoder.2.bias", "head.bias"]),
+    ("glob-question", ["encoder.?.weight"], ["encoder.0.weight", "encoder.1.weight", "encoder.2.weight"]),
+    ("regex-fullmatch", [re.compile(r"encoder\.[02]")], ["encoder.0", "encoder.2"]),
+    ("type", [nn.LayerNorm], ["encoder.1"]),
+    ("tuple-of-types", [(nn.LayerNorm, nn.Sequential)], ["encoder", "encoder.1"]),
+    ("predicate", [lambda name, m: name.endswith("head")], ["head"]),
+    ("list-union", [["head", "encoder.0"]], ["head", "encoder.0"]),
+    ("several-union", ["head", nn.LayerNorm], ["head", "encoder.1"]),
+    ("nothing-is-whole-model", [], [""]),
+]
+
+
+@pytest.mark.parametrize("selectors,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_selector_kinds(selectors, expected):
+    assert select(model(), *selectors) == expected
+
+
+def test_module_object_selects_all_its_paths():
+    shared = nn.Linear(2, 2)
+    m = nn.Sequential(shared, nn.ReLU(), shared)
+    assert select(m, shared) == ["0", "2"]
+
+
+def test_module_name_selects_subtree():
+    m = model()
+    selection = resolve(m, "encoder")
+    assert set(selection.parameters) == {n for n, _ in m.named_parameters() if n.startswith("encoder.")}
+    assert "head.weight" not in selection.parameters
+
+
+def test_regex_is_full_match_not_search():
+    with pytest.raises(SelectorError):
+        select(model(), re.compile("encod"))
+
+
+NO_MATCH = [
+    ("typo", "encodr", "encoder"),
+    ("glob", "decoder.*", "encoder"),
+    ("regex", re.compile("body"), "head"),
+    ("type", nn.Conv2d, "encoder"),
+    ("foreign-module", nn.Linear(2, 2), "encoder"),
+]
+
+
+@pytest.mark.parametrize("selector,closest", [c[1:] for c in NO_MATCH], ids=[c[0] for c in NO_MATCH])
+def test_no_match_lists_closest_names(selector, closest):
+    with pytest.raises(SelectorError, match="closest qualified names") as info:
+        select(model(), selector)
+    assert repr(closest) in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "selector",
+    [3, 2.5, nn.functional.relu, int, (nn.Linear, int), {"a": 1}],
+    ids=["int", "float", "bad-predicate", "non-module-type", "tuple-with-non-module", "dict"],
+)
+def test_wrong_selector_type(selector):
+    with pytest.raises((SelectorTypeError, TypeError)) as info:
+        select(model(), selector)
+    assert isinstance(info.value, TypeError)
+
+
+def test_empty_list_is_an_error():
+    with pytest.raises(SelectorError, match="empty list"):
+        select(model(), [])
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(SelectorTypeError, match="model must be an nn.Module"):
+        select("encoder", "x")  # type: ignore[arg-type]
+
+
+# glob == equivalent regex, on random trees and random patterns --------------------------------
+
+segment = st.sampled_from(["a", "b", "0", "1", "ab"])
+
+
+@st.composite
+def trees(draw, level=0):
+    if level >= 3 or draw(st.booleans()) and level > 0:
+        return nn.Linear(1, 1) if draw(st.booleans()) else nn.ReLU()
+    names = draw(st.lists(segment, min_size=1, max_size=3, unique=True))
+    return nn.ModuleDict({name: draw(trees(level=level + 1)) for name in names})
+
+
+glob_part = st.sampled_from(["a", "b", "0", "1", "ab", "*", "**", "a*", "?", "weight", "bias"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(tree=trees(), parts=st.lists(glob_part, min_size=1, max_size=4))
+def test_glob_equals_equivalent_regex(tree, parts):
+    pattern = ".".join(parts)
+    regex = re.compile(glob_to_regex(pattern))
+    names = [n for n, _ in tree.named_modules() if n] + [n for n, _ in tree.named_parameters()]
+    expected = sorted(n for n in names if regex.fullmatch(n))
+    # an independent oracle: fnmatch-like segment matching written directly
+    oracle = sorted(n for n in names if _segments_match(parts, n.split(".")))
+    assert expected == oracle
+    try:
+        got = sorted(select(tree, pattern))
+    except SelectorError:
+        got = []
+    assert got == expected
+    try:
+        got_regex = sorted(select(tree, regex))
+    except SelectorError:
+        got_regex = []
+    assert got_regex == expected
+
+
+def _segments_match(parts: list[str], segments: list[str]) -> bool:
+    import fnmatch
+
+    if not parts:
+        return not segments
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        return any(_segments_match(rest, segments[i:]) for i in range(len(segments) + 1))
+    if not segments:
+        return False
+    return fnmatch.fnmatchcase(segments[0], head) and _segments_match(rest, segments[1:])
