@@ -5,6 +5,7 @@ pinned modes and freeze state. Every verb works on any ``nn.Module``.
 """
 
 from ._cache import CacheStats, FeatureCache, cache_features
+from ._compose import Backbone, Composite, HFEncoder, ModuleBackbone
 from ._batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm
 from ._errors import (
     ArgumentError,
@@ -32,11 +33,29 @@ from ._freeze import (
 from ._frozen import Frozen
 from ._mode import eval_mode, pin_mode, pinned_modes, train_mode, unpin_mode
 from ._select import select
+from ._optim import add_unfrozen, param_groups
+from ._schedule import GradualUnfreezing
+from ._guard import Guard, Problem, check, guard
+from ._state import freeze_state, load_freeze_state, load_trainable, save_trainable
 from ._summary import Summary, summary
+from ._registry import FreezePlan, NothingPretrainedWarning, get_model, list_models, register_model
+from ._weights import Weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # training (issue 3)
+    "param_groups",
+    "add_unfrozen",
+    "GradualUnfreezing",
+    "guard",
+    "Guard",
+    "check",
+    "Problem",
+    "freeze_state",
+    "load_freeze_state",
+    "save_trainable",
+    "load_trainable",
     # selection and freezing
     "select",
     "freeze",
@@ -65,6 +84,17 @@ __all__ = [
     "cache_features",
     "FeatureCache",
     "CacheStats",
+    # composition and builders
+    "Composite",
+    "Backbone",
+    "ModuleBackbone",
+    "HFEncoder",
+    "Weights",
+    "register_model",
+    "get_model",
+    "list_models",
+    "FreezePlan",
+    "NothingPretrainedWarning",
     # errors
     "TorchFreezeError",
     "SelectorError",

@@ -1,0 +1,386 @@
+"""Composition: a backbone, an optional neck and a head in one ``nn.Module``.
+
+:class:`Composite` names its parts ``backbone``, ``neck`` and ``head``, so every
+selector (``"backbone"``, ``"backbone.**.bias"``, ``"head"``) and
+:func:`~torchfreeze.layer_groups` work on it without special cases. Any backbone
+works with any head: a backbone is anything with ``forward_features(x)`` and
+``feature_dim`` (the small duck-typed :class:`Backbone` protocol), and two
+adapters turn existing models into backbones without editing them:
+
+* :class:`ModuleBackbone` — any ``nn.Module``; its features are the module's
+  output, or the output of one of its named submodules captured with a forward
+  hook (the rest of the forward pass is skipped).
+* :class:`HFEncoder` — a Hugging Face ``transformers`` encoder; pooled
+  (mean over real tokens, or the first token) or per-token features, with the
+  attention mask applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from torchfreeze._errors import ArgumentError
+
+__all__ = ["Backbone", "Composite", "ModuleBackbone", "HFEncoder"]
+
+Pool = Literal["flatten", "avg", "max"]
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What :class:`Composite` needs from a backbone (structural, no subclassing).
+
+    ``forward_features(x)`` returns the features given to the neck or head, and
+    ``feature_dim`` is the size of their last dimension.
+
+    >>> isinstance(ModuleBackbone(torch.nn.Linear(3, 4), feature_dim=4), Backbone)
+    True
+    """
+
+    feature_dim: int
+
+    def forward_features(self, x: Any) -> torch.Tensor:  # pragma: no cover - protocol
+        """Return the features of ``x``."""
+        ...
+
+
+def _call(module: nn.Module, x: Any) -> Any:
+    """Call a module with ``x``; a mapping (tokenizer output) is passed as keywords."""
+    if isinstance(x, Mapping):
+        return module(**x)
+    return module(x)
+
+
+class Composite(nn.Module):
+    """``head(neck(backbone.forward_features(x)))`` with parts named for selectors.
+
+    Args:
+        backbone: a :class:`Backbone` (``forward_features`` + ``feature_dim``) or
+            any ``nn.Module`` (then its plain output are the features).
+        head: the task head, any ``nn.Module``.
+        neck: an optional module between backbone and head.
+
+    Raises:
+        ArgumentError: a part is not an ``nn.Module``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> m = Composite(ModuleBackbone(nn.Linear(4, 8), feature_dim=8), nn.Linear(8, 2))
+    >>> m(torch.zeros(3, 4)).shape
+    torch.Size([3, 2])
+    >>> [n for n, _ in m.named_children()]
+    ['backbone', 'head']
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, neck: nn.Module | None = None) -> None:
+        super().__init__()
+        for arg, value in (("backbone", backbone), ("head", head)):
+            if not isinstance(value, nn.Module):
+                raise ArgumentError(
+                    f"{arg}={type(value).__name__}: expected an nn.Module; wrap a plain callable "
+                    f"in a module first (for example ModuleBackbone(...) for a backbone)."
+                )
+        if neck is not None and not isinstance(neck, nn.Module):
+            raise ArgumentError(f"neck={type(neck).__name__}: expected an nn.Module or None.")
+        self.backbone = backbone
+        if neck is not None:
+            self.neck = neck
+        else:
+            self.neck = None
+        self.head = head
+
+    @property
+    def feature_dim(self) -> int | None:
+        """The backbone's ``feature_dim`` (``None`` when it does not declare one)."""
+        dim = getattr(self.backbone, "feature_dim", None)
+        return int(dim) if dim is not None else None
+
+    def forward_features(self, x: Any) -> torch.Tensor:
+        """Features after backbone and neck (what the head receives)."""
+        fn = getattr(self.backbone, "forward_features", None)
+        features = fn(x) if callable(fn) else _call(self.backbone, x)
+        if self.neck is not None:
+            features = self.neck(features)
+        return features
+
+    def forward(self, x: Any) -> Any:
+        """Run backbone, neck and head."""
+        return self.head(self.forward_features(x))
+
+    def layer_groups(self) -> list[Any]:
+        """Default layer groups: the backbone's own groups, then ``neck``, then ``head``.
+
+        Returns:
+            A list of selectors (each a list of qualified module names or a name),
+            from input to output, as :func:`torchfreeze.layer_groups` expects.
+        """
+        from torchfreeze import layer_groups as _core_layer_groups
+
+        groups: list[Any] = []
+        for group in _core_layer_groups(self.backbone):
+            names = [group] if isinstance(group, str) else list(group)
+            groups.append([f"backbone.{n}" if n else "backbone" for n in names])
+        if self.neck is not None:
+            groups.append(["neck"])
+        groups.append(["head"])
+        return groups
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to skip the rest of the forward pass."""
+
+
+def _pool(features: torch.Tensor, pool: Pool | None) -> torch.Tensor:
+    if pool is None:
+        return features
+    if pool == "flatten":
+        return features.flatten(1)
+    if features.dim() <= 2:
+        return features
+    dims = tuple(range(2, features.dim()))
+    if pool == "avg":
+        return features.mean(dim=dims)
+    return features.amax(dim=dims)
+
+
+class ModuleBackbone(nn.Module):
+    """Adapt any ``nn.Module`` into a backbone, optionally tapping a named submodule.
+
+    With ``output="layer3"`` the features are the output of ``module.layer3``,
+    captured with a forward hook; the forward pass stops there (later modules
+    are not run). The wrapped module is stored at ``.module`` and not edited.
+
+    Args:
+        module: the model to adapt.
+        output: qualified name of the submodule whose output are the features;
+            ``None`` uses the module's own output.
+        feature_dim: size of the features' last dimension (after ``pool``). When
+            ``None``, it is measured once with ``example_input``.
+        pool: reduce feature maps to vectors: ``"avg"`` / ``"max"`` over every
+            dimension after the second, ``"flatten"``, or ``None`` (as is).
+        example_input: an input used once (no grad, modes restored) to measure
+            ``feature_dim``.
+        stop: stop the forward pass once ``output`` has run (default True).
+
+    Raises:
+        ArgumentError: ``output`` names no submodule, ``pool`` is unknown, or
+            ``feature_dim`` can be neither read nor measured.
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    >>> bb = ModuleBackbone(net, output="1", example_input=torch.zeros(1, 4))
+    >>> bb.feature_dim, bb.forward_features(torch.zeros(2, 4)).shape
+    (6, torch.Size([2, 6]))
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        output: str | None = None,
+        *,
+        feature_dim: int | None = None,
+        pool: Pool | None = None,
+        example_input: Any = None,
+        stop: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise ArgumentError(f"module={type(module).__name__}: expected an nn.Module to adapt.")
+        if pool not in (None, "flatten", "avg", "max"):
+            raise ArgumentError(
+                f"pool={pool!r}: expected one of None, 'flatten', 'avg', 'max'."
+            )
+        if output is not None:
+            names = [n for n, _ in module.named_modules() if n]
+            if output not in names:
+                import difflib
+
+                close = difflib.get_close_matches(output, names, n=5) or names[:5]
+                raise ArgumentError(
+                    f"output={output!r}: no submodule of {type(module).__name__} has that name; "
+                    f"expected a qualified module name, closest: {close}."
+                )
+        self.module = module
+        self.output = output
+        self.pool = pool
+        self.stop = bool(stop)
+        if feature_dim is None and example_input is not None:
+            feature_dim = self._measure(example_input)
+        if feature_dim is not None and (not isinstance(feature_dim, int) or feature_dim <= 0):
+            raise ArgumentError(f"feature_dim={feature_dim!r}: expected a positive int.")
+        self._feature_dim = feature_dim
+
+    @property
+    def feature_dim(self) -> int:
+        """Size of the features' last dimension."""
+        if self._feature_dim is None:
+            raise ArgumentError(
+                "feature_dim is unknown for this ModuleBackbone: pass feature_dim=... or "
+                "example_input=... when building it."
+            )
+        return self._feature_dim
+
+    def _measure(self, example_input: Any) -> int:
+        flags = [(m, m.training) for m in self.modules()]
+        try:
+            self.eval()
+            with torch.no_grad():
+                out = self.forward_features(example_input)
+        finally:
+            for m, flag in flags:
+                m.training = flag
+        return int(out.shape[-1])
+
+    def forward_features(self, x: Any) -> torch.Tensor:
+        """The (pooled) output of ``output``, or of the whole module."""
+        if self.output is None:
+            return _pool(_call(self.module, x), self.pool)
+        captured: list[Any] = []
+        stop = self.stop
+
+        def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
+            captured.append(out)
+            if stop:
+                raise _StopForward
+
+        handle = self.module.get_submodule(self.output).register_forward_hook(hook)
+        try:
+            _call(self.module, x)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise ArgumentError(
+                f"output={self.output!r}: that submodule did not run during forward; choose a "
+                f"submodule that the module's forward calls."
+            )
+        out = captured[0]
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return _pool(out, self.pool)
+
+    def forward(self, x: Any) -> torch.Tensor:
+        """Same as :meth:`forward_features`."""
+        return self.forward_features(x)
+
+    def layer_groups(self) -> list[Any]:
+        """The wrapped module's default layer groups (names under ``module.``)."""
+        from torchfreeze import layer_groups as _core_layer_groups
+
+        return [
+            [f"module.{n}" if n else "module" for n in ([g] if isinstance(g, str) else g)]
+            for g in _core_layer_groups(self.module)
+        ]
+
+
+class HFEncoder(nn.Module):
+    """Adapt a Hugging Face ``transformers`` encoder (BERT-like) into a backbone.
+
+    Inputs are tokenizer outputs: a mapping with ``input_ids`` and optionally
+    ``attention_mask`` / ``token_type_ids`` (a ``BatchEncoding`` works), or a
+    tensor of input ids (then every token is real). The attention mask is passed
+    to the model and used by the pooling; padded positions never leak into the
+    features.
+
+    Args:
+        model: the encoder (e.g. ``transformers.AutoModel.from_pretrained(...)``),
+            stored at ``.model``.
+        pooling: ``"mean"`` (mean over real tokens, as sentence-transformers),
+            ``"cls"`` (first token), or ``"none"`` for per-token features of
+            shape ``(batch, tokens, hidden)`` with padded positions set to zero.
+        normalize: L2-normalise pooled features (sentence-embedding convention).
+        tokenizer: optional tokenizer kept for :meth:`tokenize` (not a module).
+
+    Raises:
+        ArgumentError: unknown ``pooling`` or a model without ``config.hidden_size``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        pooling: Literal["mean", "cls", "none"] = "mean",
+        normalize: bool = False,
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__()
+        if pooling not in ("mean", "cls", "none"):
+            raise ArgumentError(f"pooling={pooling!r}: expected 'mean', 'cls' or 'none'.")
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if not isinstance(model, nn.Module) or hidden is None:
+            raise ArgumentError(
+                f"model={type(model).__name__}: expected a transformers encoder with "
+                f"config.hidden_size (for example AutoModel.from_pretrained(...))."
+            )
+        self.model = model
+        self.pooling = pooling
+        self.normalize = bool(normalize)
+        self.tokenizer = tokenizer
+        self.feature_dim = int(hidden)
+
+    def tokenize(self, texts: Sequence[str], *, max_length: int = 128) -> Mapping[str, torch.Tensor]:
+        """Tokenize ``texts`` with the stored tokenizer (padding, truncation, tensors)."""
+        if self.tokenizer is None:
+            raise ArgumentError("tokenize: this HFEncoder was built without tokenizer=...; pass one.")
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+
+    def forward_features(self, x: Any) -> torch.Tensor:
+        """Pooled (``(batch, hidden)``) or per-token (``(batch, tokens, hidden)``) features."""
+        if isinstance(x, Mapping):
+            inputs = {k: v for k, v in x.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        elif isinstance(x, torch.Tensor):
+            inputs = {"input_ids": x}
+        else:
+            raise ArgumentError(
+                f"x={type(x).__name__}: expected tokenizer output (a mapping with 'input_ids') "
+                f"or a tensor of input ids."
+            )
+        if "input_ids" not in inputs:
+            raise ArgumentError(f"x: expected an 'input_ids' entry, got keys {sorted(x)}.")
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(inputs["input_ids"])
+            inputs["attention_mask"] = mask
+        out = self.model(**inputs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        if self.pooling == "none":
+            return hidden * weights
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        if self.normalize:
+            pooled = nn.functional.normalize(pooled, dim=-1)
+        return pooled
+
+    def forward(self, x: Any) -> torch.Tensor:
+        """Same as :meth:`forward_features`."""
+        return self.forward_features(x)
+
+    def layer_groups(self) -> list[Any]:
+        """Embeddings, then each encoder layer, then a pooler if there is one."""
+        groups: list[Any] = []
+        names = dict(self.model.named_modules())
+        for emb in ("embeddings",):
+            if emb in names:
+                groups.append([f"model.{emb}"])
+        layers = None
+        for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer"):
+            if path in names and isinstance(names[path], nn.ModuleList):
+                layers = path
+                break
+        if layers is not None:
+            groups.extend([[f"model.{layers}.{i}"] for i in range(len(names[layers]))])
+        if "pooler" in names and names["pooler"] is not None:
+            groups.append(["model.pooler"])
+        if not groups:
+            groups.append(["model"])
+        return groups
