@@ -37,10 +37,6 @@ from ._optim import add_unfrozen, param_groups
 from ._schedule import GradualUnfreezing
 from ._guard import Guard, Problem, check, guard
 from ._state import freeze_state, load_freeze_state, load_trainable, save_trainable
-from ._optim import add_unfrozen, param_groups
-from ._schedule import GradualUnfreezing
-from ._guard import Guard, Problem, check, guard
-from ._state import freeze_state, load_freeze_state, load_trainable, save_trainable
 from ._summary import Summary, summary
 from ._registry import FreezePlan, NothingPretrainedWarning, get_model, list_models, register_model
 from ._weights import Weights
@@ -48,18 +44,6 @@ from ._weights import Weights
 __version__ = "0.1.0"
 
 __all__ = [
-    # training (issue 3)
-    "param_groups",
-    "add_unfrozen",
-    "GradualUnfreezing",
-    "guard",
-    "Guard",
-    "check",
-    "Problem",
-    "freeze_state",
-    "load_freeze_state",
-    "save_trainable",
-    "load_trainable",
     # training (issue 3)
     "param_groups",
     "add_unfrozen",
