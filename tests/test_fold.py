@@ -1,0 +1,221 @@
+"""Tests of BatchNorm folding: equal outputs, documented state_dict change, exact way back."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import torchfreeze as tf
+from torchfreeze._fold import FoldedBatchNorm, fold_batchnorm, foldable_pairs, folded_batchnorms, unfold_batchnorm
+
+
+def randomise_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g))
+    return model
+
+
+def conv1d_net() -> nn.Module:
+    return nn.Sequential(nn.Conv1d(2, 4, 3, bias=False), nn.BatchNorm1d(4), nn.ReLU())
+
+
+def conv2d_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3, groups=1), nn.BatchNorm2d(5)
+    )
+
+
+def grouped_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(4, 4, 3, groups=2, bias=False), nn.BatchNorm2d(4))
+
+
+def conv3d_net() -> nn.Module:
+    return nn.Sequential(nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2))
+
+
+def linear_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
+
+
+class Block(nn.Module):
+    """Not a Sequential: found through torch.fx."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+CASES = [
+    pytest.param(conv1d_net, (3, 2, 9), 1, id="conv1d-no-bias"),
+    pytest.param(conv2d_net, (2, 3, 8, 8), 2, id="conv2d-two-pairs"),
+    pytest.param(grouped_net, (2, 4, 6, 6), 1, id="grouped-conv"),
+    pytest.param(conv3d_net, (2, 1, 4, 4, 4), 1, id="conv3d"),
+    pytest.param(linear_net, (7, 5), 1, id="linear"),
+    pytest.param(Block, (2, 3, 6, 6), 1, id="fx-traced-block"),
+]
+
+
+def prepared(build: object) -> nn.Module:
+    torch.manual_seed(0)
+    model = randomise_bn(build())  # type: ignore[operator]
+    tf.freeze(model)
+    tf.freeze_batchnorm(model)
+    return model
+
+
+@pytest.mark.parametrize(("build", "shape", "n_pairs"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_fold_keeps_outputs_and_unfold_restores_exactly(build: object, shape: tuple, n_pairs: int, dtype: torch.dtype) -> None:
+    model = prepared(build).to(dtype)
+    x = torch.randn(*shape, dtype=dtype)
+    before = model(x)
+    state = copy.deepcopy(model.state_dict())
+    weight_ids = {n: id(p) for n, p in model.named_parameters()}
+    fold_batchnorm(model)
+    assert len(folded_batchnorms(model)) == n_pairs
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    model.train()  # folded layers stay correct in train mode: they were pinned eval
+    torch.testing.assert_close(model(x), before, rtol=tol, atol=tol)
+    for n, p in model.named_parameters():
+        if n in weight_ids:
+            assert id(p) == weight_ids[n]
+    unfold_batchnorm(model)
+    assert list(model.state_dict()) == list(state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_state_dict_change_is_the_documented_one() -> None:
+    model = prepared(conv1d_net)
+    fold_batchnorm(model)
+    assert sorted(model.state_dict()) == ["0.bias", "0.weight"]
+    assert isinstance(model[1], FoldedBatchNorm) and not model[0].bias.requires_grad
+    assert folded_batchnorms(model) == {"1": "0"}
+
+
+def test_frozen_batchnorm_modules_fold_too() -> None:
+    torch.manual_seed(0)
+    model = randomise_bn(conv2d_net())
+    tf.freeze(model)
+    tf.freeze_batchnorm(model, convert=True)
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+    fold_batchnorm(model)
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    assert len(folded_batchnorms(model)) == 2
+
+
+def unpinned(model: nn.Module) -> None:
+    tf.unpin_mode(model)
+
+
+def trainable_conv(model: nn.Module) -> None:
+    model[0].weight.requires_grad_(True)
+
+
+def trainable_bn(model: nn.Module) -> None:
+    model[1].weight.requires_grad_(True)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        pytest.param(unpinned, "not pinned to eval", id="bn-not-pinned"),
+        pytest.param(trainable_conv, "'0.weight' is trainable", id="conv-trainable"),
+        pytest.param(trainable_bn, "'1.weight' is trainable", id="bn-trainable"),
+    ],
+)
+def test_unfoldable_pair_is_refused_and_nothing_changes(spoil: object, reason: str) -> None:
+    model = prepared(conv1d_net)
+    spoil(model)  # type: ignore[operator]
+    state = copy.deepcopy(model.state_dict())
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(tf.ArgumentError, match=reason):
+        fold_batchnorm(model)
+    with pytest.raises(tf.FreezeStateError, match=reason):
+        fold_batchnorm(model, strict=True)
+    assert [type(m) for m in model.modules()] == modules
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+def test_non_strict_folds_only_what_it_can() -> None:
+    model = prepared(conv2d_net)
+    model[3].weight.requires_grad_(True)
+    fold_batchnorm(model)
+    assert folded_batchnorms(model) == {"1": "0"}
+    assert [r is None for _, _, r in foldable_pairs(model)] == [False]
+
+
+def test_selectors_limit_the_folding() -> None:
+    model = prepared(conv2d_net)
+    fold_batchnorm(model, "4")
+    assert folded_batchnorms(model) == {"4": "3"}
+
+
+def test_output_used_twice_is_not_a_pair() -> None:
+    class TwoUses(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 1)
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = TwoUses()
+    tf.freeze(model)
+    tf.freeze_batchnorm(model)
+    assert foldable_pairs(model) == []
+    with pytest.raises(tf.ArgumentError, match="nothing to fold"):
+        fold_batchnorm(model)
+
+
+def test_explicit_pairs_and_bad_pairs() -> None:
+    model = prepared(Block)
+    fold_batchnorm(model, pairs=[("conv", "bn")])
+    assert folded_batchnorms(model) == {"bn": "conv"}
+    with pytest.raises(tf.ArgumentError, match="no submodule"):
+        fold_batchnorm(prepared(Block), pairs=[("conv", "bnn")])
+    with pytest.raises(tf.ArgumentError, match="conv_name, bn_name"):
+        fold_batchnorm(prepared(Block), pairs=["conv"])  # type: ignore[list-item]
+
+
+def test_unfold_refuses_changed_weights_unless_forced() -> None:
+    model = prepared(conv1d_net)
+    fold_batchnorm(model)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    with pytest.raises(tf.FreezeStateError, match="changed after"):
+        unfold_batchnorm(model)
+    assert isinstance(model[1], FoldedBatchNorm)
+    unfold_batchnorm(model, force=True)
+    assert isinstance(model[1], nn.BatchNorm1d)
+
+
+def test_unfold_without_folds_and_deepcopy() -> None:
+    with pytest.raises(tf.ArgumentError, match="no folded BatchNorm"):
+        unfold_batchnorm(conv1d_net())
+    model = prepared(conv1d_net)
+    state = copy.deepcopy(model.state_dict())
+    clone = copy.deepcopy(fold_batchnorm(model))
+    unfold_batchnorm(clone)
+    for k, v in clone.state_dict().items():
+        assert torch.equal(v, state[k])
