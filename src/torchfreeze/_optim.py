@@ -183,7 +183,8 @@ def _new_groups(
         )
     wd = optimizer.defaults.get("weight_decay", 0.0)
     no_decay = _no_decay_ids(model) if isinstance(wd, (int, float)) and wd > 0 else set()
-    tag = f"unfrozen{sum(1 for g in optimizer.param_groups if str(g.get('name', '')).startswith('unfrozen'))}"
+    tags = {str(g.get("name", "")).split("/")[0] for g in optimizer.param_groups}
+    tag = f"unfrozen{sum(1 for t in tags if t.startswith('unfrozen'))}"
     has_initial = all("initial_lr" in g for g in optimizer.param_groups)
     out = []
     for names, options in (

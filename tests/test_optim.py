@@ -1,0 +1,238 @@
+"""param_groups / add_unfrozen."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import Net, requires_grad_map
+from torch import nn
+
+from torchfreeze import (
+    ArgumentError,
+    Frozen,
+    SelectorError,
+    add_unfrozen,
+    check,
+    freeze,
+    freeze_to,
+    param_groups,
+    trainable_parameters,
+    unfreeze,
+)
+
+
+def _ids(groups):
+    return [id(p) for g in groups for p in g["params"]]
+
+
+def _names(model, group):
+    paths = {id(p): n for n, p in model.named_parameters()}
+    return [paths[id(p)] for p in group["params"]]
+
+
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(3, 3) for _ in range(3)])
+        self.norm = nn.LayerNorm(3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+def test_only_trainable_parameters_flag_and_frozen_use():
+    inner = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(4, 4), Frozen(inner), nn.Linear(4, 2))
+    freeze(model, "0")
+    groups = param_groups(model, 0.1)
+    held = set(_ids(groups))
+    assert held == {id(p) for _, p in trainable_parameters(model)}
+    assert id(inner.weight) not in held and id(model[0].weight) not in held
+    assert id(model[2].weight) in held
+
+
+@pytest.mark.parametrize(
+    "weight_decay, expected",
+    [
+        pytest.param(0.0, {"group0": 0.0}, id="no-decay-one-group"),
+        pytest.param(0.1, {"group0": 0.1, "group0/no_decay": 0.0}, id="decay-split"),
+    ],
+)
+def test_weight_decay_split(weight_decay, expected):
+    model = Stack()
+    groups = param_groups(model, 1e-3, weight_decay=weight_decay)
+    assert {g["name"]: g["weight_decay"] for g in groups} == expected
+    if weight_decay:
+        no_decay = next(g for g in groups if g["name"].endswith("no_decay"))
+        names = _names(model, no_decay)
+        assert all(n.endswith("bias") or n.startswith("norm.") for n in names)
+        assert "norm.weight" in names
+        decay = next(g for g in groups if g["name"] == "group0")
+        assert all(n.endswith("weight") and not n.startswith("norm") for n in _names(model, decay))
+
+
+@pytest.mark.parametrize(
+    "lr_mult, expected",
+    [
+        pytest.param(None, [1.0, 1.0, 1.0, 1.0], id="none"),
+        pytest.param(2.0, [1 / 8, 1 / 4, 1 / 2, 1.0], id="ratio-2"),
+        pytest.param((0.01, 1.0), [0.01, 0.01 ** (2 / 3), 0.01 ** (1 / 3), 1.0], id="slice-pair"),
+    ],
+)
+def test_discriminative_learning_rates(lr_mult, expected):
+    model = Stack()
+    groups = param_groups(model, 1.0, lr_mult=lr_mult, groups=["layers.0", "layers.1", "layers.2", ["norm", "head"]])
+    lrs = [g["lr"] for g in groups]
+    assert lrs == pytest.approx(expected)
+    # every trainable parameter exactly once, in model order inside each group
+    assert sorted(_ids(groups)) == sorted(id(p) for p in model.parameters())
+
+
+def test_default_layer_groups_with_lr_mult_uses_layer_groups():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
+    groups = param_groups(model, 1.0, lr_mult=10.0)
+    assert [g["lr"] for g in groups] == pytest.approx([0.01, 0.1, 1.0])
+
+
+def test_uncovered_trainable_parameters_join_last_group():
+    model = Stack()
+    groups = param_groups(model, 1.0, groups=["layers.0", "layers.1"])
+    assert len(groups) == 2
+    last = _names(model, groups[-1])
+    assert last[:2] == ["layers.1.weight", "layers.1.bias"]
+    assert "head.weight" in last and "layers.2.weight" in last
+
+
+def test_first_group_wins_for_overlapping_selectors_and_empty_groups_are_dropped():
+    model = Stack()
+    groups = param_groups(model, 1.0, lr_mult=2.0, groups=["layers", "layers.1", "head"])
+    assert [g["name"] for g in groups] == ["group0", "group2"]
+    assert [g["lr"] for g in groups] == [0.25, 1.0]
+    assert _names(model, groups[1]) == ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    assert len(_ids(groups)) == len(set(_ids(groups))) == 10
+
+
+@pytest.mark.parametrize(
+    "opt_cls",
+    [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad],
+    ids=lambda c: c.__name__,
+)
+def test_groups_work_with_optimizers_and_keep_names(opt_cls):
+    model = Stack()
+    freeze(model, "layers.0")
+    opt = opt_cls(param_groups(model, 0.01, weight_decay=0.01, lr_mult=2.0, groups=["layers.1", "layers.2", "head"]))
+    assert [g["name"] for g in opt.param_groups][:2] == ["group0", "group0/no_decay"]
+    assert check(model, opt) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        pytest.param({"lr": 0.0}, ArgumentError, "lr=0.0", id="lr-zero"),
+        pytest.param({"lr": float("nan")}, ArgumentError, "lr=nan", id="lr-nan"),
+        pytest.param({"lr": "1e-3"}, ArgumentError, "lr='1e-3'", id="lr-str"),
+        pytest.param({"lr": 1e-3, "weight_decay": -1.0}, ArgumentError, "weight_decay", id="negative-decay"),
+        pytest.param({"lr": 1e-3, "lr_mult": 0.0}, ArgumentError, "lr_mult", id="mult-zero"),
+        pytest.param({"lr": 1e-3, "lr_mult": (1.0, 2.0, 3.0)}, ArgumentError, "lr_mult", id="mult-triple"),
+        pytest.param({"lr": 1e-3, "groups": "head"}, ArgumentError, "groups", id="groups-str"),
+        pytest.param({"lr": 1e-3, "groups": []}, ArgumentError, "groups", id="groups-empty"),
+        pytest.param({"lr": 1e-3, "groups": ["layers.9"]}, SelectorError, "layers.9", id="unknown-selector"),
+    ],
+)
+def test_bad_input_raises_and_changes_nothing(kwargs, error, match):
+    model = Stack()
+    before = requires_grad_map(model)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        param_groups(model, **kwargs)
+    assert requires_grad_map(model) == before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_everything_frozen_is_an_error():
+    with pytest.raises(ArgumentError, match="no trainable parameter"):
+        param_groups(freeze(Stack()), 1e-3)
+
+
+# ------------------------------------------------------------------ add_unfrozen
+
+
+def test_add_unfrozen_matches_by_identity_not_value():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    for p in model.parameters():
+        nn.init.zeros_(p)
+    freeze(model, "0")
+    opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
+    unfreeze(model, "0")
+    added = add_unfrozen(opt, model)
+    assert added == ["0.weight", "0.bias"]
+    held = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(held) == len(set(held)) == 4
+    assert add_unfrozen(opt, model) == []  # idempotent
+
+
+def test_add_unfrozen_lr_default_and_initial_lr():
+    model = Stack()
+    freeze_to(model, 3)
+    opt = torch.optim.AdamW(param_groups(model, 1e-3), lr=5e-4, weight_decay=0.01)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # sets initial_lr on the groups
+    unfreeze(model, "layers.2")
+    added = add_unfrozen(opt, model)
+    assert added == ["layers.2.weight", "layers.2.bias"]
+    new = opt.param_groups[-2:]
+    assert [g["name"] for g in new] == ["unfrozen0", "unfrozen0/no_decay"]
+    assert [g["lr"] for g in new] == [5e-4, 5e-4] and [g["initial_lr"] for g in new] == [5e-4, 5e-4]
+    assert [g["weight_decay"] for g in new] == [0.01, 0.0]
+    unfreeze(model, "layers.1")
+    add_unfrozen(opt, model, lr=1e-5)
+    assert opt.param_groups[-1]["name"] == "unfrozen1/no_decay" and opt.param_groups[-1]["lr"] == 1e-5
+    assert check(model, opt) == []
+
+
+def test_add_unfrozen_new_parameters_really_train():
+    model = Stack()
+    freeze(model, "layers")
+    opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
+    unfreeze(model, "layers.2")
+    add_unfrozen(opt, model)
+    before = model.layers[2].weight.detach().clone()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert not torch.equal(before, model.layers[2].weight)
+    assert model.layers[0].weight.grad is None
+
+
+@pytest.mark.parametrize(
+    "make_opt, lr, error, match",
+    [
+        pytest.param(lambda m: torch.optim.LBFGS(m.head.parameters()), None, ArgumentError, "LBFGS", id="lbfgs"),
+        pytest.param(lambda m: torch.optim.SGD(m.head.parameters(), lr=0.1), -1.0, ArgumentError, "lr=-1.0", id="bad-lr"),
+        pytest.param(lambda m: "sgd", None, ArgumentError, "Optimizer", id="not-an-optimizer"),
+    ],
+)
+def test_add_unfrozen_bad_input_leaves_optimizer_alone(make_opt, lr, error, match):
+    model = Stack()
+    opt = make_opt(model)
+    groups_before = None if isinstance(opt, str) else [list(g["params"]) for g in opt.param_groups]
+    with pytest.raises(error, match=match):
+        add_unfrozen(opt, model, lr=lr)
+    if groups_before is not None:
+        assert [list(g["params"]) for g in opt.param_groups] == groups_before
+
+
+def test_invariant_after_add_unfrozen_optimizer_holds_exactly_trainable_plus_old():
+    model = Net()
+    freeze(model, "backbone")
+    opt = torch.optim.Adam(param_groups(model, 1e-3))
+    for sel in ("backbone.4", "backbone.1", "backbone.0"):
+        unfreeze(model, sel)
+        add_unfrozen(opt, model)
+        held = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert {id(p) for _, p in trainable_parameters(model)} <= held
+        assert not [p for p in check(model, opt) if p.code == "trainable-not-in-optimizer"]
