@@ -156,3 +156,21 @@ def test_mode_context_restores_on_error():
         with eval_mode(model):
             raise RuntimeError("boom")
     assert training_map(model) == before
+
+
+@pytest.mark.slow
+def test_pins_and_frozen_under_inductor_compile():
+    from torchfreeze import Frozen
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    model = nn.Sequential(nn.Linear(4, 4), Frozen(inner, mode="eval"), nn.Linear(4, 2))
+    compiled = torch.compile(model)
+    compiled.train()
+    x = torch.randn(8, 4)
+    stats = inner[1].running_mean.clone()
+    out = compiled(x)
+    out.sum().backward()
+    assert inner[1].training is False and torch.equal(inner[1].running_mean, stats)
+    assert inner[0].weight.grad is None and model[0].weight.grad is not None
+    torch.testing.assert_close(out, model(x))
