@@ -227,7 +227,7 @@ CODES: dict[str, str] = {
     "frozen-grad-not-none": "a frozen parameter holds a .grad tensor that optimizers (weight decay, momentum) would use",
     "frozen-param-has-optimizer-state": "a frozen parameter has momentum / moment buffers in the optimizer",
     "bn-stats-update-while-frozen": "a normalisation layer with frozen affine weights still updates its running statistics",
-    "train-mode-in-frozen-subtree": "dropout or BatchNorm in train mode inside a frozen, unpinned subtree",
+    "train-mode-in-frozen-subtree": "unpinned dropout or BatchNorm in train mode inside a frozen subtree",
     "shared-frozen-and-trainable": "a parameter used through Frozen is also trained through another use",
     "trainable-not-in-optimizer": "a trainable parameter that the optimizer does not hold",
 }
@@ -334,47 +334,46 @@ def check(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> l
             )
         )
 
-    # 4. frozen, unpinned subtrees (maximal) with dropout / batch statistics in train mode
+    # 4. maximal frozen subtrees with unpinned dropout / batch statistics in train mode
     pinned = set(tf.pinned_modes(model))
     reported = set(bn_names)
     for root, sub in _frozen_subtrees(model, frozen_ids):
-        names_in = [root if not n else (f"{root}.{n}" if root else n) for n, _ in sub.named_modules()]
-        if any(n in pinned for n in names_in):
-            continue
-        live = [
-            full
-            for full, (_, m) in zip(names_in, sub.named_modules())
-            if m.training
-            and (
-                isinstance(m, nn.modules.dropout._DropoutNd)
-                or (is_norm(m) and _tracks_stats(m) and full not in reported)
-            )
-            and not (isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0)
-        ]
+        live = []
+        for n, m in sub.named_modules():
+            full = f"{root}.{n}" if root and n else (n or root)
+            if not m.training or full in pinned:
+                continue
+            dropout = isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+            stats = is_norm(m) and _tracks_stats(m) and full not in reported
+            if dropout or stats:
+                live.append(full)
         if live:
             problems.append(
                 Problem(
                     "train-mode-in-frozen-subtree",
                     (root, *live),
-                    f"frozen subtree {root or '<model>'!r} is in train mode with no pin: {_short(live)} run dropout "
-                    "or batch statistics, so the frozen features are noisy and slower than they need to be.",
+                    f"frozen subtree {root or '<model>'!r} runs {_short(live)} in train mode (not pinned): dropout "
+                    "or batch statistics make the frozen features noisy and slower than they need to be.",
                     f"torchfreeze.freeze(model, {root!r}, mode='eval') (or pin_mode(model, {root!r}, mode='eval')).",
                 )
             )
 
     # 5. parameters both used through Frozen and trained through another use
-    for entry in parameter_uses(model).values():
-        if entry.frozen_use_paths and entry.trainable:
-            problems.append(
-                Problem(
-                    "shared-frozen-and-trainable",
-                    tuple(entry.paths),
-                    f"parameter {entry.trainable_paths[0]!r} trains through this use, so its Frozen use(s) "
-                    f"{_short(entry.frozen_use_paths)} see values that change every step.",
-                    "if the Frozen use must stay fixed give it its own copy: Frozen(copy.deepcopy(module)); "
-                    "otherwise this is the intended tie.",
-                )
+    shared = [e for e in parameter_uses(model).values() if e.frozen_use_paths and e.trainable]
+    if shared:
+        names = tuple(n for e in shared for n in e.paths)
+        uses = [p for e in shared for p in e.frozen_use_paths]
+        problems.append(
+            Problem(
+                "shared-frozen-and-trainable",
+                names,
+                f"{len(shared)} parameter(s) used through Frozen ({_short(uses)}) also train through another "
+                f"use ({_short([e.trainable_paths[0] for e in shared])}), so the Frozen use sees values that "
+                "change every step.",
+                "if the Frozen use must stay fixed give it its own copy: Frozen(copy.deepcopy(module)); "
+                "otherwise this is the intended tie.",
             )
+        )
 
     # 6. trainable parameters the optimizer does not hold
     if optimizer is not None:
