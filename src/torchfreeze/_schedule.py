@@ -111,6 +111,8 @@ class GradualUnfreezing:
             )
         from ._select import resolve
 
+        for group in self.groups:
+            resolve(model, group)  # a group that names nothing raises SelectorError here
         plan: dict[int, Any] = {}
         for key in sorted(schedule, key=lambda k: (not _is_count(k), k if _is_count(k) else 0)):
             value = schedule[key]

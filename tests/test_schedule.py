@@ -1,0 +1,242 @@
+"""GradualUnfreezing: schedules, optimizer sync, exact resume."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import requires_grad_map
+from torch import nn
+
+from torchfreeze import (
+    ArgumentError,
+    FreezeStateError,
+    GradualUnfreezing,
+    SelectorError,
+    check,
+    freeze_state,
+    freeze_to,
+    layer_groups,
+    load_freeze_state,
+    param_groups,
+)
+
+
+class Stack(nn.Module):
+    """Four layer groups: layers.0, layers.1, layers.2, head."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6)) for _ in range(3)])
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def _data(unit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + unit)
+    return torch.randn(16, 6, generator=g), torch.randint(0, 2, (16,), generator=g)
+
+
+OPTIMIZERS = {
+    "adamw": lambda groups: torch.optim.AdamW(groups, weight_decay=0.01),
+    "sgd-momentum": lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9, weight_decay=0.01),
+}
+SCHEDULES = {
+    "preset": "one_group_per_epoch",
+    "period-2": 2,
+    "dict-selectors": {0: 1, 2: "layers.2", 3: ["layers.1", "layers.0"]},
+}
+
+
+def _build(opt_name, schedule, seed=0):
+    model = Stack(seed)
+    freeze_to(model, -1)  # only the head trains at first
+    opt = OPTIMIZERS[opt_name](param_groups(model, 1e-2, weight_decay=0.01))
+    sched = GradualUnfreezing(model, opt, schedule, lr=5e-3)
+    return model, opt, sched
+
+
+def _train(model, opt, sched, units):
+    loss_fn = nn.CrossEntropyLoss()
+    for unit in units:
+        x, y = _data(unit)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+
+
+def _groups_structure(model, opt):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [
+        ({k: v for k, v in g.items() if k != "params"}, [names[id(p)] for p in g["params"]]) for g in opt.param_groups
+    ]
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+N_UNITS = 7
+
+
+@pytest.mark.parametrize("stop", [1, 2, 3, 5], ids=lambda k: f"stop-at-{k}")
+@pytest.mark.parametrize("schedule", list(SCHEDULES), ids=list(SCHEDULES))
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS), ids=list(OPTIMIZERS))
+def test_resume_is_bit_identical_to_an_uninterrupted_run(opt_name, schedule, stop):
+    ref_model, ref_opt, ref_sched = _build(opt_name, SCHEDULES[schedule])
+    _train(ref_model, ref_opt, ref_sched, range(N_UNITS))
+
+    model, opt, sched = _build(opt_name, SCHEDULES[schedule])
+    _train(model, opt, sched, range(stop))
+    saved = _roundtrip(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "freeze": freeze_state(model),
+        }
+    )
+    del model, opt, sched
+
+    model2, opt2, sched2 = _build(opt_name, SCHEDULES[schedule], seed=123)  # fresh objects, other init
+    model2.load_state_dict(saved["model"])
+    sched2.load_state_dict(saved["scheduler"])  # restores the freeze state and the added groups
+    opt2.load_state_dict(saved["optimizer"])
+    assert freeze_state(model2) == saved["freeze"]
+    _train(model2, opt2, sched2, range(stop, N_UNITS))
+
+    assert requires_grad_map(model2) == requires_grad_map(ref_model)
+    assert _groups_structure(model2, opt2) == _groups_structure(ref_model, ref_opt)
+    for (name, a), (_, b) in zip(ref_model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert sched2.last == ref_sched.last == N_UNITS
+    assert check(model2, opt2) == []
+
+
+def test_naive_resume_without_scheduler_state_diverges():
+    """The failure the resume test guards against: a fresh setup re-freezes what had been unfrozen."""
+    model, opt, sched = _build("adamw", "one_group_per_epoch")
+    _train(model, opt, sched, range(3))
+    fresh, _, _ = _build("adamw", "one_group_per_epoch")
+    assert requires_grad_map(fresh) != requires_grad_map(model)
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        pytest.param("one_group_per_epoch", [1, 2, 3, 4, 4], id="preset"),
+        pytest.param(2, [1, 1, 2, 2, 3], id="period-2"),
+        pytest.param({1: 2, 3: 4}, [1, 2, 2, 4, 4], id="dict-counts"),
+        pytest.param({2: "layers.1"}, [1, 1, 1, 1, 1], id="selector-not-contiguous"),
+    ],
+)
+def test_schedule_semantics(schedule, expected):
+    model = Stack()
+    freeze_to(model, -1)
+    opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
+    sched = GradualUnfreezing(model, opt, schedule)
+    seen = []
+    for _ in expected:
+        seen.append(sched.trainable_groups)
+        sched.step()
+    assert seen == expected
+    assert not [p for p in check(model, opt) if p.code == "trainable-not-in-optimizer"]
+
+
+def test_selector_entry_unfreezes_it_and_adds_one_group_per_unfreeze():
+    model = Stack()
+    freeze_to(model, -1)
+    opt = torch.optim.AdamW(param_groups(model, 1e-3, weight_decay=0.1), weight_decay=0.1)
+    sched = GradualUnfreezing(model, opt, {1: "layers.1", 2: "layers.2"}, lr=1e-4)
+    sched.step()
+    assert model.layers[1][0].weight.requires_grad and not model.layers[2][0].weight.requires_grad
+    assert [g["name"] for g in opt.param_groups] == ["group0", "group0/no_decay", "unfrozen0", "unfrozen0/no_decay"]
+    assert opt.param_groups[-1]["lr"] == 1e-4
+    sched.step()
+    assert [g["name"] for g in opt.param_groups][-2:] == ["unfrozen1", "unfrozen1/no_decay"]
+
+
+def test_state_dict_is_plain_data():
+    model, opt, sched = _build("adamw", "one_group_per_epoch")
+    _train(model, opt, sched, range(2))
+    state = _roundtrip(sched.state_dict())
+    assert state["last"] == 2 and state["format"] == "torchfreeze.gradual_unfreezing"
+    assert state["added_groups"][0]["params"] == ["layers.2.0.weight"]
+
+
+@pytest.mark.parametrize(
+    "schedule, groups, error, match",
+    [
+        pytest.param({1: "layers.7"}, None, SelectorError, "layers.7", id="unknown-selector"),
+        pytest.param({1: 9}, None, ArgumentError, "model has 4", id="group-count-too-large"),
+        pytest.param({-1: 2}, None, ArgumentError, "key -1", id="negative-key"),
+        pytest.param({"1": 2}, None, ArgumentError, "key '1'", id="string-key"),
+        pytest.param("one_layer_per_day", None, ArgumentError, "preset", id="unknown-preset"),
+        pytest.param(0, None, ArgumentError, "period", id="period-zero"),
+        pytest.param({}, None, ArgumentError, "non-empty", id="empty"),
+        pytest.param({1: 2}, ["layers.0", "nope"], SelectorError, "nope", id="unknown-group"),
+    ],
+)
+def test_bad_schedule_raises_and_changes_nothing(schedule, groups, error, match):
+    model = Stack()
+    freeze_to(model, -1)
+    opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
+    before = requires_grad_map(model), len(opt.param_groups)
+    with pytest.raises(error, match=match):
+        GradualUnfreezing(model, opt, schedule, groups=groups)
+    assert (requires_grad_map(model), len(opt.param_groups)) == before
+
+
+def test_layer_groups_of_the_test_model():
+    assert layer_groups(Stack()) == [["layers.0"], ["layers.1"], ["layers.2"], ["head"]]
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        pytest.param(lambda s: s.update(format="x"), ArgumentError, "state_dict", id="wrong-format"),
+        pytest.param(lambda s: s.update(schedule_keys=[0, 5]), ArgumentError, "schedule keys", id="other-schedule"),
+        pytest.param(lambda s: s["freeze_state"]["frozen"].append("encoder.weight"), FreezeStateError, "encoder.weight",
+                     id="other-architecture"),
+        pytest.param(lambda s: s.update(last=-3), ArgumentError, "last", id="negative-count"),
+    ],
+)  # fmt: skip
+def test_bad_scheduler_state_changes_nothing(mutate, error, match):
+    model, opt, sched = _build("adamw", "one_group_per_epoch")
+    _train(model, opt, sched, range(2))
+    state = _roundtrip(sched.state_dict())
+    mutate(state)
+    model2, opt2, sched2 = _build("adamw", "one_group_per_epoch")
+    before = requires_grad_map(model2), len(opt2.param_groups), sched2.last
+    with pytest.raises(error, match=match):
+        sched2.load_state_dict(state)
+    assert (requires_grad_map(model2), len(opt2.param_groups), sched2.last) == before
+
+
+def test_optimizer_state_must_be_loaded_after_the_scheduler():
+    model, opt, sched = _build("adamw", "one_group_per_epoch")
+    _train(model, opt, sched, range(2))
+    saved = _roundtrip({"opt": opt.state_dict(), "sched": sched.state_dict()})
+    _, opt2, sched2 = _build("adamw", "one_group_per_epoch")
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt2.load_state_dict(saved["opt"])  # too early: the unfrozen groups do not exist yet
+    sched2.load_state_dict(saved["sched"])
+    opt2.load_state_dict(saved["opt"])
+
+
+def test_freeze_state_alone_restores_the_map():
+    model, opt, sched = _build("adamw", 1)
+    _train(model, opt, sched, range(2))
+    fresh = Stack()
+    load_freeze_state(fresh, freeze_state(model))
+    assert requires_grad_map(fresh) == requires_grad_map(model)
