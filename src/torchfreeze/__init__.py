@@ -5,6 +5,8 @@ pinned modes and freeze state. Every verb works on any ``nn.Module``.
 """
 
 from ._cache import CacheStats, FeatureCache, cache_features
+from ._explain import Explanation, FrozenPart, explain
+from ._fold import FoldedBatchNorm, fold_batchnorm, foldable_pairs, folded_batchnorms, unfold_batchnorm
 from ._compose import Backbone, Composite, HFEncoder, ModuleBackbone
 from ._batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm
 from ._errors import (
@@ -84,6 +86,14 @@ __all__ = [
     "cache_features",
     "FeatureCache",
     "CacheStats",
+    "explain",
+    "Explanation",
+    "FrozenPart",
+    "fold_batchnorm",
+    "unfold_batchnorm",
+    "folded_batchnorms",
+    "foldable_pairs",
+    "FoldedBatchNorm",
     # composition and builders
     "Composite",
     "Backbone",

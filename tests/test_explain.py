@@ -1,0 +1,156 @@
+"""Tests of explain on models where the answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import torchfreeze as tf
+from torchfreeze._explain import Explanation, explain
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 32),  # 0
+        nn.ReLU(),
+        nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32)),  # 2
+        nn.Linear(32, 3),  # 3
+    )
+
+
+def x() -> torch.Tensor:
+    return torch.randn(16, 8)
+
+
+def test_frozen_prefix_is_off_the_backward_path_and_cacheable() -> None:
+    model = tf.freeze(mlp(), "0", "2")
+    report = explain(model, x())
+    assert [p.name for p in report.parts] == ["0", "2"]
+    for p in report.parts:
+        assert not p.on_backward_path and p.can_skip_autograd and p.cacheable
+        assert p.upstream == [] and p.activation_bytes == 0
+    assert any("cache_features(model[2])" in s for s in report.steps)
+
+
+def test_frozen_middle_behind_a_trainable_layer_is_on_the_path() -> None:
+    model = tf.freeze(mlp(), "2")
+    report = explain(model, x())
+    part = report.part("2")
+    assert part.on_backward_path and not part.can_skip_autograd and not part.cacheable
+    assert part.upstream[0] in ("parameter '0.weight'", "parameter '0.bias'")
+    assert "cut the gradient path" in part.not_cacheable_because[0]
+    assert part.activation_bytes > 0 and 0 < part.activation_share <= 1
+    assert part.backward_ms >= 0 and report.backward_ms > 0
+    assert "on the backward path because parameter '0." in report.steps[0]
+
+
+def test_input_that_requires_grad_is_named_as_the_cause() -> None:
+    model = tf.freeze(mlp())
+    inp = x().requires_grad_(True)
+    report = explain(model, inp)
+    assert report.part("").on_backward_path
+    assert report.part("").upstream == ["example input #0"]
+
+
+def test_dropout_in_train_mode_blocks_caching_and_is_named() -> None:
+    model = mlp()
+    model[2].insert(1, nn.Dropout(0.2))
+    tf.freeze(model, "0", "2")
+    report = explain(model, x())
+    part = report.part("2")
+    assert not part.cacheable and part.stochastic_layers == ["2.1"]
+    assert any("Pin '2' to eval mode" in s for s in report.steps)
+    tf.pin_mode(model, "2", mode="eval")
+    assert explain(model, x()).part("2").cacheable
+
+
+def test_frozen_use_wrapper_is_a_frozen_part() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), tf.Frozen(nn.Linear(16, 16)), nn.Linear(16, 2))
+    report = explain(model, x())
+    assert [p.name for p in report.parts] == ["1"]
+    assert report.part("1").on_backward_path
+
+
+def test_batchnorm_updates_are_reported_and_folding_suggested() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    tf.freeze(model, "0", "1")
+    img = torch.randn(2, 3, 6, 6)
+    assert explain(model, img).part("0").cacheable
+    part = explain(model, img).part("1")
+    assert part.updating_batchnorms == ["1"] and not part.cacheable
+    tf.freeze_batchnorm(model, "1")
+    report = explain(model, img)
+    assert report.part("1").cacheable
+    seq = nn.Sequential(nn.Sequential(model[0], model[1]), *list(model)[2:])
+    assert any("fold_batchnorm(model, '0')" in s for s in explain(seq, img).steps)
+
+
+def test_model_is_left_exactly_as_it_was() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2))
+    tf.freeze(model, "3")
+    model.eval()
+    stats = [b.clone() for b in model.buffers()]
+    inp = x()
+    rng = torch.get_rng_state()
+    explain(model, inp)
+    assert not any(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers()))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_nothing_frozen_and_everything_frozen() -> None:
+    report = explain(mlp(), x())
+    assert report.parts == [] and "No frozen part" in str(report)
+    frozen = explain(tf.freeze(mlp()), x())
+    assert frozen.trainable_parameters == 0 and frozen.backward_ms == 0
+    assert "inference_mode" in frozen.steps[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        pytest.param({"mode": "training"}, "mode", id="bad-mode"),
+        pytest.param({"loss_fn": 3}, "loss_fn", id="loss-not-callable"),
+        pytest.param({"loss_fn": lambda out: out}, "scalar", id="loss-not-scalar"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    model = tf.freeze(mlp(), "0")
+    with pytest.raises(tf.ArgumentError, match=match):
+        explain(model, x(), **kwargs)
+    assert model[0].weight.grad is None and model[3].weight.grad is None
+
+
+def test_not_a_module() -> None:
+    with pytest.raises(tf.ArgumentError, match="nn.Module"):
+        explain("model", x())  # type: ignore[arg-type]
+
+
+def test_report_renders_and_serialises() -> None:
+    report = explain(tf.freeze(mlp(), "2"), x())
+    assert isinstance(report, Explanation)
+    text = str(report)
+    assert "frozen part" in text and "Best speed-up steps" in text
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["parts"][0]["name"] == "2" and d["step_ms"] > 0
+    with pytest.raises(KeyError):
+        report.part("nope")
+
+
+def test_composite_backbone_called_through_forward_features_is_found_and_lifted() -> None:
+    from torchfreeze._compose import Composite, ModuleBackbone
+
+    torch.manual_seed(0)
+    model = Composite(ModuleBackbone(nn.Sequential(nn.Linear(8, 16), nn.ReLU()), feature_dim=16), nn.Linear(16, 2))
+    tf.freeze(model, "backbone", mode="eval")
+    report = explain(model, x())
+    assert [p.name for p in report.parts] == ["backbone.module"]
+    assert report.steps[0].startswith("Cache 'backbone' with `model.backbone = cache_features(model.backbone)`")
