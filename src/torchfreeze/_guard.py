@@ -233,6 +233,12 @@ CODES: dict[str, str] = {
 }
 
 
+#: Optimizer state that moves a parameter on a step even when its gradient is zero (momentum and
+#: first moments). Accumulators of squared gradients (Adagrad, RMSprop, Adadelta, Adafactor), Rprop
+#: step sizes and ASGD averages do not move a parameter whose gradient is zero.
+_MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+
+
 def _short(names: Sequence[str], k: int = 3) -> str:
     shown = ", ".join(repr(n) for n in names[:k])
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
@@ -295,15 +301,18 @@ def check(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> l
         stateful = []
         for n, p in frozen.items():
             st = optimizer.state.get(p, {})
-            if any(isinstance(v, torch.Tensor) and k != "step" for k, v in st.items()):
+            if any(
+                isinstance(st.get(k), torch.Tensor) and bool(st[k].detach().any()) for k in _MOMENTUM_KEYS
+            ):
                 stateful.append(n)
         if stateful:
             problems.append(
                 Problem(
                     "frozen-param-has-optimizer-state",
                     tuple(stateful),
-                    f"{len(stateful)} frozen parameter(s) carry optimizer state ({_short(stateful)}): "
-                    "momentum or moment estimates that move them on any step where .grad is not None.",
+                    f"{len(stateful)} frozen parameter(s) carry non-zero momentum / first-moment state in the "
+                    f"optimizer ({_short(stateful)}): it moves them on any step where .grad is not None "
+                    "(a zero gradient is enough).",
                     "rebuild the optimizer from torchfreeze.param_groups(model, lr) (or drop the state: "
                     "optimizer.state.pop(p)).",
                 )
