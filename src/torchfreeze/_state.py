@@ -100,10 +100,11 @@ def _module_is_frozen(module: nn.Module, frozen_ids: set[int]) -> bool:
     return bool(own) and all(id(p) in frozen_ids for p in own)
 
 
-def _watched_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _watched_norms(model: nn.Module, frozen_ids: set[int] | None = None) -> list[tuple[str, nn.Module]]:
     """Normalisation layers whose buffers must stay fixed: frozen, pinned eval, or FrozenBatchNorm."""
     tf = _tf()
-    frozen_ids = {id(p) for p in _frozen_parameters(model).values()}
+    if frozen_ids is None:
+        frozen_ids = {id(p) for p in _frozen_parameters(model).values()}
     eval_ids = _pinned_ids(model, "eval")
     fbn = _frozen_bn_types()
     out = []
