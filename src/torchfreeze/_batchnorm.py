@@ -50,9 +50,11 @@ def is_norm(module: nn.Module) -> bool:
 class _FrozenBatchNorm(nn.Module):
     """BatchNorm with every tensor a buffer: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
 
-    ``state_dict`` keys are those of the BatchNorm it replaces. The per-channel
-    scale and shift are recomputed only when a buffer changed (tracked by the
-    tensors' version counters), so a forward costs one fused multiply-add.
+    ``state_dict`` keys are those of the BatchNorm it replaces. Without a
+    gradient to compute, the forward is the native inference kernel; when the
+    input needs a gradient, it is one multiply-add per element, whose backward
+    is a single multiply (BatchNorm's own backward would also compute the
+    constant weight's and bias's gradients).
     """
 
     weight: torch.Tensor | None
@@ -116,6 +118,13 @@ class _FrozenBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2:
             raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {x.dim()}D")
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            # nothing to differentiate: the native inference kernel is the fastest forward
+            return nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        # with a gradient to the input, a multiply-add avoids batch_norm's backward,
+        # which would also compute gradients for the (constant) weight and bias
         scale, shift = self._scale_shift()
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
