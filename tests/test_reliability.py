@@ -237,17 +237,27 @@ def test_frozen_stays_bit_identical(opt_name, knobs):
 
 
 @pytest.mark.slow
-def test_torch_compile_keeps_frozen_bit_identical():
+@pytest.mark.parametrize(
+    "opt_name, source, bf16",
+    [
+        pytest.param("AdamW", "all", False, id="AdamW-all-stn0"),
+        pytest.param("SGD-momentum", "groups", True, id="SGD-momentum-groups-bf16"),
+    ],
+)
+def test_torch_compile_keeps_frozen_bit_identical(opt_name, source, bf16):
+    torch._dynamo.reset()
     model = make_model()
     compiled = torch.compile(model, backend="aot_eager")
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    opt = build_optimizer(opt_name, model, weight_decay=0.1, source=source)
     frozen_before, trainable_before = frozen_snapshot(model), trainable_snapshot(model)
     loss_fn = nn.CrossEntropyLoss()
     with guard(model, opt):
         for step in range(STEPS):
             x, y = batch(step)
             opt.zero_grad(set_to_none=False)
-            loss_fn(compiled(x), y).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(compiled(x).float(), y)
+            loss.backward()
             opt.step()
     assert not model.backbone[1].training  # the pin holds under compile
     assert_frozen_and_learned(model, frozen_before, trainable_before)
