@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--epochs", type=_positive_int, default=None, metavar="N",
-        help="total epochs: the first half trains the head only, the rest unfreezes the last "
-        "backbone blocks one per epoch (default: 10 for digits-cnn, 8 for minilm)",
+        help="total epochs: the first half (rounded up) trains the head only; in the rest "
+        "GradualUnfreezing unfreezes the last two backbone blocks, one per epoch, and they train "
+        "with the head (default: 10 for digits-cnn, 8 for minilm)",
     )
     demo.add_argument(
         "--batch-size", type=_positive_int, default=None, metavar="N",
