@@ -236,3 +236,33 @@ def test_invariant_after_add_unfrozen_optimizer_holds_exactly_trainable_plus_old
         held = {id(p) for g in opt.param_groups for p in g["params"]}
         assert {id(p) for _, p in trainable_parameters(model)} <= held
         assert not [p for p in check(model, opt) if p.code == "trainable-not-in-optimizer"]
+
+
+# ------------------------------------------------------------------ invariants
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_PARTS = ["layers.0", "layers.1", "layers.2", "norm", "head", "layers.1.bias", "head.weight"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    frozen=st.lists(st.sampled_from(_PARTS), unique=True, max_size=4),
+    groups=st.one_of(st.none(), st.lists(st.sampled_from(_PARTS), min_size=1, max_size=4)),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    lr_mult=st.sampled_from([None, 2.0, (0.1, 1.0)]),
+)
+def test_groups_hold_each_trainable_parameter_exactly_once(frozen, groups, weight_decay, lr_mult):
+    model = Stack()
+    if frozen:
+        freeze(model, *frozen)
+    trainable = {id(p) for _, p in trainable_parameters(model)}
+    if not trainable:
+        return
+    result = param_groups(model, 0.1, weight_decay=weight_decay, lr_mult=lr_mult, groups=groups)
+    ids = _ids(result)
+    assert len(ids) == len(set(ids)) and set(ids) == trainable
+    assert all(g["params"] for g in result)
+    assert all(g["lr"] <= 0.1 + 1e-12 for g in result)
+    torch.optim.AdamW(result)  # any optimizer accepts it

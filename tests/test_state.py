@@ -427,3 +427,36 @@ def test_demo_model_round_trip_and_size(tmp_path, monkeypatch):
     other_base = torchfreeze.get_model("minilm-classifier", weights=None)
     with pytest.raises(CheckpointError, match="different frozen base"):
         load_trainable(other_base, path)
+
+
+# ------------------------------------------------------------------ invariants
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_PARTS = ["backbone.0", "backbone.1", "backbone.3", "head"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    frozen=st.lists(st.sampled_from(_PARTS), unique=True),
+    pinned=st.dictionaries(st.sampled_from(["backbone", "backbone.1", "drop", "head"]), st.sampled_from(["train", "eval"])),
+    freeze_mode=st.sampled_from([None, "eval", "train"]),
+)
+def test_freeze_state_round_trip_invariant(frozen, pinned, freeze_mode):
+    model = Model()
+    if frozen:
+        freeze(model, *frozen, mode=freeze_mode)
+    for name, mode in pinned.items():
+        pin_mode(model, name, mode=mode)
+    state = json.loads(json.dumps(freeze_state(model)))
+    fresh = pin_mode(freeze(Model(seed=3), "head", mode="eval"), "drop", mode="train")  # some other state
+    load_freeze_state(fresh, state)
+    assert freeze_state(fresh) == state
+    assert requires_grad_map(fresh) == requires_grad_map(model)
+    model.train()
+    fresh.train()
+    assert training_map(fresh) == training_map(model)
+    unfreeze(model)
+    unfreeze(fresh)
+    assert freeze_state(fresh) == freeze_state(model)  # origins restored: unfreeze acts the same
