@@ -267,3 +267,17 @@ def test_minilm_classifier_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     assert model(batch).shape == (3, 3)
     groups = torchfreeze.layer_groups(model)
     assert groups[0] == ["backbone.model.embeddings"] and groups[-1] == ["head"] and len(groups) == 8
+
+
+def test_default_plan_needs_a_backbone() -> None:
+    register_model("flat", lambda: nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)))
+    with pytest.raises(ArgumentError, match="declares no 'default' freeze plan"):
+        get_model("flat", freeze=True)
+    register_model(
+        "flat-with-plan",
+        lambda: nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)),
+        plans={"default": FreezePlan(freeze=("0",))},
+    )
+    with pytest.warns(NothingPretrainedWarning):
+        model = get_model("flat-with-plan", freeze=True)
+    assert torchfreeze.is_frozen(model, "0") and not torchfreeze.is_frozen(model, "1")

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from torchfreeze._compose import Composite
 from torchfreeze._errors import ArgumentError
 from torchfreeze._weights import Weights
 
@@ -256,6 +257,12 @@ def get_model(
         )
     if chosen is not None:
         chosen.load_into(model)
+    if plan is DEFAULT_PLAN and not isinstance(model, Composite) and not _has_submodule(model, "backbone"):
+        raise ArgumentError(
+            f"freeze={freeze!r}: model {name!r} declares no 'default' freeze plan and has no "
+            f"'backbone' part (it is a {type(model).__name__}, not a Composite). Register it with "
+            f"plans={{'default': FreezePlan(freeze=(...selectors...))}} or pass freeze=False."
+        )
     if plan is not None:
         if chosen is None:
             warnings.warn(
@@ -270,6 +277,10 @@ def get_model(
         else:
             plan(model)
     return model
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    return isinstance(getattr(model, name, None), nn.Module)
 
 
 def _choose_plan(spec: ModelSpec, freeze: bool | str) -> Plan | None:
