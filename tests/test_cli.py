@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import torchfreeze
 from torchfreeze._cli import main
@@ -225,3 +226,23 @@ def test_demo_config_validation() -> None:
             config.resolved()
     setup, epochs, batch = DemoConfig().resolved()
     assert (setup.registry, epochs, batch) == ("digits-cnn", 10, 32)
+
+
+@pytest.mark.parametrize("blocked", [("rich.console",), ("rich.console", "tqdm")], ids=["tqdm", "plain"])
+def test_output_without_rich(blocked: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from torchfreeze._demo import _Out
+
+    for name in blocked:
+        monkeypatch.setitem(sys.modules, name, None)
+    stream = io.StringIO()
+    out = _Out(progress=True, stream=stream)
+    assert out.console is None
+    out.heading("phase")
+    out.render(torchfreeze.summary(torch.nn.Linear(2, 1)))
+    with out.bar(3, "epoch 1") as advance:
+        for _ in range(3):
+            advance(1, loss="0.1")
+    text = stream.getvalue()
+    assert "== phase ==" in text and "Linear" in text and "epoch 1" in text
