@@ -289,3 +289,12 @@ def test_problem_is_frozen_dataclass():
 def test_check_bad_optimizer():
     with pytest.raises(ArgumentError, match="optimizer"):
         check(Net(), optimizer="sgd")  # type: ignore[arg-type]
+
+
+def test_whole_model_frozen_fix_names_no_selector():
+    model = freeze(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))).train()
+    (problem,) = check(model)
+    assert problem.code == "train-mode-in-frozen-subtree" and problem.names == ("", "1")
+    assert "freeze(model, mode='eval')" in problem.fix
+    freeze(model, mode="eval")
+    assert check(model) == []

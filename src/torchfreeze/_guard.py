@@ -375,13 +375,14 @@ def check(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> l
             if dropout or stats:
                 live.append(full)
         if live:
+            sel = f", {root!r}" if root else ""
             problems.append(
                 Problem(
                     "train-mode-in-frozen-subtree",
                     (root, *live),
                     f"frozen subtree {root or '<model>'!r} runs {_short(live)} in train mode (not pinned): dropout "
                     "or batch statistics make the frozen features noisy and slower than they need to be.",
-                    f"torchfreeze.freeze(model, {root!r}, mode='eval') (or pin_mode(model, {root!r}, mode='eval')).",
+                    f"torchfreeze.freeze(model{sel}, mode='eval') (or pin_mode(model{sel}, mode='eval')).",
                 )
             )
 
