@@ -298,6 +298,14 @@ class HFEncoder(nn.Module):
 
     Raises:
         ArgumentError: unknown ``pooling`` or a model without ``config.hidden_size``.
+
+    >>> from transformers import BertConfig, BertModel
+    >>> bert = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
+    ...                             num_attention_heads=2, intermediate_size=8), add_pooling_layer=False)
+    >>> enc = HFEncoder(bert)
+    >>> batch = {"input_ids": torch.tensor([[2, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+    >>> enc.feature_dim, enc.forward_features(batch).shape
+    (8, torch.Size([1, 8]))
     """
 
     def __init__(

@@ -278,6 +278,10 @@ class DemoConfig:
             fine-tuning); ``0`` skips the comparison.
         seed: seed of the head initialisation and batch order.
         progress: show progress bars.
+
+    >>> setup, epochs, batch = DemoConfig(epochs=2).resolved()
+    >>> setup.registry, epochs, batch
+    ('digits-cnn', 2, 32)
     """
 
     model: str = "digits-cnn"

@@ -190,6 +190,9 @@ def model_spec(name: str) -> ModelSpec:
 
     Raises:
         ArgumentError: no model of that name, with the closest names.
+
+    >>> sorted(model_spec("digits-cnn").plans)
+    ['all_but_last_block', 'default', 'none']
     """
     _ensure_builtins()
     try:

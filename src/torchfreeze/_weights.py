@@ -158,6 +158,10 @@ class Weights:
 
         Raises:
             WeightsError: the file is missing or is not a valid description.
+
+        >>> w = Weights.from_json("torchfreeze:weights/digits_cnn.json")
+        >>> w.name, w.target, w.metadata["pretrain_classes"]
+        ('digits-cnn-0to4', 'backbone', [0, 1, 2, 3, 4])
         """
         where = _resolve_source(os.fspath(path))
         try:
@@ -217,6 +221,10 @@ class Weights:
         Raises:
             WeightsError: missing file, sha256 mismatch, not a safetensors file,
                 or the ``safetensors`` package is not installed.
+
+        >>> tensors = Weights.from_json("torchfreeze:weights/digits_cnn.json").state_dict()
+        >>> tuple(tensors["block1.0.weight"].shape)
+        (32, 1, 3, 3)
         """
         data = self.read_bytes()
         try:
