@@ -588,6 +588,7 @@ class DemoResult:
     full_model_bytes: int
     unfrozen: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    guard_checks: int = 0
     comparison: dict[str, Any] = field(default_factory=dict)
 
 
@@ -648,28 +649,35 @@ def run_demo(config: DemoConfig, *, stream: Any = None) -> DemoResult:
     head_steps = head_epochs * steps_per_epoch
     unfrozen: list[str] = []
     acc_head = acc_final = 0.0
-    for epoch in range(epochs):
-        phase = "head" if epoch < head_epochs else "unfrozen"
-        with out.bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs} {phase}") as advance:
-            _train_epoch(model, optimizer, task, batch, gen, advance)
-        if epoch + 1 == head_epochs:
-            acc_head = _accuracy(model, task, task.test)
-            out.line(f"held-out accuracy, head only: {acc_head:.1%}")
-            if unfreeze_epochs:
-                out.heading(
-                    f"2. unfreeze gradually (GradualUnfreezing, {_n(unfreeze_epochs, 'epoch')}, "
-                    f"lr {setup.backbone_lr:g} for unfrozen blocks)"
-                )
-        if sched is not None and epoch + 1 < epochs:
-            before = {n for n, _ in tf.trainable_parameters(model)}
-            sched.step()  # once per epoch: applies the schedule's entry for the next epoch
-            now = dict(tf.trainable_parameters(model))
-            gained = sorted(set(now) - before)
-            if gained:
-                names = sorted({_group_of(n, groups) for n in gained})
-                unfrozen.extend(names)
-                out.line(f"GradualUnfreezing: unfroze {', '.join(names)} "
-                         f"({sum(now[n].numel() for n in gained):,} parameters) for epoch {epoch + 2}")
+    # guard: after every optimizer step, every frozen tensor (and frozen BatchNorm statistics)
+    # must be bit-identical; tensors unfrozen on the way leave the watch list.
+    with tf.guard(model, optimizer) as watch:
+        watched_at_start = len(watch.names)
+        for epoch in range(epochs):
+            phase = "head" if epoch < head_epochs else "unfrozen"
+            with out.bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs} {phase}") as advance:
+                _train_epoch(model, optimizer, task, batch, gen, advance)
+            if epoch + 1 == head_epochs:
+                acc_head = _accuracy(model, task, task.test)
+                out.line(f"held-out accuracy, head only: {acc_head:.1%}")
+                if unfreeze_epochs:
+                    out.heading(
+                        f"2. unfreeze gradually (GradualUnfreezing, {_n(unfreeze_epochs, 'epoch')}, "
+                        f"lr {setup.backbone_lr:g} for unfrozen blocks)"
+                    )
+            if sched is not None and epoch + 1 < epochs:
+                before = {n for n, _ in tf.trainable_parameters(model)}
+                sched.step()  # once per epoch: applies the schedule's entry for the next epoch
+                now = dict(tf.trainable_parameters(model))
+                gained = sorted(set(now) - before)
+                if gained:
+                    names = sorted({_group_of(n, groups) for n in gained})
+                    unfrozen.extend(names)
+                    out.line(f"GradualUnfreezing: unfroze {', '.join(names)} "
+                             f"({sum(now[n].numel() for n in gained):,} parameters) for epoch {epoch + 2}")
+    guard_checks = watch.checks
+    out.line(f"guard: frozen tensors were bit-identical after each of {guard_checks} checks "
+             f"({watched_at_start} tensors watched at the start)")
     if head_epochs == epochs:
         acc_final = acc_head
         out.line("(no epochs left for gradual unfreezing: pass --epochs 2 or more)")
@@ -740,7 +748,7 @@ def run_demo(config: DemoConfig, *, stream: Any = None) -> DemoResult:
         accuracy_head_only=acc_head, accuracy_final=acc_final, accuracy_reloaded=acc_reloaded,
         trainable_parameters_head_only=trainable_head, trainable_parameters_final=trainable_final,
         total_parameters=total_params, checkpoint=str(ckpt), checkpoint_bytes=ckpt.stat().st_size,
-        full_model_bytes=full_bytes, unfrozen=unfrozen, comparison=comparison,
+        full_model_bytes=full_bytes, unfrozen=unfrozen, comparison=comparison, guard_checks=guard_checks,
         seconds=time.perf_counter() - started,
     )
     results_path = out_dir / "results.json"
