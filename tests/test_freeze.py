@@ -282,3 +282,18 @@ def test_freeze_to_shared_conflict_changes_nothing():
     with pytest.raises(SharedParameterError):
         freeze_to(model, 2, groups=groups)
     assert requires_grad_map(model) == before
+
+
+def test_freeze_to_shared_freeze_keeps_a_tie_across_sides_frozen():
+    model = TiedLM()
+    freeze(model, shared="freeze")
+    freeze_to(model, 2, groups=[["embed"], ["body"], ["lm_head"]], shared="freeze")
+    assert not model.embed.weight.requires_grad  # tied to the frozen embedding: stays frozen
+    assert not any(p.requires_grad for p in model.body.parameters())
+    freeze_to(model, 0, groups=[["embed"], ["body"], ["lm_head"]], shared="freeze")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_shared_error_message_wording(tied_lm):
+    with pytest.raises(SharedParameterError, match="the call would silently freeze that use too"):
+        freeze(tied_lm, "embed")

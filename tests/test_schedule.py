@@ -240,3 +240,22 @@ def test_freeze_state_alone_restores_the_map():
     fresh = Stack()
     load_freeze_state(fresh, freeze_state(model))
     assert requires_grad_map(fresh) == requires_grad_map(model)
+
+
+def test_tied_model_needs_shared_policy_and_keeps_tie_frozen_until_both_groups_unfreeze():
+    from conftest import TiedLM
+
+    from torchfreeze import SharedParameterError
+
+    model = TiedLM()
+    groups = [["embed"], ["body"], ["lm_head"]]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(SharedParameterError):
+        GradualUnfreezing(model, optimizer, "one_group_per_epoch", groups=groups)
+    assert all(p.requires_grad for p in model.parameters())  # nothing changed
+    schedule = GradualUnfreezing(model, optimizer, "one_group_per_epoch", groups=groups, shared="freeze")
+    assert not model.lm_head.weight.requires_grad  # tied to the still-frozen embedding
+    schedule.step()
+    assert all(p.requires_grad for p in model.body.parameters()) and not model.embed.weight.requires_grad
+    schedule.step()
+    assert model.embed.weight.requires_grad

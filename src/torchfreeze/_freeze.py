@@ -136,7 +136,7 @@ def _plan(
                 inside = next(p for p in uses[key].paths if p in selected_paths)
                 raise SharedParameterError(
                     f"cannot {verb} {inside!r}: the same parameter is also used as {outside[0]!r}, "
-                    f"outside the selection, and {verb}ing it would silently {verb} that use too. "
+                    f"outside the selection, and the call would silently {verb} that use too. "
                     f"Fix: add {outside[0].rpartition('.')[0] or outside[0]!r} to the selection, or pass "
                     f"shared='freeze' to {verb} every use on purpose."
                 )
@@ -326,7 +326,9 @@ def layer_groups(model: nn.Module) -> list[list[str]]:
     return groups
 
 
-def freeze_to(model: nn.Module, n: int, groups: Sequence[Any] | None = None) -> nn.Module:
+def freeze_to(
+    model: nn.Module, n: int, groups: Sequence[Any] | None = None, *, shared: str = "error"
+) -> nn.Module:
     """Freeze the first ``n`` layer groups and unfreeze the rest (fastai's ``freeze_to``).
 
     Args:
@@ -334,6 +336,9 @@ def freeze_to(model: nn.Module, n: int, groups: Sequence[Any] | None = None) -> 
         n: how many groups, from the input side, to freeze; negative counts from the end
             (``-1`` freezes all but the last group).
         groups: selectors, one per group; default :func:`layer_groups`.
+        shared: as for :func:`freeze`: ``"error"`` refuses to change a parameter tied to one in
+            a group on the other side of ``n``; ``"freeze"`` changes it for every use (the
+            frozen side wins for a tie between the two sides).
 
     Returns:
         The model, changed in place.
@@ -357,21 +362,18 @@ def freeze_to(model: nn.Module, n: int, groups: Sequence[Any] | None = None) -> 
     if n < 0:
         n += len(groups)
     frozen_part, trainable_part = groups[:n], groups[n:]
-    changes: list[tuple[list[nn.Parameter], bool]] = []
-    unfrozen_modules: list[nn.Module] = []
+    selections: dict[bool, Selection] = {}
     for part, requires_grad, verb in ((frozen_part, False, "freeze"), (trainable_part, True, "unfreeze")):
         if part:
-            selection = resolve(model, list(part))
-            params, _ = _plan(
-                model, selection, requires_grad=requires_grad, train_bn=False, shared="error", verb=verb
-            )
-            changes.append((params, requires_grad))
-            if requires_grad:
-                unfrozen_modules = list(selection.unique_modules().values())
-    for params, requires_grad in changes:
-        for param in params:
-            param.requires_grad_(requires_grad)
-            if not requires_grad:
-                param.grad = None
+            selections[requires_grad] = resolve(model, list(part))
+            _plan(model, selections[requires_grad], requires_grad=requires_grad, train_bn=False, shared=shared, verb=verb)
+    # unfreeze first, then freeze: with shared="freeze" a parameter tied across the two sides stays frozen
+    for requires_grad in (True, False):
+        if requires_grad in selections:
+            for param in selections[requires_grad].parameters.values():
+                param.requires_grad_(requires_grad)
+                if not requires_grad:
+                    param.grad = None
+    unfrozen_modules = list(selections[True].unique_modules().values()) if True in selections else []
     unpin_modules(model, unfrozen_modules, origins={"freeze"})
     return model

@@ -53,6 +53,9 @@ class GradualUnfreezing:
         groups: layer groups (selectors, input side first) for int entries and presets;
             default :func:`torchfreeze.layer_groups`.
         lr: learning rate of the groups added to the optimizer; default the optimizer's.
+        shared: tied parameters across groups, as for :func:`torchfreeze.freeze`: ``"error"``
+            refuses a tie between the frozen and trainable sides; ``"freeze"`` keeps a tied
+            parameter frozen until every group that uses it is unfrozen.
 
     Raises:
         ArgumentError: a malformed schedule (negative key, group count out of range, unknown
@@ -81,6 +84,7 @@ class GradualUnfreezing:
         *,
         groups: list[Any] | None = None,
         lr: float | None = None,
+        shared: str = "error",
     ) -> None:
         _check_model(model, "GradualUnfreezing")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -91,6 +95,7 @@ class GradualUnfreezing:
         self.model = model
         self.optimizer = optimizer
         self.lr = lr
+        self.shared = shared
         self.groups = list(tf.layer_groups(model) if groups is None else groups)
         n = len(self.groups)
         if isinstance(schedule, str):
@@ -140,9 +145,9 @@ class GradualUnfreezing:
         tf = _tf()
         value = self.schedule[count]
         if _is_count(value):
-            tf.freeze_to(self.model, len(self.groups) - value, groups=self.groups)
+            tf.freeze_to(self.model, len(self.groups) - value, groups=self.groups, shared=self.shared)
         else:
-            tf.unfreeze(self.model, value)
+            tf.unfreeze(self.model, value, shared=self.shared)
         planned = _new_groups(self.optimizer, self.model, self.lr)
         _add_groups(self.optimizer, self.model, planned)
         for names, options in planned:
