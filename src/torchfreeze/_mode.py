@@ -183,6 +183,16 @@ def unpin_modules(model: nn.Module, modules: Any, *, origins: set[str] | None) -
             remove_pin(module, None if parent is None else parent.training)
 
 
+def pins(model: nn.Module) -> dict[str, _PinnedTrain]:
+    """Map each pinned module's qualified name to its pin (mode and origin), in model order."""
+    found: dict[str, _PinnedTrain] = {}
+    for name, module in model.named_modules():
+        pin = get_pin(module)
+        if pin is not None:
+            found[name] = pin
+    return found
+
+
 def pinned_modes(model: nn.Module) -> dict[str, str]:
     """Map each pinned module's qualified name to its pinned mode.
 
@@ -192,12 +202,7 @@ def pinned_modes(model: nn.Module) -> dict[str, str]:
         >>> pinned_modes(pin_mode(model, nn.Dropout, mode="train"))
         {'1': 'train'}
     """
-    result: dict[str, str] = {}
-    for name, module in model.named_modules():
-        pin = get_pin(module)
-        if pin is not None:
-            result[name] = pin.mode
-    return result
+    return {name: pin.mode for name, pin in pins(model).items()}
 
 
 @contextlib.contextmanager

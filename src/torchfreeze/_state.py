@@ -335,14 +335,9 @@ def freeze_state(model: nn.Module) -> dict[str, Any]:
 
 def _pin_origins(model: nn.Module) -> dict[str, str]:
     """Who set each pin: ``"freeze"`` (removed by ``unfreeze``), ``"user"`` (``pin_mode``), ``"Frozen"``."""
-    from ._mode import get_pin
+    from ._mode import pins
 
-    out: dict[str, str] = {}
-    for name, m in model.named_modules():
-        pin = get_pin(m)
-        if pin is not None:
-            out[name] = pin.origin
-    return out
+    return {name: pin.origin for name, pin in pins(model).items()}
 
 
 def _converted_norms(model: nn.Module) -> list[str]:
