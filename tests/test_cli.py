@@ -119,6 +119,7 @@ def test_console_entry_point_runs() -> None:
         pytest.param(["demo", "--model", "resnet"], "invalid choice: 'resnet'", id="model-unknown"),
         pytest.param(["demo", "--compare-steps", "-1"], "--compare-steps", id="compare-neg"),
         pytest.param(["demo", "--frobnicate"], "unrecognized arguments", id="unknown-option"),
+        pytest.param(["demo", "--seed", str(2**70)], "--seed: expected an integer in [0, 2**63)", id="seed-huge"),
         pytest.param(["train"], "invalid choice: 'train'", id="unknown-command"),
     ],
 )
@@ -222,7 +223,7 @@ def test_demo_config_validation() -> None:
     from torchfreeze._demo import DemoConfig
 
     for config in (DemoConfig(model="vgg"), DemoConfig(epochs=0), DemoConfig(batch_size=True),
-                   DemoConfig(compare_steps=-1)):
+                   DemoConfig(compare_steps=-1), DemoConfig(seed=-1)):
         with pytest.raises(ArgumentError):
             config.resolved()
     setup, epochs, batch = DemoConfig().resolved()

@@ -59,6 +59,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``torchfreeze`` command.
 
@@ -100,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="training steps timed for the frozen-vs-full fine-tuning comparison; 0 skips it "
         "(default: 20)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed of head initialisation and batch order")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of head initialisation and batch order (default: 0)")
     demo.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
 
     inspect = sub.add_parser(

@@ -304,6 +304,8 @@ class DemoConfig:
         for name, value in (("epochs", epochs), ("batch_size", batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ArgumentError(f"{name}={value!r}: expected a positive integer.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ArgumentError(f"seed={self.seed!r}: expected an integer in [0, 2**63).")
         if isinstance(self.compare_steps, bool) or not isinstance(self.compare_steps, int) or self.compare_steps < 0:
             raise ArgumentError(f"compare_steps={self.compare_steps!r}: expected an integer >= 0.")
         return setup, epochs, batch
