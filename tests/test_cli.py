@@ -248,3 +248,11 @@ def test_output_without_rich(blocked: tuple[str, ...], monkeypatch: pytest.Monke
             advance(1, loss="0.1")
     text = stream.getvalue()
     assert "== phase ==" in text and "Linear" in text and "epoch 1" in text
+
+
+def test_output_dir_that_cannot_be_created(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["demo", "--output-dir", str(blocker / "sub"), "--no-progress"]) == 1
+    assert "torchfreeze demo: error:" in capsys.readouterr().err
+    assert blocker.read_text() == "x"

@@ -270,5 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _inspect(args)
     except TorchFreezeError as exc:
         return _fail(args.command, str(exc), 2 if isinstance(exc, usage_errors) else 1)
+    except OSError as exc:  # e.g. an output directory that cannot be created
+        return _fail(args.command, f"{exc}", 1)
     except KeyboardInterrupt:
         return _fail(args.command, "interrupted", 130)

@@ -617,6 +617,7 @@ def run_demo(config: DemoConfig, *, stream: Any = None) -> DemoResult:
         raise ArgumentError(
             f"output_dir={str(out_dir)!r} exists and is not a directory; pass a directory path."
         )
+    out_dir.mkdir(parents=True, exist_ok=True)  # fail now, not after training, if it cannot be made
     out = _Out(progress=config.progress, stream=stream)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -690,7 +691,6 @@ def run_demo(config: DemoConfig, *, stream: Any = None) -> DemoResult:
 
     # ---- phase 3: checkpoint
     out.heading("3. save a trainable-only checkpoint")
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / f"{config.model}-trainable.safetensors"
     tf.save_trainable(model, ckpt)
     full_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
