@@ -4,7 +4,7 @@
 back where the module lived (``model.backbone = cache_features(model.backbone)``);
 that is the one call. The wrapper
 
-* keys every output by the *content* of the inputs (a fast BLAKE2b hash of the
+* keys every output by the *content* of the inputs (a fast SHA-256 hash (hardware-accelerated on current CPUs) of the
   tensor bytes, dtype and shape, never the sample's index: augmented data simply
   misses and stays correct) plus a fingerprint of the wrapped module's weights,
   buffers, structure and train/eval flags;
@@ -120,7 +120,7 @@ def module_fingerprint(module: nn.Module, *, salt: str = "") -> str:
     >>> module_fingerprint(a) == module_fingerprint(b)
     True
     """
-    h = hashlib.blake2b(digest_size=20)
+    h = hashlib.sha256()
     h.update(b"tfc-module-1|")
     h.update(salt.encode())
     h.update(type(module).__module__.encode() + b"." + type(module).__qualname__.encode())
@@ -133,7 +133,7 @@ def module_fingerprint(module: nn.Module, *, salt: str = "") -> str:
     for name, b in module.named_buffers(remove_duplicate=False):
         h.update(f"|b:{name}|".encode())
         _hash_tensor(h, b)
-    return h.hexdigest()
+    return h.hexdigest()[:40]
 
 
 def _state_token(module: nn.Module) -> tuple[Any, ...]:
@@ -363,7 +363,7 @@ def _encode_entry(key: str, spec: Any, leaves: tuple[Tensor, ...]) -> bytes:
         offset += mv.nbytes
     header = json.dumps({"key": key, "spec": spec, "tensors": metas}, separators=(",", ":")).encode()
     body = b"".join([header, *chunks])
-    digest = hashlib.blake2b(body, digest_size=_DIGEST).digest()
+    digest = hashlib.sha256(body).digest()
     return b"".join([_MAGIC, struct.pack("<Q", len(header)), body, digest])
 
 
@@ -376,7 +376,7 @@ def _decode_entry(raw: bytes, key: str) -> tuple[Any, tuple[Tensor, ...]]:
     body = memoryview(raw)[start : len(raw) - _DIGEST]
     if hlen > len(body):
         raise ValueError("bad header length")
-    if hashlib.blake2b(body, digest_size=_DIGEST).digest() != raw[len(raw) - _DIGEST :]:
+    if hashlib.sha256(body).digest() != raw[len(raw) - _DIGEST :]:
         raise ValueError("checksum mismatch")
     header = json.loads(bytes(body[:hlen]))
     if header.get("key") != key:
@@ -540,7 +540,7 @@ class FeatureCache(nn.Module):
                         "what comes before too, or do not cache this module (see torchfreeze.explain)."
                     )
         autocast = _autocast_state()
-        prefix = hashlib.blake2b(digest_size=20)
+        prefix = hashlib.sha256()
         prefix.update(f"tfc-key-1|{self._fingerprint}|{method}|{self.granularity}|{sig!r}|{autocast}|".encode())
         if self.granularity == "batch":
             return self._call_batch(prefix, fn, args, kwargs, leaves)
@@ -553,7 +553,7 @@ class FeatureCache(nn.Module):
     def _call_batch(self, prefix: Any, fn: Any, args: Any, kwargs: Any, leaves: list[Tensor]) -> Any:
         for t in leaves:
             _hash_tensor(prefix, t)
-        key = prefix.hexdigest()
+        key = prefix.hexdigest()[:40]
         entry = self._lookup(key)
         device = leaves[0].device if leaves else None
         if entry is not None:
@@ -589,7 +589,7 @@ class FeatureCache(nn.Module):
             for mv, owner in views:
                 rb = mv.nbytes // n if n else 0
                 h.update(mv[r * rb : (r + 1) * rb])
-            keys.append(h.hexdigest())
+            keys.append(h.hexdigest()[:40])
         found: list[_Entry | None] = [self._lookup(k) for k in keys]
         missing = [r for r, e in enumerate(found) if e is None]
         device = leaves[0].device

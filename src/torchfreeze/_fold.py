@@ -335,7 +335,7 @@ def _digest(conv: nn.Module) -> str:
 
     from torchfreeze._cache import _hash_tensor
 
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     for p in (conv.weight, conv.bias):
         if p is not None:
             _hash_tensor(h, p)
