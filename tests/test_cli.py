@@ -256,3 +256,14 @@ def test_output_dir_that_cannot_be_created(tmp_path: Path, capsys: pytest.Captur
     assert main(["demo", "--output-dir", str(blocker / "sub"), "--no-progress"]) == 1
     assert "torchfreeze demo: error:" in capsys.readouterr().err
     assert blocker.read_text() == "x"
+
+
+def test_python_dash_m_runs_the_same_command():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "torchfreeze", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    assert "demo" in result.stdout and "inspect" in result.stdout and "bench" in result.stdout
