@@ -185,6 +185,8 @@ def test_state_dict_is_plain_data():
         pytest.param(0, None, ArgumentError, "period", id="period-zero"),
         pytest.param({}, None, ArgumentError, "non-empty", id="empty"),
         pytest.param({1: 2}, ["layers.0", "nope"], SelectorError, "nope", id="unknown-group"),
+        pytest.param({1: 2}, "layers.0", ArgumentError, "groups=", id="groups-str"),
+        pytest.param({0: 3}, None, ArgumentError, "lr=-1.0", id="bad-lr-with-entry-at-0"),
     ],
 )
 def test_bad_schedule_raises_and_changes_nothing(schedule, groups, error, match):
@@ -192,9 +194,21 @@ def test_bad_schedule_raises_and_changes_nothing(schedule, groups, error, match)
     freeze_to(model, -1)
     opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
     before = requires_grad_map(model), len(opt.param_groups)
+    lr = -1.0 if "lr" in match else None
     with pytest.raises(error, match=match):
-        GradualUnfreezing(model, opt, schedule, groups=groups)
+        GradualUnfreezing(model, opt, schedule, groups=groups, lr=lr)
     assert (requires_grad_map(model), len(opt.param_groups)) == before
+
+
+def test_step_that_the_optimizer_cannot_follow_changes_nothing():
+    model = Stack()
+    freeze_to(model, -1)
+    opt = torch.optim.LBFGS([p for p in model.parameters() if p.requires_grad])  # cannot take new groups
+    sched = GradualUnfreezing(model, opt, "one_group_per_epoch")
+    before = requires_grad_map(model), len(opt.param_groups), sched.last, freeze_state(model)
+    with pytest.raises(ArgumentError, match="LBFGS"):
+        sched.step()
+    assert (requires_grad_map(model), len(opt.param_groups), sched.last, freeze_state(model)) == before
 
 
 def test_layer_groups_of_the_test_model():
@@ -209,6 +223,9 @@ def test_layer_groups_of_the_test_model():
         pytest.param(lambda s: s["freeze_state"]["frozen"].append("encoder.weight"), FreezeStateError, "encoder.weight",
                      id="other-architecture"),
         pytest.param(lambda s: s.update(last=-3), ArgumentError, "last", id="negative-count"),
+        pytest.param(lambda s: s.pop("freeze_state"), FreezeStateError, "freeze_state", id="no-freeze-state"),
+        pytest.param(lambda s: s.update(added_groups=[{"params": 3}]), ArgumentError, "added_groups",
+                     id="malformed-added-groups"),
     ],
 )  # fmt: skip
 def test_bad_scheduler_state_changes_nothing(mutate, error, match):

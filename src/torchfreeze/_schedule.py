@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ._errors import ArgumentError
-from ._optim import _add_groups, _held_ids, _new_groups
+from ._optim import _add_groups, _held_ids, _new_groups, _positive
 from ._state import _check_model, _tf, _validate_freeze_state, freeze_state, load_freeze_state
 
 __all__ = ["GradualUnfreezing"]
@@ -91,11 +91,18 @@ class GradualUnfreezing:
             raise ArgumentError(
                 f"GradualUnfreezing(optimizer=...) expects a torch.optim.Optimizer, got {type(optimizer).__name__}."
             )
+        if lr is not None:
+            _positive(lr, "lr")  # validated before anything changes
         tf = _tf()
         self.model = model
         self.optimizer = optimizer
         self.lr = lr
         self.shared = shared
+        if groups is not None and (isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence)):
+            raise ArgumentError(
+                f"groups={groups!r} must be a list of selectors, one per layer group (input side first), "
+                "e.g. groups=['encoder.layer.0', 'encoder.layer.1', 'head']."
+            )
         self.groups = list(tf.layer_groups(model) if groups is None else groups)
         n = len(self.groups)
         if isinstance(schedule, str):
@@ -144,19 +151,30 @@ class GradualUnfreezing:
             return
         tf = _tf()
         value = self.schedule[count]
-        if _is_count(value):
-            tf.freeze_to(self.model, len(self.groups) - value, groups=self.groups, shared=self.shared)
-        else:
-            tf.unfreeze(self.model, value, shared=self.shared)
-        planned = _new_groups(self.optimizer, self.model, self.lr)
+        before = freeze_state(self.model)
+        try:
+            if _is_count(value):
+                tf.freeze_to(self.model, len(self.groups) - value, groups=self.groups, shared=self.shared)
+            else:
+                tf.unfreeze(self.model, value, shared=self.shared)
+            planned = _new_groups(self.optimizer, self.model, self.lr)
+        except BaseException:
+            # e.g. an LBFGS optimizer that cannot take the new group: the model goes back as it was
+            load_freeze_state(self.model, before)
+            raise
         _add_groups(self.optimizer, self.model, planned)
         for names, options in planned:
             self._added.append({"params": list(names), "options": _plain(options)})
 
     def step(self) -> None:
-        """Advance one unit (call once per epoch, or once per step) and apply the schedule."""
+        """Advance one unit (call once per epoch, or once per step) and apply the schedule.
+
+        Raises:
+            ArgumentError: the optimizer cannot take the newly trainable parameters (LBFGS);
+                the model, the optimizer and the count are then left as they were.
+        """
+        self._apply(self.last + 1)
         self.last += 1
-        self._apply(self.last)
 
     @property
     def trainable_groups(self) -> int:
@@ -209,11 +227,23 @@ class GradualUnfreezing:
         last = state.get("last")
         if not _is_count(last) or last < 0:
             raise ArgumentError(f"state['last']={last!r} must be an int >= 0.")
-        _validate_freeze_state(self.model, state["freeze_state"], strict=True, arg="state['freeze_state']")
+        _validate_freeze_state(self.model, state.get("freeze_state"), strict=True, arg="state['freeze_state']")
+        added = state.get("added_groups", [])
+        if not isinstance(added, (list, tuple)) or not all(
+            isinstance(g, Mapping)
+            and isinstance(g.get("params"), (list, tuple))
+            and all(isinstance(n, str) for n in g["params"])
+            and isinstance(g.get("options"), Mapping)
+            for g in added
+        ):
+            raise ArgumentError(
+                "state['added_groups'] must be a list of {'params': [names], 'options': {...}} dicts, as "
+                "GradualUnfreezing.state_dict() writes them; pass the dict it returned, unmodified."
+            )
         by_name = dict(self.model.named_parameters(remove_duplicate=False))
         held = _held_ids(self.optimizer)
         todo = []
-        for g in state.get("added_groups", []):
+        for g in added:
             names = list(g["params"])
             unknown = [n for n in names if n not in by_name]
             if unknown:
@@ -229,7 +259,7 @@ class GradualUnfreezing:
         load_freeze_state(self.model, state["freeze_state"])
         _add_groups(self.optimizer, self.model, todo)
         self.last = last
-        self._added = [{"params": list(g["params"]), "options": dict(g["options"])} for g in state["added_groups"]]
+        self._added = [{"params": list(g["params"]), "options": dict(g["options"])} for g in added]
 
     def __repr__(self) -> str:
         return f"GradualUnfreezing(last={self.last}, schedule={self.schedule!r})"
