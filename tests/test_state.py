@@ -261,6 +261,28 @@ def test_other_base_is_refused_and_nothing_changes(tmp_path):
     assert _same_tensors(tensors_snapshot(other), before[0]) and requires_grad_map(other) == before[1]
 
 
+def test_loading_onto_a_model_with_converted_batchnorm_restores_the_saved_values(tmp_path):
+    model = freeze(Model(), "backbone.0", "backbone.3")  # the BatchNorm trains: its tensors are in the file
+    with torch.no_grad():
+        model.backbone[1].weight.fill_(3.0)
+        model.backbone[1].running_mean.fill_(0.5)
+    path = save_trainable(model, tmp_path / "t.safetensors")
+    fresh = freeze_batchnorm(freeze(Model(), "backbone.0", "backbone.3"), "backbone", convert=True)
+    load_trainable(fresh, path)  # un-converts the BatchNorm, then copies into the new module's tensors
+    assert type(fresh.backbone[1]) is nn.BatchNorm1d
+    assert _same_tensors(tensors_snapshot(fresh), tensors_snapshot(model))
+
+
+def test_model_with_tensors_the_checkpoint_does_not_cover_is_refused(tmp_path):
+    path = save_trainable(_trained(), tmp_path / "t.safetensors")
+    bigger = Model(0)
+    bigger.extra = nn.Linear(2, 2)  # another architecture: its weights would silently stay random
+    before = (tensors_snapshot(bigger), requires_grad_map(bigger))
+    with pytest.raises(CheckpointError, match="neither in the file nor in its frozen base.*extra.weight"):
+        load_trainable(bigger, path)
+    assert _same_tensors(tensors_snapshot(bigger), before[0]) and requires_grad_map(bigger) == before[1]
+
+
 def _corrupt_data(path):
     raw = bytearray(open(path, "rb").read())
     raw[-3] ^= 0xFF  # inside the tensor data

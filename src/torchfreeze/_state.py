@@ -619,8 +619,9 @@ def load_trainable(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Load a :func:`save_trainable` file into a model with the same frozen base.
 
     Checks, before changing anything: the file is intact (checksum), its freeze state fits the
-    model, the model's frozen base has the same fingerprint as the one it was saved from, and
-    every tensor has the right shape and dtype. Then restores the freeze state and copies the
+    model, every tensor has the right shape and dtype, every tensor of the model is either in
+    the file or in the frozen base, and the model's frozen base has the same fingerprint as the
+    one it was saved from. Then restores the freeze state and copies the
     tensors in place (parameter identity is kept).
 
     Args:
@@ -669,6 +670,14 @@ def load_trainable(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             problems.append(
                 f"{n!r}: file has {t.dtype} {tuple(t.shape)}, model has {live[n].dtype} {tuple(live[n].shape)}"
             )
+    # every tensor of the model must be either in the file or in the frozen base (tied names count once)
+    covered = {id(live[n]) for n in (*tensors, *frozen_names) if n in live}
+    uncovered = [n for n, t in live.items() if isinstance(t, torch.Tensor) and id(t) not in covered]
+    if uncovered:
+        problems.append(
+            f"the model has {len(uncovered)} tensor(s) that are neither in the file nor in its frozen base: "
+            f"{uncovered[:10]}"
+        )
     if problems:
         listing = "\n  - ".join(problems)
         raise CheckpointError(
@@ -683,6 +692,8 @@ def load_trainable(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             "trained part). Nothing was changed."
         )
     load_freeze_state(model, state)
+    # restoring the state may swap BatchNorm <-> FrozenBatchNorm modules: copy into the current tensors
+    live = _state_tensors(model)
     with torch.no_grad():
         for n, t in tensors.items():
             live[n].copy_(t)
