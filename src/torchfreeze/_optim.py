@@ -42,17 +42,22 @@ def _no_decay_ids(model: nn.Module) -> set[int]:
 
 
 def _group_lrs(lr: float, lr_mult: Any, n: int) -> list[float]:
-    """Learning rate of each of ``n`` groups (input side first)."""
-    if lr_mult is None or n == 1:
+    """Learning rate of each of ``n`` groups (input side first); ``lr_mult`` is validated even for one group."""
+    if lr_mult is None:
         return [lr] * n
     if isinstance(lr_mult, (tuple, list)):
         if len(lr_mult) != 2:
-            raise ArgumentError(f"lr_mult={lr_mult!r} must be a float ratio or a (low, high) pair of multipliers.")
+            raise ArgumentError(
+                f"lr_mult={lr_mult!r} must be a float ratio or a (low, high) pair of multipliers, "
+                "e.g. lr_mult=2.6 or lr_mult=(0.01, 1.0)."
+            )
         low = _positive(lr_mult[0], "lr_mult[0]")
         high = _positive(lr_mult[1], "lr_mult[1]")
+        if n == 1:
+            return [lr]
         return [lr * low * (high / low) ** (i / (n - 1)) for i in range(n)]
     ratio = _positive(lr_mult, "lr_mult")
-    return [lr * ratio ** -(n - 1 - i) for i in range(n)]
+    return [lr * ratio ** -(n - 1 - i) for i in range(n)]  # n == 1: [lr]
 
 
 def param_groups(
@@ -126,7 +131,6 @@ def param_groups(
     else:
         from ._select import resolve
 
-        trainable_ids = {id(p) for p in trainable.values()}
         taken: set[int] = set()
         members = []
         for sel in selectors:
@@ -137,7 +141,7 @@ def param_groups(
                     row.append((name, p))
                     taken.add(id(p))
             members.append(row)
-        rest = [(n, p) for n, p in trainable.items() if id(p) in trainable_ids and id(p) not in taken]
+        rest = [(n, p) for n, p in trainable.items() if id(p) not in taken]
         order = {n: i for i, n in enumerate(trainable)}
         members[-1].extend(rest)
         members[-1].sort(key=lambda item: order[item[0]])
