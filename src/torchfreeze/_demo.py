@@ -610,6 +610,7 @@ def run_demo(config: DemoConfig, *, stream: Any = None) -> DemoResult:
     import warnings
 
     import torchfreeze as tf
+    from torchfreeze._state import atomic_write
 
     setup, epochs, batch = config.resolved()
     out_dir = Path(config.output_dir)
@@ -754,9 +755,8 @@ def run_demo(config: DemoConfig, *, stream: Any = None) -> DemoResult:
         seconds=time.perf_counter() - started,
     )
     results_path = out_dir / "results.json"
-    tmp = results_path.with_name(results_path.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, results_path)
+    text = json.dumps(asdict(result), indent=2) + "\n"
+    atomic_write(results_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     out.heading("summary")
     out.line(f"held-out accuracy: head only {acc_head:.1%}, after gradual unfreezing {acc_final:.1%} "
              f"({len(task.test)} examples never trained on)")
