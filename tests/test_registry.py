@@ -163,7 +163,7 @@ def test_nothing_pretrained_warning(toy: str, weights, freeze, warns: bool) -> N
 
 def test_model_without_registered_weights_builds_randomly_and_warns() -> None:
     register_model("bare", build)
-    with pytest.warns(NothingPretrainedWarning):
+    with pytest.warns(NothingPretrainedWarning, match="weights='default'.*no registered pretrained weights"):
         model = get_model("bare", freeze=True)
     assert torchfreeze.is_frozen(model, "backbone")
 

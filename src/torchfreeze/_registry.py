@@ -268,9 +268,10 @@ def get_model(
         )
     if plan is not None:
         if chosen is None:
+            why = "" if weights is None else f" ({name!r} has no registered pretrained weights)"
             warnings.warn(
-                f"get_model({name!r}, weights=None, freeze={freeze!r}): nothing pretrained is "
-                f"being frozen; the frozen parts keep their random initialisation. Pass "
+                f"get_model({name!r}, weights={weights!r}, freeze={freeze!r}): nothing pretrained is "
+                f"being frozen{why}; the frozen parts keep their random initialisation. Pass "
                 f"weights='default' (or a Weights) to freeze pretrained features.",
                 NothingPretrainedWarning,
                 stacklevel=2,
