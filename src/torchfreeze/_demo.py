@@ -606,6 +606,13 @@ def run_demo(config: DemoConfig, *, stream: Any = None) -> DemoResult:
 
     Raises:
         ArgumentError: bad options (nothing has been written then).
+
+    Example (trains for a few seconds, so not run as a doctest)::
+
+        >>> r = run_demo(DemoConfig(epochs=2, compare_steps=0, progress=False,  # doctest: +SKIP
+        ...                         output_dir=Path("/tmp/tf-demo")))
+        >>> r.accuracy_reloaded == r.accuracy_final  # doctest: +SKIP
+        True
     """
     import warnings
 

@@ -76,8 +76,23 @@ def _watch_set(model: nn.Module) -> dict[str, torch.Tensor]:
 class Guard:
     """The object :func:`guard` returns: watches frozen tensors and verifies them on demand.
 
+    Build it with :func:`guard`; it snapshots on ``__enter__``, checks after every step of its
+    optimizers and at ``__exit__``, and releases the snapshot on exit.
+
+    Args:
+        model: the model being trained.
+        optimizers: the optimizers whose steps are checked (may be empty).
+
     Attributes:
         checks: how many verifications ran so far.
+        names: names of the tensors being watched (empty outside the ``with`` block).
+
+    Example:
+        >>> import torch, torchfreeze
+        >>> m = torchfreeze.freeze(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)), "0")
+        >>> with torchfreeze.guard(m) as g:
+        ...     g.names
+        ['0.weight', '0.bias']
     """
 
     def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
@@ -101,9 +116,23 @@ class Guard:
         Tensors unfrozen since the last check leave the watch list; tensors frozen since then
         join it (snapshotted now), so gradual unfreezing does not trip the guard.
 
+        Args:
+            where: words for the error message saying when the check ran.
+
         Raises:
             FrozenTensorChanged: with ``.changes`` mapping each changed name to its largest
                 absolute change.
+
+        Example:
+            >>> import torch, torchfreeze
+            >>> m = torchfreeze.freeze(torch.nn.Linear(2, 2))
+            >>> with torchfreeze.guard(m) as g:
+            ...     _ = m.weight.data.add_(1.0)
+            ...     try:
+            ...         g.verify()
+            ...     except torchfreeze.FrozenTensorChanged as err:
+            ...         print(err.changes)
+            {'weight': 1.0}
         """
         self.checks += 1
         watch = _watch_set(self.model)
@@ -224,11 +253,16 @@ def guard(
 class Problem:
     """One finding of :func:`check`.
 
-    Attributes:
+    Args:
         code: short stable identifier (see ``CODES``).
         names: qualified names of the parameters / modules involved.
         message: what is wrong.
         fix: a one-line fix.
+
+    Example:
+        >>> str(Problem("trainable-not-in-optimizer", ("head.weight",), "head.weight never learns.",
+        ...             "torchfreeze.add_unfrozen(optimizer, model)."))
+        '[trainable-not-in-optimizer] head.weight never learns. Fix: torchfreeze.add_unfrozen(optimizer, model).'
     """
 
     code: str

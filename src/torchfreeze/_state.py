@@ -313,6 +313,9 @@ def freeze_state(model: nn.Module) -> dict[str, Any]:
     Returns:
         The freeze state; ``json.dumps`` accepts it.
 
+    Raises:
+        ArgumentError: ``model`` is not an ``nn.Module``.
+
     Example:
         >>> import torch, torchfreeze
         >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
