@@ -27,6 +27,10 @@ def build():
 def not_a_model():
     return 42
 
+
+def needs_arguments(width):
+    return nn.Linear(width, width)
+
 CONSTANT = 3
 '''
 
@@ -186,6 +190,7 @@ def test_inspect_list(capsys: pytest.CaptureFixture[str]) -> None:
         pytest.param(["inspect", "{mod}:build", "--freeze", "plan:default"], "registered models only", id="plan-on-factory"),
         pytest.param(["inspect", "digits-cnn", "--freeze", "plan:nope"], "known plans", id="unknown-plan"),
         pytest.param(["inspect", "{mod}:build", "--mode", "sleep"], "invalid choice", id="bad-mode"),
+        pytest.param(["inspect", "{mod}:build", "--mode", "eval"], "add --freeze SELECTOR", id="mode-without-freeze"),
     ],
 )
 def test_inspect_bad_input(
@@ -195,6 +200,12 @@ def test_inspect_bad_input(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "error" in err and fragment in err
+
+
+def test_inspect_factory_that_raises_exits_1(factory_module: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", f"{factory_module}:needs_arguments"]) == 1
+    err = capsys.readouterr().err
+    assert "torchfreeze inspect: error:" in err and "needs_arguments() raised TypeError" in err
 
 
 # ---------------------------------------------------------------------------- bench

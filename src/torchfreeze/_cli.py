@@ -187,6 +187,9 @@ def _inspect(args: argparse.Namespace) -> int:
         return _fail("inspect", "missing MODULE:FACTORY (or a registered model name; see --list)", 2)
     plans = [s[len("plan:"):] for s in args.freeze if s.startswith("plan:")]
     selectors = [s for s in args.freeze if not s.startswith("plan:")]
+    if args.mode is not None and not selectors:
+        return _fail("inspect", f"--mode {args.mode} pins the modules that --freeze SELECTOR freezes; "
+                     "add --freeze SELECTOR (a plan:NAME sets its own mode)", 2)
     if ":" not in args.target:
         if args.target not in tf.list_models():
             return _fail("inspect", f"{args.target!r} is neither MODULE:FACTORY nor a registered model "
@@ -204,7 +207,10 @@ def _inspect(args: argparse.Namespace) -> int:
             factory = _load_factory(args.target)
         except ValueError as exc:
             return _fail("inspect", str(exc), 2)
-        model = factory()
+        try:
+            model = factory()
+        except Exception as exc:  # the user's factory failed: say so instead of a traceback
+            return _fail("inspect", f"{args.target}() raised {type(exc).__name__}: {exc}", 1)
         if not isinstance(model, nn.Module):
             return _fail("inspect", f"{args.target} returned {type(model).__name__}, expected an nn.Module", 2)
     if selectors:
