@@ -193,6 +193,9 @@ def test_bad_weights_fail_the_build(toy: str, pretrained: Weights) -> None:
         pytest.param(lambda: register_model("x", 3), "builder=", id="not-callable"),
         pytest.param(lambda: register_model("x", build, plans={"p": 3}), "plans\\['p'\\]", id="bad-plan"),
         pytest.param(lambda: register_model("x", build, weights={"w": 3}), "weights\\['w'\\]", id="bad-weights"),
+        pytest.param(lambda: register_model("x", build, weights=[3]), "weights\\['#0'\\]", id="bad-weights-list"),
+        pytest.param(lambda: register_model("x", build, weights="w.safetensors"), "expected a Weights",
+                     id="weights-path-str"),
     ],
 )
 def test_register_model_errors(call, match: str) -> None:

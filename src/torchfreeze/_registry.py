@@ -176,8 +176,13 @@ def register_model(
         table = {"default": weights}
     elif isinstance(weights, Mapping):
         table = dict(weights)
+    elif isinstance(weights, (list, tuple)):
+        table = {getattr(w, "name", f"#{i}"): w for i, w in enumerate(weights)}
     else:
-        table = {w.name: w for w in weights}
+        raise ArgumentError(
+            f"weights={weights!r}: expected a Weights, a list of Weights or a dict name -> Weights "
+            "(for a file, wrap it: Weights(name, path, sha256))."
+        )
     for key, w in table.items():
         if not isinstance(w, Weights):
             raise ArgumentError(f"weights[{key!r}]={type(w).__name__}: expected a Weights.")
