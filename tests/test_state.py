@@ -143,6 +143,15 @@ def test_non_strict_applies_what_fits_with_a_warning():
     assert not model.backbone[0].weight.requires_grad and model.head.weight.requires_grad
 
 
+def test_non_strict_skips_a_converted_norm_that_is_not_a_batchnorm():
+    state = freeze_state(freeze_batchnorm(freeze(Model(), "backbone.0"), "backbone", convert=True))
+    state["converted_norms"].append("head")
+    model = Model()
+    with pytest.warns(UserWarning, match="'head' is a Linear"):
+        load_freeze_state(model, state, strict=False)
+    assert type(model.backbone[1]).__name__ == "FrozenBatchNorm1d" and type(model.head) is nn.Linear
+
+
 def _edit(**changes):
     state = freeze_state(freeze(Model(), "backbone"))
     state.update(changes)

@@ -480,11 +480,17 @@ def load_freeze_state(model: nn.Module, state: Mapping[str, Any], *, strict: boo
         warnings.warn(
             "load_freeze_state(strict=False) skipped: " + "; ".join(skipped), stacklevel=2
         )
+    from torch.nn.modules.batchnorm import _BatchNorm
+
     from ._batchnorm import _FrozenBatchNorm, freeze_batchnorm, unconvert_batchnorm
 
     table = dict(model.named_modules(remove_duplicate=False))
     want_converted = [n for n in state.get("converted_norms", []) if n in table]
-    to_convert = [n for n in want_converted if not isinstance(table[n], _FrozenBatchNorm)]
+    # (strict=False) names that are not convertible BatchNorm layers were reported above and are skipped
+    to_convert = [
+        n for n in want_converted
+        if isinstance(table[n], _BatchNorm) and table[n].track_running_stats
+    ]
     to_unconvert = [n for n in _converted_norms(model) if n not in set(want_converted)]
     if to_unconvert:
         unconvert_batchnorm(model, to_unconvert)
