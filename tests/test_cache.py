@@ -496,3 +496,16 @@ def test_real_minilm_backbone_cached_with_one_call(tmp_path: Path) -> None:
     s = model.backbone.stats()
     assert (s.misses, s.hits, s.disk_writes) == (4, 4, 4)
     assert model.head[1].weight.grad is not None
+
+
+def test_stats_time_the_cache_apart_from_the_module() -> None:
+    cached = cache_features(frozen_mlp())
+    x = torch.randn(4, 6)
+    cached(x)
+    after_miss = cached.stats()
+    assert after_miss.compute_seconds > 0 and after_miss.call_seconds >= after_miss.compute_seconds
+    cached(x)
+    after_hit = cached.stats()
+    assert after_hit.compute_seconds == after_miss.compute_seconds
+    assert after_hit.call_seconds > after_miss.call_seconds and after_hit.overhead_seconds > 0
+    assert "time in cache" in str(after_hit)

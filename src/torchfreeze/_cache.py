@@ -39,6 +39,7 @@ import os
 import struct
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -314,6 +315,13 @@ class CacheStats:
     entries: int = 0
     bytes: int = 0
     max_bytes: int = 0
+    call_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+    @property
+    def overhead_seconds(self) -> float:
+        """Time spent in the cache itself (hashing, lookups, storing): calls minus the wrapped module's compute."""
+        return max(0.0, self.call_seconds - self.compute_seconds)
 
     @property
     def hit_rate(self) -> float:
@@ -325,6 +333,7 @@ class CacheStats:
         """The counters as a plain dict (plus ``hit_rate``)."""
         d = asdict(self)
         d["hit_rate"] = self.hit_rate
+        d["overhead_seconds"] = self.overhead_seconds
         return d
 
     def __str__(self) -> str:
@@ -332,6 +341,7 @@ class CacheStats:
             f"hits={self.hits} misses={self.misses} (hit rate {self.hit_rate:.1%}; memory {self.memory_hits},"
             f" disk {self.disk_hits}) entries={self.entries} bytes={self.bytes}/{self.max_bytes}"
             f" evictions={self.evictions} disk_writes={self.disk_writes} corrupt={self.corrupt}"
+            f" time in cache {self.overhead_seconds * 1000:.1f} ms (+{self.compute_seconds * 1000:.1f} ms computing)"
         )
 
 
@@ -528,6 +538,15 @@ class FeatureCache(nn.Module):
 
     # -- core ---------------------------------------------------------------
     def _cached_call(self, method: str, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self._cached_call_inner(method, fn, args, kwargs)
+        finally:
+            dt = time.perf_counter() - t0
+            with self._lock:
+                self._stats.call_seconds += dt
+
+    def _cached_call_inner(self, method: str, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._check_module()
         leaves: list[Tensor] = []
         sig = _flatten_inputs((args, kwargs), leaves, "inputs")
@@ -547,8 +566,14 @@ class FeatureCache(nn.Module):
         return self._call_sample(prefix, fn, args, kwargs, leaves)
 
     def _compute(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        with torch.no_grad():
-            return fn(*args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+        finally:
+            dt = time.perf_counter() - t0
+            with self._lock:
+                self._stats.compute_seconds += dt
 
     def _call_batch(self, prefix: Any, fn: Any, args: Any, kwargs: Any, leaves: list[Tensor]) -> Any:
         for t in leaves:
