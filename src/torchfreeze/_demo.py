@@ -264,7 +264,7 @@ MODELS: dict[str, _ModelSetup] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     """Options of ``torchfreeze demo`` (``None`` = the model's default).
 

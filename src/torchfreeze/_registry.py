@@ -43,7 +43,7 @@ class NothingPretrainedWarning(UserWarning):
     """
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FreezePlan:
     """What freezing means for a model: which parts, and which mode they keep.
 
