@@ -192,6 +192,11 @@ def test_unknown_target(tmp_path: Path, source_state: dict) -> None:
         pytest.param({"name": "a", "source": "", "sha256": "0" * 64}, "source=", id="empty-source"),
         pytest.param({"name": "a", "source": "x", "sha256": "abc"}, "64 hex", id="short-sha"),
         pytest.param({"name": "a", "source": "x", "sha256": "z" * 64}, "64 hex", id="not-hex"),
+        pytest.param({"name": "a", "source": "x", "sha256": "0" * 64, "ignore_keys": "pooler.w"}, "ignore_keys=",
+                     id="ignore-keys-str"),
+        pytest.param({"name": "a", "source": "x", "sha256": "0" * 64, "metadata": ["MIT"]}, "metadata=",
+                     id="metadata-not-mapping"),
+        pytest.param({"name": "a", "source": "x", "sha256": "0" * 64, "target": None}, "target=", id="target-none"),
     ],
 )
 def test_invalid_descriptions(kwargs: dict, match: str) -> None:

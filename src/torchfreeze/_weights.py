@@ -134,6 +134,16 @@ class Weights:
                 f"`torchfreeze._weights.sha256_file(path)` or `sha256sum FILE`."
             )
         object.__setattr__(self, "sha256", digest)
+        if not isinstance(self.metadata, Mapping):
+            raise ArgumentError(
+                f"metadata={self.metadata!r}: expected a mapping, e.g. {{'license': 'MIT', 'parameters': 1234}}."
+            )
+        if not isinstance(self.target, str):
+            raise ArgumentError(f"target={self.target!r}: expected a qualified submodule name ('' = the model).")
+        if isinstance(self.ignore_keys, str) or not all(isinstance(k, str) for k in self.ignore_keys):
+            raise ArgumentError(
+                f"ignore_keys={self.ignore_keys!r}: expected a tuple of key names, e.g. ('pooler.dense.weight',)."
+            )
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
         object.__setattr__(self, "ignore_keys", tuple(self.ignore_keys))
 
