@@ -261,13 +261,27 @@ def test_size_is_a_fraction_of_a_full_state_dict(tmp_path):
     assert ratio < 0.05
 
 
-def test_other_base_is_refused_and_nothing_changes(tmp_path):
+def _with_extra_layer():
+    model = Model(0)
+    model.extra = nn.Linear(2, 2)  # another architecture: its weights would silently stay random
+    return model
+
+
+@pytest.mark.parametrize(
+    "make_target, match",
+    [
+        pytest.param(lambda: Model(seed=1), "different frozen base", id="other-base"),
+        pytest.param(_with_extra_layer, "neither in the file nor in its frozen base.*extra.weight", id="extra-layer"),
+    ],
+)
+def test_model_that_does_not_fit_is_refused_and_nothing_changes(tmp_path, make_target, match):
     path = save_trainable(_trained(seed=0), tmp_path / "t.safetensors")
-    other = Model(seed=1)
-    before = (tensors_snapshot(other), requires_grad_map(other))
-    with pytest.raises(CheckpointError, match="different frozen base"):
-        load_trainable(other, path)
-    assert _same_tensors(tensors_snapshot(other), before[0]) and requires_grad_map(other) == before[1]
+    target = make_target()
+    before = (tensors_snapshot(target), requires_grad_map(target), pinned_modes(target))
+    with pytest.raises(CheckpointError, match=match):
+        load_trainable(target, path)
+    assert _same_tensors(tensors_snapshot(target), before[0])
+    assert (requires_grad_map(target), pinned_modes(target)) == before[1:]
 
 
 def test_loading_onto_a_model_with_converted_batchnorm_restores_the_saved_values(tmp_path):
@@ -280,16 +294,6 @@ def test_loading_onto_a_model_with_converted_batchnorm_restores_the_saved_values
     load_trainable(fresh, path)  # un-converts the BatchNorm, then copies into the new module's tensors
     assert type(fresh.backbone[1]) is nn.BatchNorm1d
     assert _same_tensors(tensors_snapshot(fresh), tensors_snapshot(model))
-
-
-def test_model_with_tensors_the_checkpoint_does_not_cover_is_refused(tmp_path):
-    path = save_trainable(_trained(), tmp_path / "t.safetensors")
-    bigger = Model(0)
-    bigger.extra = nn.Linear(2, 2)  # another architecture: its weights would silently stay random
-    before = (tensors_snapshot(bigger), requires_grad_map(bigger))
-    with pytest.raises(CheckpointError, match="neither in the file nor in its frozen base.*extra.weight"):
-        load_trainable(bigger, path)
-    assert _same_tensors(tensors_snapshot(bigger), before[0]) and requires_grad_map(bigger) == before[1]
 
 
 def _corrupt_data(path):
