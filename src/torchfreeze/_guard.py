@@ -126,13 +126,14 @@ class Guard:
         Example:
             >>> import torch, torchfreeze
             >>> m = torchfreeze.freeze(torch.nn.Linear(2, 2))
+            >>> _ = m.weight.data.fill_(1.0)
             >>> with torchfreeze.guard(m) as g:
-            ...     _ = m.weight.data.add_(1.0)
+            ...     _ = m.weight.data.add_(0.5)
             ...     try:
             ...         g.verify()
             ...     except torchfreeze.FrozenTensorChanged as err:
             ...         print(err.changes)
-            {'weight': 1.0}
+            {'weight': 0.5}
         """
         self.checks += 1
         watch = _watch_set(self.model)
