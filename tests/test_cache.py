@@ -211,9 +211,10 @@ def test_unfreeze_after_wrapping_is_refused_at_call_time() -> None:
         cached(torch.randn(2, 6))
 
 
-def test_changed_weights_change_the_key() -> None:
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
+def test_changed_weights_change_the_key(on_disk: bool, tmp_path: Path) -> None:
     inner = frozen_mlp()
-    cached = cache_features(inner)
+    cached = cache_features(inner, directory=tmp_path if on_disk else None)
     x = torch.randn(3, 6)
     before = cached(x)
     with torch.no_grad():

@@ -55,6 +55,7 @@ class Sizes:
     """Data and repetition sizes of one run (``--quick`` or full)."""
 
     repeats: int
+    probe_repeats: int
     epochs: int
     enc_samples: int
     enc_tokens: int
@@ -71,11 +72,11 @@ class Sizes:
 
 
 FULL = Sizes(
-    repeats=3, epochs=5, enc_samples=96, enc_tokens=64, enc_batch=32, enc_step_batch=8, enc_steps=2,
+    repeats=3, probe_repeats=5, epochs=5, enc_samples=96, enc_tokens=64, enc_batch=32, enc_step_batch=8, enc_steps=2,
     cnn_samples=512, cnn_image=32, cnn_batch=32, cnn_steps=10, overhead_steps=1, overhead_repeats=25, mem_steps=2,
 )
 QUICK = Sizes(
-    repeats=2, epochs=5, enc_samples=32, enc_tokens=16, enc_batch=8, enc_step_batch=8, enc_steps=2,
+    repeats=2, probe_repeats=2, epochs=5, enc_samples=32, enc_tokens=16, enc_batch=8, enc_step_batch=8, enc_steps=2,
     cnn_samples=32, cnn_image=16, cnn_batch=8, cnn_steps=3, overhead_steps=3, overhead_repeats=3, mem_steps=1,
 )
 
@@ -381,7 +382,7 @@ def scenario_probe(kind: str, base: nn.Module, sizes: Sizes, log: Callable[[str]
         return times
 
     variants = {"plain": lambda: run("plain"), "plain_eval": lambda: run("plain_eval"), "torchfreeze": run_tf}
-    res = _alternate(variants, sizes.repeats)
+    res = _alternate(variants, sizes.probe_repeats)
     med = {v: [_median([rep[e] for rep in res[v]]) for e in range(sizes.epochs)] for v in res}
     tf_first, tf_rest = med["torchfreeze"][0], _median(med["torchfreeze"][1:])
     out = {
@@ -911,7 +912,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scenarios", default="1,2,3,4,5", metavar="LIST", help="comma-separated subset of 1-5")
     p.add_argument("--models", default="encoder,cnn", metavar="LIST",
                    help="comma-separated subset of encoder (MiniLM) and cnn (default: both)")
-    p.add_argument("--repeats", type=int, default=None, metavar="N", help="repetitions per variant (default 3; quick 2)")
+    p.add_argument("--repeats", type=int, default=None, metavar="N", help="repetitions per variant (default 3, 5 for the probe; quick 2)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch.set_num_threads (default: leave)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes of scenario 2")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
@@ -955,7 +956,7 @@ def main(argv: list[str]) -> int:
         return 2
     sizes = QUICK if args.quick else FULL
     if args.repeats is not None:
-        sizes = Sizes(**{**sizes.__dict__, "repeats": args.repeats})
+        sizes = Sizes(**{**sizes.__dict__, "repeats": args.repeats, "probe_repeats": args.repeats})
     threads_before = torch.get_num_threads()
     threads = args.threads if args.threads is not None else (1 if args.quick else None)
     try:

@@ -39,6 +39,7 @@ import os
 import struct
 import tempfile
 import threading
+import uuid
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -448,8 +449,15 @@ class FeatureCache(nn.Module):
         self.salt = salt
         self.training = module.training
         self._init_runtime()
-        self._fingerprint = module_fingerprint(module, salt=salt)
+        # In-memory keys only need to change when the module changes: a per-instance id plus a
+        # generation bumped on every change (cheap). Disk keys must mean the same in every process,
+        # so they use the content fingerprint (all weight bytes hashed), computed only when needed.
+        self._instance = uuid.uuid4().hex
+        self._generation = 0
+        self._fingerprint: str | None = None
         self._token = _state_token(module)
+        if self.directory is not None:
+            self._fingerprint = module_fingerprint(module, salt=salt)
         post = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
         post(_strip_module_prefix)
         self.register_load_state_dict_pre_hook(_add_module_prefix)
@@ -499,6 +507,15 @@ class FeatureCache(nn.Module):
     def fingerprint(self) -> str:
         """Fingerprint of the wrapped module (weights, buffers, structure, modes, salt)."""
         self._check_module()
+        if self._fingerprint is None:
+            self._fingerprint = module_fingerprint(self.module, salt=self.salt)
+        return self._fingerprint
+
+    def _key_base(self) -> str:
+        if self.directory is None:
+            return f"mem-{self._instance}-{self._generation}"
+        if self._fingerprint is None:
+            self._fingerprint = module_fingerprint(self.module, salt=self.salt)
         return self._fingerprint
 
     def stats(self) -> CacheStats:
@@ -533,7 +550,8 @@ class FeatureCache(nn.Module):
         reasons = cache_refusal_reasons(self.module)
         if reasons:
             raise _refuse(reasons, "the wrapped module any more (it changed after cache_features)")
-        self._fingerprint = module_fingerprint(self.module, salt=self.salt)
+        self._fingerprint = None
+        self._generation += 1
         self._token = token
 
     # -- core ---------------------------------------------------------------
@@ -560,7 +578,7 @@ class FeatureCache(nn.Module):
                     )
         autocast = _autocast_state()
         prefix = hashlib.sha256()
-        prefix.update(f"tfc-key-1|{self._fingerprint}|{method}|{self.granularity}|{sig!r}|{autocast}|".encode())
+        prefix.update(f"tfc-key-1|{self._key_base()}|{method}|{self.granularity}|{sig!r}|{autocast}|".encode())
         if self.granularity == "batch":
             return self._call_batch(prefix, fn, args, kwargs, leaves)
         return self._call_sample(prefix, fn, args, kwargs, leaves)
