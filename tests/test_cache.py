@@ -202,6 +202,14 @@ def test_dropout_with_p_zero_is_deterministic() -> None:
     assert cache_refusal_reasons(m) == []
 
 
+def test_instance_norm_is_per_sample_unless_it_tracks_statistics_in_train_mode() -> None:
+    plain = nn.Sequential(nn.Conv1d(2, 2, 1), nn.InstanceNorm1d(2)).requires_grad_(False).train()
+    assert cache_refusal_reasons(plain) == []
+    tracking = nn.Sequential(nn.InstanceNorm1d(2, track_running_stats=True)).train()
+    assert "updates its running statistics" in cache_refusal_reasons(tracking)[0]
+    assert cache_refusal_reasons(tracking.eval()) == []
+
+
 def test_unfreeze_after_wrapping_is_refused_at_call_time() -> None:
     inner = frozen_mlp()
     cached = cache_features(inner)

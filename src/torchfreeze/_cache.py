@@ -193,6 +193,10 @@ def cache_refusal_reasons(module: nn.Module, *, prefix: str = "") -> list[str]:
             reasons.append(f"layer '{q(name)}' ({kind}, p={m.p}) is in train mode, so it is random")
         elif isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0:
             reasons.append(f"layer '{q(name)}' ({kind}, dropout={m.dropout}) is in train mode, so it is random")
+        elif isinstance(m, nn.modules.instancenorm._InstanceNorm):
+            # per-sample statistics: deterministic, but in train mode it updates running statistics
+            if m.training and m.track_running_stats:
+                reasons.append(f"layer '{q(name)}' ({kind}) is in train mode and updates its running statistics")
         elif isinstance(m, nn.modules.batchnorm._NormBase):
             if m.training and m.track_running_stats:
                 reasons.append(
