@@ -197,6 +197,29 @@ def test_refuses_naming_the_reason_and_changes_nothing(build: object, named: str
         assert torch.equal(v, state[k])
 
 
+class FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_dropout = 0.1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(x, self.attention_dropout, self.training)
+
+
+@pytest.mark.parametrize(
+    ("layer", "named"),
+    [
+        pytest.param(nn.LSTM(2, 2, num_layers=2, dropout=0.3), "dropout=0.3", id="lstm"),
+        pytest.param(nn.MultiheadAttention(4, 2, dropout=0.2), "dropout=0.2", id="attention"),
+        pytest.param(FunctionalDropout(), "attention_dropout=0.1", id="functional-dropout"),
+    ],
+)
+def test_other_random_layers_in_train_mode_are_refused(layer: nn.Module, named: str) -> None:
+    layer.requires_grad_(False).train()
+    assert named in cache_refusal_reasons(layer)[0]
+    assert cache_refusal_reasons(layer.eval()) == []
+
+
 def test_dropout_with_p_zero_is_deterministic() -> None:
     m = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0)).requires_grad_(False).train()
     assert cache_refusal_reasons(m) == []

@@ -66,6 +66,8 @@ _STOCHASTIC_DROPOUT = (
     nn.FeatureAlphaDropout,
 )
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
+# float attributes through which layers (e.g. Hugging Face attention) apply functional dropout in train mode
+_FUNCTIONAL_DROPOUT_ATTRS = ("dropout", "dropout_p", "dropout_prob", "attention_dropout", "attn_dropout")
 
 
 # --------------------------------------------------------------------------- hashing
@@ -191,8 +193,16 @@ def cache_refusal_reasons(module: nn.Module, *, prefix: str = "") -> list[str]:
         kind = type(m).__name__
         if isinstance(m, _STOCHASTIC_DROPOUT) and m.training and m.p > 0:
             reasons.append(f"layer '{q(name)}' ({kind}, p={m.p}) is in train mode, so it is random")
-        elif isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0:
+        elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) and m.training and m.dropout > 0:
             reasons.append(f"layer '{q(name)}' ({kind}, dropout={m.dropout}) is in train mode, so it is random")
+        elif m.training and any(
+            isinstance(getattr(m, a, None), float) and getattr(m, a) > 0 for a in _FUNCTIONAL_DROPOUT_ATTRS
+        ):
+            a = next(a for a in _FUNCTIONAL_DROPOUT_ATTRS if isinstance(getattr(m, a, None), float) and getattr(m, a) > 0)
+            reasons.append(
+                f"layer '{q(name)}' ({kind}, {a}={getattr(m, a)}) is in train mode and applies dropout in its "
+                "forward, so it is random"
+            )
         elif isinstance(m, nn.modules.instancenorm._InstanceNorm):
             # per-sample statistics: deterministic, but in train mode it updates running statistics
             if m.training and m.track_running_stats:
