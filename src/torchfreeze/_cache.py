@@ -444,6 +444,13 @@ class FeatureCache(nn.Module):
 
     Attributes:
         module: the wrapped module (the way back: assign it where the cache was).
+
+    >>> model = nn.Sequential(nn.Linear(3, 3).requires_grad_(False).eval(), nn.Linear(3, 1))
+    >>> model[0] = cache_features(model[0])
+    >>> _ = model(torch.ones(2, 3)); _ = model(torch.ones(2, 3))
+    >>> model[0].stats().hits, list(model.state_dict())[:1]
+    (2, ['0.weight'])
+    >>> model[0] = model[0].module  # the way back
     """
 
     def __init__(

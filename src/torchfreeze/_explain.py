@@ -60,6 +60,11 @@ class Explanation:
     """The report of :func:`explain`: per frozen part, totals, and speed-up steps.
 
     ``str()`` gives a plain-text table followed by the steps; ``to_dict()`` a JSON-able dict.
+
+    >>> from torchfreeze import freeze
+    >>> report = explain(freeze(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)), "0"), torch.ones(4, 2))
+    >>> report.part("0").can_skip_autograd, "Best speed-up steps" in str(report)
+    (True, True)
     """
 
     parts: list[FrozenPart]
