@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import Counting
 from torch import nn
 
 import torchfreeze
-from torchfreeze import ArgumentError, Backbone, Composite, HFEncoder, ModuleBackbone
-
-
-class Counting(nn.Module):
-    """Counts its calls, to see which parts of a forward ran."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.inner(x)
+from torchfreeze import ArgumentError, Backbone, Composite, HFEncoder, ModuleBackbone, freeze, store_frozen_backbone
 
 
 def mlp() -> nn.Sequential:
@@ -317,3 +305,80 @@ def test_hf_composite_groups_and_default_freeze(tiny_bert: nn.Module) -> None:
     out.sum().backward()
     assert model.head.weight.grad is not None
     assert all(p.grad is None for p in model.backbone.parameters())
+
+
+# faster defaults: no autograd for a frozen backbone, opt-in low-precision storage ----------
+
+class Recording(nn.Module):
+    """Records whether autograd was on when it ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 8)
+        self.grad_enabled: list[bool] = []
+
+    def forward(self, x):
+        self.grad_enabled.append(torch.is_grad_enabled())
+        return self.linear(x)
+
+
+def composite() -> Composite:
+    torch.manual_seed(0)
+    return Composite(Recording(), nn.Linear(8, 2))
+
+
+def test_frozen_backbone_runs_without_autograd_when_nothing_before_it_trains():
+    model = freeze(composite(), "backbone", mode="eval")
+    out = model(torch.randn(3, 4))
+    out.sum().backward()
+    assert model.backbone.grad_enabled == [False]
+    assert model.head.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        ("trainable-backbone", lambda m: (m, torch.randn(3, 4))),
+        ("input-requires-grad", lambda m: (freeze(m, "backbone"), torch.randn(3, 4, requires_grad=True))),
+    ],
+    ids=lambda c: c[0],
+)
+def test_backbone_keeps_autograd_when_something_needs_it(setup):
+    model, x = setup[1](composite())
+    model(x).sum().backward()
+    assert model.backbone.grad_enabled == [True]
+    if x.requires_grad:
+        assert x.grad is not None  # gradients flow through the frozen backbone to the input
+
+
+def test_store_frozen_backbone_bf16_and_back():
+    model = freeze(composite(), "backbone")
+    x = torch.randn(5, 4)
+    reference = model(x)
+    store_frozen_backbone(model, torch.bfloat16)
+    assert model.backbone.linear.weight.dtype == torch.bfloat16
+    assert model.head.weight.dtype == torch.float32
+    out = model(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference, rtol=0.05, atol=0.05)
+    out.sum().backward()
+    assert model.head.weight.grad is not None and model.backbone.linear.weight.grad is None
+    store_frozen_backbone(model, None)
+    assert model.backbone.linear.weight.dtype == torch.float32 and model.frozen_storage_dtype is None
+
+
+BAD = [
+    ("not-composite", lambda: nn.Linear(2, 2), torch.bfloat16, "expected a Composite"),
+    ("integer-dtype", lambda: freeze(composite(), "backbone"), torch.int8, "floating"),
+    ("trainable-backbone", composite, torch.bfloat16, "still requires grad"),
+]
+
+
+@pytest.mark.parametrize("make,dtype,message", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_store_frozen_backbone_refuses_and_changes_nothing(make, dtype, message):
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ArgumentError, match=message):
+        store_frozen_backbone(model, dtype)
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())

@@ -284,3 +284,15 @@ def test_default_plan_needs_a_backbone() -> None:
     with pytest.warns(NothingPretrainedWarning):
         model = get_model("flat-with-plan", freeze=True)
     assert torchfreeze.is_frozen(model, "0") and not torchfreeze.is_frozen(model, "1")
+
+
+def test_get_model_frozen_dtype():
+    model = get_model("digits-cnn", freeze=True, frozen_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.backbone.parameters())
+    assert all(p.dtype == torch.float32 for p in model.head.parameters())
+    assert model(torch.randn(2, 1, 8, 8)).dtype == torch.float32
+
+
+def test_get_model_frozen_dtype_needs_a_plan():
+    with pytest.raises(ArgumentError, match="frozen_dtype"):
+        get_model("digits-cnn", frozen_dtype=torch.bfloat16)

@@ -7,7 +7,7 @@ pinned modes and freeze state. Every verb works on any ``nn.Module``.
 from ._cache import CacheStats, FeatureCache, cache_features
 from ._explain import Explanation, FrozenPart, explain
 from ._fold import FoldedBatchNorm, fold_batchnorm, foldable_pairs, folded_batchnorms, unfold_batchnorm
-from ._compose import Backbone, Composite, HFEncoder, ModuleBackbone
+from ._compose import Backbone, Composite, HFEncoder, ModuleBackbone, store_frozen_backbone
 from ._batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm
 from ._errors import (
     ArgumentError,
@@ -96,6 +96,7 @@ __all__ = [
     "FoldedBatchNorm",
     # composition and builders
     "Composite",
+    "store_frozen_backbone",
     "Backbone",
     "ModuleBackbone",
     "HFEncoder",

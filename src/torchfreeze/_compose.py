@@ -25,7 +25,7 @@ from torch import nn
 
 from torchfreeze._errors import ArgumentError
 
-__all__ = ["Backbone", "Composite", "ModuleBackbone", "HFEncoder"]
+__all__ = ["Backbone", "Composite", "ModuleBackbone", "HFEncoder", "store_frozen_backbone"]
 
 Pool = Literal["flatten", "avg", "max"]
 
@@ -92,6 +92,8 @@ class Composite(nn.Module):
         else:
             self.neck = None
         self.head = head
+        #: set by :func:`store_frozen_backbone`: the dtype the frozen backbone is stored in
+        self.frozen_storage_dtype: torch.dtype | None = None
 
     @property
     def feature_dim(self) -> int | None:
@@ -100,9 +102,26 @@ class Composite(nn.Module):
         return int(dim) if dim is not None else None
 
     def forward_features(self, x: Any) -> torch.Tensor:
-        """Features after backbone and neck (what the head receives)."""
+        """Features after backbone and neck (what the head receives).
+
+        When no backbone parameter requires grad and no input tensor does, the
+        backbone runs under ``torch.no_grad()``: nothing before it trains, so no
+        activation is kept for a backward. With :func:`store_frozen_backbone`
+        the floating inputs are cast to the backbone's storage dtype and the
+        features back to float32.
+        """
         fn = getattr(self.backbone, "forward_features", None)
-        features = fn(x) if callable(fn) else _call(self.backbone, x)
+        run = fn if callable(fn) else (lambda inputs: _call(self.backbone, inputs))
+        storage = self.frozen_storage_dtype
+        if storage is not None:
+            x = _cast_floating(x, storage)
+        if _needs_autograd(self.backbone, x):
+            features = run(x)
+        else:
+            with torch.no_grad():
+                features = run(x)
+        if storage is not None:
+            features = _cast_floating(features, torch.float32)
         if self.neck is not None:
             features = self.neck(features)
         return features
@@ -128,6 +147,81 @@ class Composite(nn.Module):
             groups.append(["neck"])
         groups.append(["head"])
         return groups
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, Mapping):
+        return [t for v in x.values() for t in _tensors(v)]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+def _needs_autograd(backbone: nn.Module, x: Any) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(p.requires_grad for p in backbone.parameters()) or any(t.requires_grad for t in _tensors(x))
+
+
+def _cast_floating(x: Any, dtype: torch.dtype) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, Mapping):
+        return {k: _cast_floating(v, dtype) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast_floating(v, dtype) for v in x)
+    return x
+
+
+def store_frozen_backbone(model: Composite, dtype: torch.dtype | None) -> Composite:
+    """Store a fully frozen backbone's weights and buffers in ``dtype`` (opt-in, e.g. bf16).
+
+    Halves the frozen weights' memory with ``torch.bfloat16``; the backbone has
+    no gradient and no optimizer state to store anyway. Floating inputs are cast
+    to ``dtype`` on the way in and the features back to float32 on the way out,
+    so the neck and head keep training in float32. ``dtype=None`` is the
+    inverse: the backbone goes back to float32 (the values keep the precision
+    they were rounded to). Do this before unfreezing a backbone stored in bf16.
+
+    Args:
+        model: a :class:`Composite` whose backbone has no parameter that requires grad.
+        dtype: a floating dtype (``torch.bfloat16``, ``torch.float16``), or ``None`` to undo.
+
+    Returns:
+        The model, changed in place.
+
+    Raises:
+        ArgumentError: ``model`` is not a Composite, ``dtype`` is not floating, or a
+            backbone parameter still requires grad (nothing changes then).
+
+    >>> import torch
+    >>> from torchfreeze import freeze
+    >>> m = freeze(Composite(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), "backbone")
+    >>> _ = store_frozen_backbone(m, torch.bfloat16)
+    >>> m.backbone.weight.dtype, m(torch.zeros(3, 4)).dtype
+    (torch.bfloat16, torch.float32)
+    """
+    if not isinstance(model, Composite):
+        raise ArgumentError(
+            f"model={type(model).__name__}: expected a Composite (store_frozen_backbone casts its "
+            "backbone part). Fix: compose it first, Composite(backbone, head)."
+        )
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ArgumentError(
+            f"dtype={dtype!r}: expected a floating torch.dtype such as torch.bfloat16, or None to undo."
+        )
+    trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
+    if dtype is not None and trainable:
+        raise ArgumentError(
+            f"store_frozen_backbone: backbone parameter {'backbone.' + trainable[0]!r} still requires grad; "
+            "a low-precision copy of a trainable weight would lose its updates. Fix: "
+            "freeze(model, 'backbone') first."
+        )
+    model.backbone.to(torch.float32 if dtype is None else dtype)
+    model.frozen_storage_dtype = dtype
+    return model
 
 
 class _StopForward(Exception):

@@ -20,7 +20,9 @@ from typing import Any, Literal
 
 from torch import nn
 
-from torchfreeze._compose import Composite
+import torch
+
+from torchfreeze._compose import Composite, store_frozen_backbone
 from torchfreeze._errors import ArgumentError
 from torchfreeze._weights import Weights
 
@@ -249,6 +251,7 @@ def get_model(
     *,
     weights: str | Weights | None = "default",
     freeze: bool | str = False,
+    frozen_dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model, load its pretrained weights and apply a freeze plan.
@@ -260,6 +263,9 @@ def get_model(
         freeze: ``False`` (nothing frozen), ``True`` (the model's default plan,
             for a Composite: backbone frozen and pinned eval, head trainable), or
             the name of one of the model's plans.
+        frozen_dtype: opt-in storage dtype for a frozen Composite backbone (for example
+            ``torch.bfloat16``: half the memory, no gradient, no optimizer state); needs a
+            freeze plan that freezes the whole backbone. See :func:`store_frozen_backbone`.
         **kwargs: passed to the builder (for example ``num_classes=5``).
 
     Returns:
@@ -285,6 +291,11 @@ def get_model(
     """
     spec = model_spec(name)
     plan = _choose_plan(spec, freeze)
+    if frozen_dtype is not None and plan is None:
+        raise ArgumentError(
+            f"frozen_dtype={frozen_dtype!r} with freeze={freeze!r}: only a frozen backbone can be stored "
+            "in another dtype. Fix: pass freeze=True (or a plan name), or drop frozen_dtype."
+        )
     chosen = _choose_weights(spec, weights)
     model = spec.builder(**kwargs)
     if not isinstance(model, nn.Module):
@@ -313,6 +324,8 @@ def get_model(
             plan.apply(model)
         else:
             plan(model)
+    if frozen_dtype is not None:
+        store_frozen_backbone(model, frozen_dtype)  # type: ignore[arg-type]  (checks it is a Composite)
     return model
 
 
