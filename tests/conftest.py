@@ -57,3 +57,18 @@ def training_map(model: nn.Module) -> dict[str, bool]:
 
 def tensors_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+class Counting(nn.Module):
+    """Wraps a module and counts its calls and the rows (leading dimension) it has computed."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.inner(x)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Counting
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -20,19 +21,6 @@ def frozen_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 4))
     return m.requires_grad_(False).eval()
-
-
-class Counting(nn.Module):
-    """Counts how many rows it has computed."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.rows = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.rows += x.shape[0]
-        return self.inner(x)
 
 
 Pair = collections.namedtuple("Pair", ["a", "b"])

@@ -199,12 +199,12 @@ def test_fingerprint_sensitivity():
 
 
 def test_fingerprint_streams_large_and_non_contiguous_tensors(monkeypatch):
-    import torchfreeze._state as state_mod
+    import torchfreeze._io as io_mod
 
     t = torch.randn(64, 33)
-    monkeypatch.setattr(state_mod, "_HASH_CHUNK", 100)  # many slices
+    monkeypatch.setattr(io_mod, "_HASH_CHUNK", 100)  # many slices
     small_chunks = fingerprint({"t": t.t()})
-    monkeypatch.setattr(state_mod, "_HASH_CHUNK", 1 << 24)
+    monkeypatch.setattr(io_mod, "_HASH_CHUNK", 1 << 24)
     assert small_chunks == fingerprint({"t": t.t().contiguous()})
     assert fingerprint({"t": torch.ones(3, dtype=torch.bfloat16)}) != fingerprint({"t": torch.ones(3, dtype=torch.float16)})
 

@@ -29,7 +29,6 @@ import copy
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from torchfreeze._io import peak_rss_kib, reset_peak_rss, rss_kib
 
 __all__ = ["main"]
 
@@ -226,24 +227,6 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-def _rss_kib(field: str) -> int:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return -1
-    m = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.M)
-    return int(m.group(1)) if m else -1
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer | None, x: Any, y: torch.Tensor) -> None:
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
@@ -304,11 +287,11 @@ def _memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     import gc
 
     gc.collect()
-    before = _rss_kib("VmRSS")
-    reset = _reset_peak()
+    before = rss_kib()
+    reset = reset_peak_rss()
     for _ in range(sizes.mem_steps):
         _train_step(model, opt, x, y)
-    peak = _rss_kib("VmHWM")
+    peak = peak_rss_kib()
     return {"rss_before_kib": before, "peak_rss_kib": peak, "peak_reset": reset, "delta_mib": (peak - before) / 1024}
 
 

@@ -31,13 +31,11 @@ The way back is ``cached.module`` (the original module, untouched).
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib
 import json
 import os
 import struct
-import tempfile
 import threading
 import uuid
 import time
@@ -51,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from torchfreeze._errors import ArgumentError, CacheRefusedError
+from torchfreeze._io import atomic_write, hash_tensor_bytes, tensor_bytes
 
 __all__ = ["cache_features", "FeatureCache", "CacheStats", "cache_refusal_reasons"]
 
@@ -73,33 +72,25 @@ _FUNCTIONAL_DROPOUT_ATTRS = ("dropout", "dropout_p", "dropout_prob", "attention_
 # --------------------------------------------------------------------------- hashing
 
 
-def _as_bytes(t: Tensor) -> tuple[memoryview, Tensor]:
-    """Zero-copy byte view of a tensor (moved to CPU and made contiguous first).
-
-    Returns the view and the tensor that owns the memory (keep it alive).
-    """
+def _check_dense(t: Tensor) -> None:
     if t.layout != torch.strided:
         raise ArgumentError(
             f"cache_features: cannot hash a tensor with layout {t.layout}; expected a dense "
             "(strided) tensor. Convert it with .to_dense() before the cached module."
         )
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.resolve_conj().resolve_neg()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    n = t.numel() * t.element_size()
-    if n == 0:
-        return memoryview(b""), t
-    buf = (ctypes.c_char * n).from_address(t.data_ptr())
-    return memoryview(buf).cast("B"), t
+
+
+def _as_bytes(t: Tensor) -> memoryview:
+    """Zero-copy byte view of a dense tensor (see :func:`torchfreeze._io.tensor_bytes`)."""
+    _check_dense(t)
+    return tensor_bytes(t)
 
 
 def _hash_tensor(h: Any, t: Tensor) -> None:
+    """Feed a tensor's dtype, shape and bytes to a hashlib object."""
+    _check_dense(t)
     h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    mv, _keep = _as_bytes(t)
-    h.update(mv)
+    hash_tensor_bytes(h, t)
 
 
 def _structure_repr(module: nn.Module) -> str:
@@ -375,10 +366,8 @@ def _encode_entry(key: str, spec: Any, leaves: tuple[Tensor, ...]) -> bytes:
     metas = []
     chunks: list[bytes | memoryview] = []
     offset = 0
-    keep = []
     for t in leaves:
-        mv, owner = _as_bytes(t)
-        keep.append(owner)
+        mv = _as_bytes(t)
         pad = (-offset) % _ALIGN
         if pad:
             chunks.append(b"\0" * pad)
@@ -650,7 +639,7 @@ class FeatureCache(nn.Module):
         keys = []
         for r in range(n):
             h = prefix.copy()
-            for mv, owner in views:
+            for mv in views:
                 rb = mv.nbytes // n if n else 0
                 h.update(mv[r * rb : (r + 1) * rb])
             keys.append(h.hexdigest()[:40])
@@ -757,17 +746,8 @@ class FeatureCache(nn.Module):
         path = self._path(key)
         data = _encode_entry(key, entry.spec, entry.leaves)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        # an entry can always be recomputed: the rename makes it atomic, no fsync needed
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), durable=False)
         with self._lock:
             self._stats.disk_writes += 1
 

@@ -31,7 +31,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchfreeze._errors import ArgumentError
+from torchfreeze._io import peak_rss_kib, reset_peak_rss, rss_kib
 
 __all__ = ["DemoConfig", "run_demo", "MODELS", "TOPICS", "TOPIC_TEXTS"]
 
@@ -460,36 +460,16 @@ def _train_epoch(
 
 
 def _rss_mb() -> float:
-    """Current resident set size in MiB (Linux /proc; falls back to the peak)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            pages = int(handle.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError, AttributeError):
-        return _peak_rss_mb()
+    """Current resident set size in MiB (see :func:`torchfreeze._io.rss_kib`)."""
+    return rss_kib() / 2**10
 
 
 def _peak_rss_mb() -> float:
     """Peak resident set size in MiB since the last :func:`_reset_peak_rss` (or process start)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    return peak_rss_kib() / 2**10
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux: ``/proc/self/clear_refs``); False if impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
+_reset_peak_rss = reset_peak_rss
 
 
 def _measure(spec: Mapping[str, Any]) -> dict[str, Any]:

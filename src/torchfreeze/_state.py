@@ -12,9 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from ._errors import ArgumentError, CheckpointError, FreezeStateError
+from ._io import atomic_write, hash_tensor_bytes
 
 __all__ = [
     "freeze_state",
@@ -36,7 +36,6 @@ STATE_FORMAT = "torchfreeze.freeze_state"
 STATE_VERSION = 1
 CHECKPOINT_FORMAT = "torchfreeze.trainable"
 CHECKPOINT_VERSION = 1
-_HASH_CHUNK = 1 << 24  # bytes hashed per update: bounds the temporary memory per tensor
 
 
 # --------------------------------------------------------------------------------------
@@ -172,17 +171,6 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 # fingerprint
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 CPU view of the tensor's bytes (a copy only when not contiguous / not on CPU)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    if t.dtype == torch.bool:
-        t = t.to(torch.uint8)
-    return t.view(torch.uint8)
-
-
 def fingerprint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of tensors, in sorted name order, streamed.
 
@@ -209,83 +197,12 @@ def fingerprint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.
         header = f"{name}\0{str(t.dtype)}\0{tuple(t.shape)}\0".encode()
         h.update(len(header).to_bytes(8, "little"))
         h.update(header)
-        flat = _as_bytes(t)
-        for start in range(0, flat.numel(), _HASH_CHUNK):
-            h.update(memoryview(flat[start : start + _HASH_CHUNK].numpy()))
+        hash_tensor_bytes(h, t)
     return "sha256:" + h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------
-# atomic write
-
-
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
-def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[str], None]) -> Path:
-    """Write a file atomically: ``write_fn`` writes a temporary file next to ``path``, then rename.
-
-    The temporary file lives in the same directory (so the rename is atomic), is flushed to disk
-    with ``fsync`` before ``os.replace`` puts it in place, and is removed if ``write_fn`` fails.
-    A process killed at any moment leaves either the previous file or the new one, never a mix.
-
-    Args:
-        path: the destination file; its directory must exist.
-        write_fn: called with the temporary path (a ``str``); it must write the whole file there.
-
-    Returns:
-        The destination as a ``Path``.
-
-    Raises:
-        CheckpointError: the directory does not exist or ``path`` is a directory.
-
-    Example:
-        >>> import tempfile, os
-        >>> d = tempfile.mkdtemp()
-        >>> p = atomic_write(os.path.join(d, "x.txt"), lambda tmp: open(tmp, "w").write("hi"))
-        >>> p.read_text()
-        'hi'
-    """
-    dest = Path(os.fspath(path))
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if not parent.is_dir():
-        raise CheckpointError(
-            f"path={str(dest)!r}: the directory {str(parent)!r} does not exist; "
-            f"create it first (os.makedirs({str(parent)!r}, exist_ok=True))."
-        )
-    if dest.is_dir():
-        raise CheckpointError(f"path={str(dest)!r} is a directory; pass a file path such as {str(dest / 'trainable.safetensors')!r}.")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return dest
+# atomic write: torchfreeze._io.atomic_write (imported above, re-exported here)
 
 
 # --------------------------------------------------------------------------------------
