@@ -82,13 +82,43 @@ def test_no_match_lists_closest_names(selector, closest):
 
 @pytest.mark.parametrize(
     "selector",
-    [3, 2.5, nn.functional.relu, int, (nn.Linear, int), {"a": 1}],
-    ids=["int", "float", "bad-predicate", "non-module-type", "tuple-with-non-module", "dict"],
+    [3, 2.5, lambda name, m: None, int, (nn.Linear, int), {"a": 1}, ("encoder",), ()],
+    ids=["int", "float", "non-bool-predicate", "non-module-type", "tuple-with-non-module", "dict",
+         "tuple-of-names", "empty-tuple"],
 )
 def test_wrong_selector_type(selector):
-    with pytest.raises((SelectorTypeError, TypeError)) as info:
+    with pytest.raises(SelectorTypeError) as info:
         select(model(), selector)
     assert isinstance(info.value, TypeError)
+    assert "expected" in str(info.value) and "Fix" in str(info.value)
+
+
+def test_invalid_glob_is_a_selector_error():
+    with pytest.raises(SelectorError, match="not a valid glob"):
+        select(model(), "encoder.[z-a]")
+
+
+def test_exact_name_wins_over_glob_reading():
+    """ModuleDict keys may contain glob characters: an existing name selects exactly itself."""
+    m = nn.ModuleDict({"a[1]": nn.Linear(1, 1), "a1": nn.Linear(1, 1), "x*": nn.Linear(1, 1), "xy": nn.Linear(1, 1)})
+    assert select(m, "a[1]") == ["a[1]"]
+    assert select(m, "x*") == ["x*"]
+    assert select(m, "a[0-9]") == ["a1"]  # not a name: read as a glob
+    assert select(m, "x?") == ["x*", "xy"]
+
+
+def test_parameter_registered_on_the_root():
+    m = nn.Linear(2, 2)
+    assert select(m, "weight") == ["weight"]
+    assert list(resolve(m, "weight").parameters) == ["weight"]
+    assert list(resolve(m).parameters) == ["weight", "bias"]
+
+
+def test_shared_module_subtree_is_per_path():
+    shared = nn.Linear(2, 2)
+    m = nn.Sequential(shared, nn.ReLU(), shared)
+    assert list(resolve(m, "0").parameters) == ["0.weight", "0.bias"]
+    assert list(resolve(m, shared).parameters) == ["0.weight", "0.bias", "2.weight", "2.bias"]
 
 
 def test_empty_list_is_an_error():

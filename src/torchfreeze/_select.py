@@ -105,9 +105,11 @@ class Selection:
     parameters: dict[str, nn.Parameter] = field(default_factory=dict)
 
     def unique_parameters(self) -> dict[int, nn.Parameter]:
+        """The selected parameters once each, keyed by ``id``."""
         return {id(p): p for p in self.parameters.values()}
 
     def unique_modules(self) -> dict[int, nn.Module]:
+        """The selected modules once each, keyed by ``id``."""
         return {id(m): m for m in self.modules.values()}
 
 
@@ -121,6 +123,14 @@ def _parameter_items(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def parameter_paths(model: nn.Module) -> dict[int, list[str]]:
     """Map ``id(parameter)`` to every qualified name under which it is reachable.
+
+    Sharing is read from the module tree, never by comparing values.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        ``{id(parameter): [path, ...]}``, paths in model order.
 
     Example:
         >>> from torch import nn
@@ -178,13 +188,19 @@ def _match_one(
     if isinstance(selector, str):
         if not selector:
             return [""]
-        if _GLOB_CHARS & set(selector):
+        exact = [n for n, _ in module_paths if n == selector] + [n for n, _ in param_items if n == selector]
+        if exact or not _GLOB_CHARS & set(selector):  # a real name wins, even one like "a[1]"
+            return exact
+        try:
             regex = re.compile(glob_to_regex(selector))
-            return [n for n, _ in module_paths if n and regex.fullmatch(n)] + [
-                n for n, _ in param_items if regex.fullmatch(n)
-            ]
-        return [n for n, _ in module_paths if n == selector] + [
-            n for n, _ in param_items if n == selector
+        except re.error as error:
+            raise SelectorError(
+                f"selector {selector!r} is not a valid glob ({error}); expected '*' within a segment, "
+                "'**' for any segments, '?' or a character class such as '[0-3]'. "
+                "Fix: correct the pattern, or pass a compiled regex."
+            ) from None
+        return [n for n, _ in module_paths if n and regex.fullmatch(n)] + [
+            n for n, _ in param_items if regex.fullmatch(n)
         ]
     if isinstance(selector, re.Pattern):
         return [n for n, _ in module_paths if n and selector.fullmatch(n)] + [
@@ -201,8 +217,9 @@ def _match_one(
         for t in selector:
             if not issubclass(t, nn.Module):
                 raise SelectorTypeError(
-                    f"selector tuple contains {t.__name__}, which is not an nn.Module subclass. "
-                    "Fix: a tuple selector holds module classes only, e.g. (nn.BatchNorm1d, nn.BatchNorm2d)."
+                    f"selector tuple contains {t.__name__}, which is not an nn.Module subclass; expected "
+                    "module classes only, e.g. (nn.BatchNorm1d, nn.BatchNorm2d). Fix: put other selectors "
+                    "in a list instead."
                 )
         return [n for n, m in module_paths if isinstance(m, selector)]
     if isinstance(selector, nn.Module):
@@ -222,7 +239,8 @@ def _match_one(
     raise SelectorTypeError(
         f"selector {selector!r} of type {type(selector).__name__} is not understood; expected a dotted "
         "name or glob (str), a compiled regex, a module type or tuple of types, a predicate "
-        "(name, module) -> bool, a module object in the model, or a list of these."
+        "(name, module) -> bool, a module object in the model, or a list of these. Fix: pass one of "
+        "these kinds (several selectors go in a list, not a tuple)."
     )
 
 
@@ -244,8 +262,32 @@ def _flatten(selectors: Sequence[Any]) -> list[Any]:
 def resolve(model: nn.Module, *selectors: Any, allow_empty: bool = False) -> Selection:
     """Resolve selectors (a union) into every module and parameter path they name.
 
-    No selector means the whole model. A selector that matches nothing raises
-    :class:`SelectorError` listing the closest names, unless ``allow_empty``.
+    The one resolver every verb is built on. A selected module brings its whole
+    subtree (under the selected path only: a module shared under another name
+    is not selected there); a selected parameter path brings just itself.
+
+    Args:
+        model: any ``nn.Module``.
+        *selectors: as for :func:`select`; none means the whole model.
+        allow_empty: return an empty part for a selector that matches nothing
+            instead of raising.
+
+    Returns:
+        A :class:`Selection`: ``matched`` (the names matched directly),
+        ``modules`` and ``parameters`` (every path in the selected subtrees, in
+        model order).
+
+    Raises:
+        SelectorError: a selector matched nothing (unless ``allow_empty``), an
+            empty list, or a glob that is not valid.
+        SelectorTypeError: a selector of an unsupported kind, or ``model`` is not a module.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> sel = resolve(model, "1")
+        >>> sel.matched, list(sel.modules), list(sel.parameters)
+        (['1'], ['1'], ['1.weight', '1.bias'])
     """
     if not isinstance(model, nn.Module):
         raise SelectorTypeError(
@@ -254,27 +296,29 @@ def resolve(model: nn.Module, *selectors: Any, allow_empty: bool = False) -> Sel
     module_paths = _module_paths(model)
     param_items = _parameter_items(model)
     flat = _flatten(selectors) if selectors else [""]
-    matched: list[str] = []
+    matched: dict[str, None] = {}  # ordered set
     for selector in flat:
         names = _match_one(selector, module_paths, param_items)
         if not names and not allow_empty:
             raise _no_match(selector, [n for n, _ in module_paths] + [n for n, _ in param_items])
-        matched.extend(n for n in names if n not in matched)
+        matched.update(dict.fromkeys(names))
 
     module_names = {n for n, _ in module_paths}
-    prefixes = [n for n in matched if n in module_names]
-    selection = Selection(matched=matched)
+    roots = {n for n in matched if n in module_names}  # selected modules: their subtrees
+    direct_params = set(matched) - module_names
 
     def under(name: str) -> bool:
-        return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+        """True when ``name`` is a selected module or lies below one (checks each ancestor)."""
+        if "" in roots:
+            return True
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in roots for i in range(1, len(parts) + 1))
 
-    for name, module in module_paths:
-        if under(name):
-            selection.modules[name] = module
-    direct_params = set(matched) - module_names
-    for name, param in param_items:
-        if name in direct_params or under(name):
-            selection.parameters[name] = param
+    selection = Selection(matched=list(matched))
+    selection.modules = {name: module for name, module in module_paths if under(name)}
+    selection.parameters = {
+        name: param for name, param in param_items if name in direct_params or under(name)
+    }
     return selection
 
 
