@@ -109,6 +109,27 @@ def test_unpin_restores_following_parent():
     assert all(m.training for m in model.modules())
 
 
+def test_unpin_under_a_pinned_parent_takes_the_mode_passed_down():
+    """A pinned parent passes its ancestors' mode on: an unpinned child gets that, not the parent's flag."""
+    model = Net().train()
+    pin_mode(model, "backbone", mode="eval")
+    unpin_mode(model, "backbone.1", "backbone.3")
+    expected = copy.deepcopy(model).train()  # what the next model.train() gives
+    assert model.backbone[1].training is True and model.backbone[3].training is True
+    assert training_map(model) == training_map(expected)
+
+
+def test_pin_on_the_root_module():
+    model = Net()
+    pin_mode(model, "", mode="eval")  # every module, the root included
+    model.train()
+    assert not any(m.training for m in model.modules())
+    unpin_mode(model, "backbone")  # children of the pinned root follow the mode passed down
+    assert pinned_modes(model) == {"": "eval", "head": "eval"}
+    model.train()
+    assert model.training is False and model.backbone[0].training is True
+
+
 def test_unpin_selected_only():
     model = pinned_net()
     unpin_mode(model, "backbone.3")

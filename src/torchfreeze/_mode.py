@@ -31,6 +31,7 @@ __all__ = [
     "set_pin",
     "remove_pin",
     "check_mode",
+    "inherited_training",
 ]
 
 _MODES = ("train", "eval")
@@ -97,13 +98,19 @@ def remove_pin(module: nn.Module, follow: bool | None) -> None:
         module.training = follow
 
 
-def _parents(model: nn.Module) -> dict[int, nn.Module]:
-    """``id(child) -> parent`` over the whole tree (first path wins for shared modules)."""
-    parents: dict[int, nn.Module] = {}
-    for _, parent in model.named_modules():
-        for child in parent.children():
-            parents.setdefault(id(child), parent)
-    return parents
+def inherited_training(model: nn.Module, name: str, default: bool | None = None) -> bool | None:
+    """The flag an unpinned module at ``name`` gets from its ancestors' last ``train()``/``eval()``.
+
+    A pinned module passes the mode it receives on to its children, so this is
+    the flag of the nearest *unpinned* ancestor; ``default`` when there is none
+    (``name`` is the root, or every ancestor is pinned).
+    """
+    parts = name.split(".") if name else []
+    for depth in range(len(parts) - 1, -1, -1):
+        ancestor = model.get_submodule(".".join(parts[:depth]))
+        if get_pin(ancestor) is None:
+            return ancestor.training
+    return default
 
 
 def pin_mode(model: nn.Module, *selectors: Any, mode: str = "eval") -> nn.Module:
@@ -166,21 +173,18 @@ def unpin_mode(model: nn.Module, *selectors: Any) -> nn.Module:
 def unpin_modules(model: nn.Module, modules: Any, *, origins: set[str] | None) -> None:
     """Remove pins (only those whose origin is in ``origins``; all if ``None``).
 
-    Each unpinned module then takes its parent's current flag, as if the last
-    ``train()``/``eval()`` had reached it unpinned.
+    Each unpinned module then takes the flag the ancestors' last
+    ``train()``/``eval()`` passed down (:func:`inherited_training`), as if that
+    call had reached it unpinned; a root module keeps its current flag.
     """
     targets = {
         id(m): m
         for m in modules
         if (pin := get_pin(m)) is not None and (origins is None or pin.origin in origins)
     }
-    if not targets:
-        return
-    parents = _parents(model)
-    for _, module in model.named_modules():  # model order: parents settle before children
+    for name, module in model.named_modules():  # model order: ancestors settle before descendants
         if id(module) in targets:
-            parent = parents.get(id(module))
-            remove_pin(module, None if parent is None else parent.training)
+            remove_pin(module, inherited_training(model, name))
 
 
 def pins(model: nn.Module) -> dict[str, _PinnedTrain]:
@@ -195,6 +199,13 @@ def pins(model: nn.Module) -> dict[str, _PinnedTrain]:
 
 def pinned_modes(model: nn.Module) -> dict[str, str]:
     """Map each pinned module's qualified name to its pinned mode.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        ``{qualified name: "train" or "eval"}`` in model order (a shared module once,
+        under its first name); empty when nothing is pinned.
 
     Example:
         >>> from torch import nn
@@ -219,6 +230,13 @@ def _mode_context(model: nn.Module, training: bool) -> Iterator[nn.Module]:
 def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Context manager: ``model.eval()`` inside (pins respected), every exact flag restored on exit.
 
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        A context manager that yields ``model``; on exit (an exception included)
+        every module's ``training`` flag is what it was before.
+
     Example:
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Dropout(0.5), nn.Dropout(0.5))
@@ -235,6 +253,13 @@ def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
 
 def train_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Context manager: ``model.train()`` inside (pins respected), every exact flag restored on exit.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        A context manager that yields ``model``; on exit (an exception included)
+        every module's ``training`` flag is what it was before.
 
     Example:
         >>> from torch import nn
