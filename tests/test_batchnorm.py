@@ -130,3 +130,66 @@ def test_frozen_batchnorm_dtype_and_deepcopy():
     assert frozen.running_var.dtype == torch.float64
     x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
     torch.testing.assert_close(copy.deepcopy(frozen)(x), bn(x))
+
+
+def test_pinned_sync_batchnorm_keeps_tensors_and_equals_eval():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.SyncBatchNorm(3))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.3)
+        model[1].running_var.fill_(2.0)
+    x = torch.randn(2, 3, 4, 4)
+    expected = copy.deepcopy(model).eval()(x)
+    freeze_batchnorm(model)
+    model.train()
+    before = {k: getattr(model[1], k).clone() for k in BN_TENSORS}
+    assert torch.equal(model(x), expected)
+    for k in BN_TENSORS:
+        assert torch.equal(getattr(model[1], k), before[k]), k
+
+
+def test_convert_round_trip_keeps_eps_momentum_and_the_mode_passed_down():
+    model = nn.Sequential(nn.Sequential(nn.BatchNorm2d(3, eps=1e-3, momentum=0.01))).train()
+    model[0].eval()
+    freeze_batchnorm(model, convert=True)
+    unfreeze(model)
+    bn = model[0][0]
+    assert type(bn) is nn.BatchNorm2d and (bn.eps, bn.momentum) == (1e-3, 0.01)
+    assert bn.training is False  # its parent is in eval
+
+
+def test_convert_keeps_a_shared_layer_shared_and_is_idempotent():
+    bn = nn.BatchNorm1d(2)
+    model = nn.Sequential(bn, nn.ReLU(), bn)
+    keys = list(model.state_dict())
+    freeze_batchnorm(model, "0", convert=True)
+    assert isinstance(model[0], FrozenBatchNorm1d) and model[0] is model[2]
+    freeze_batchnorm(model, convert=True)  # already converted: nothing to do, no error
+    freeze_batchnorm(model)
+    assert model[0] is model[2] and list(model.state_dict()) == keys
+    unfreeze(model)
+    assert type(model[0]) is nn.BatchNorm1d and model[0] is model[2]
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: nn.Sequential(nn.BatchNorm1d(2), nn.LazyBatchNorm1d()), "lazy"),
+        (lambda: nn.BatchNorm1d(2), "the model itself"),
+    ],
+    ids=["uninitialised-lazy", "model-is-the-batchnorm"],
+)
+def test_convert_refusals_change_nothing(make, match):
+    model = make()
+    before = [(type(m), id(m)) for m in model.modules()]
+    with pytest.raises(ArgumentError, match=match):
+        freeze_batchnorm(model, convert=True)
+    assert [(type(m), id(m)) for m in model.modules()] == before
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_pinned_freeze_of_an_uninitialised_lazy_batchnorm():
+    model = nn.Sequential(nn.LazyBatchNorm1d())
+    freeze_batchnorm(model)
+    model.train()(torch.randn(4, 3))  # materialises in eval: statistics untouched
+    assert not model[0].weight.requires_grad
+    assert torch.equal(model[0].running_mean, torch.zeros(3))

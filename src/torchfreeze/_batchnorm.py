@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._errors import ArgumentError
-from ._mode import set_pin
+from ._mode import inherited_training, set_pin
 from ._select import resolve
 
 __all__ = [
@@ -60,11 +60,14 @@ class _FrozenBatchNorm(nn.Module):
     weight: torch.Tensor | None
     bias: torch.Tensor | None
 
-    def __init__(self, num_features: int, eps: float = 1e-5, *, affine: bool = True) -> None:
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, *, affine: bool = True, momentum: float | None = 0.1
+    ) -> None:
         super().__init__()
         self.num_features = num_features
         self.eps = eps
         self.affine = affine
+        self.momentum = momentum  # unused here; kept so that unfreeze restores the BatchNorm exactly
         if affine:
             self.register_buffer("weight", torch.ones(num_features))
             self.register_buffer("bias", torch.zeros(num_features))
@@ -80,14 +83,23 @@ class _FrozenBatchNorm(nn.Module):
     def from_batchnorm(cls, bn: nn.Module) -> "_FrozenBatchNorm":
         """A frozen copy of ``bn``'s tensors (same dtype and device, same ``state_dict`` keys)."""
         if not isinstance(bn, _BatchNorm):
-            raise ArgumentError(f"expected a BatchNorm layer, got {type(bn).__name__}.")
+            raise ArgumentError(
+                f"bn must be a BatchNorm layer (BatchNorm1d/2d/3d or SyncBatchNorm), got {type(bn).__name__}. "
+                "Fix: convert only BatchNorm layers."
+            )
+        if any(nn.parameter.is_lazy(t) for t in (*bn.parameters(recurse=False), *bn.buffers(recurse=False))):
+            raise ArgumentError(
+                f"{type(bn).__name__} is a lazy layer whose tensors are not initialised yet, so there is "
+                "nothing to freeze; expected an initialised BatchNorm. Fix: run one forward (or load its "
+                "weights) before freeze_batchnorm(..., convert=True)."
+            )
         if bn.running_mean is None or bn.running_var is None:
             raise ArgumentError(
                 f"{type(bn).__name__} has track_running_stats=False: it normalises with batch statistics "
                 "in every mode, so there are no statistics to freeze. Fix: leave it out of the selection, "
                 "or build it with track_running_stats=True."
             )
-        frozen = cls(bn.num_features, bn.eps, affine=bn.affine)
+        frozen = cls(bn.num_features, bn.eps, affine=bn.affine, momentum=bn.momentum)
         with torch.no_grad():
             for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
                 source = getattr(bn, name, None)
@@ -98,10 +110,7 @@ class _FrozenBatchNorm(nn.Module):
 
     def to_batchnorm(self) -> nn.Module:
         """The inverse of :meth:`from_batchnorm`: an ordinary, trainable BatchNorm with these values."""
-        if self._source is nn.SyncBatchNorm:
-            bn: nn.Module = nn.SyncBatchNorm(self.num_features, self.eps, affine=self.affine)
-        else:
-            bn = self._source(self.num_features, self.eps, affine=self.affine)
+        bn = self._source(self.num_features, self.eps, momentum=self.momentum, affine=self.affine)
         bn.to(device=self.running_mean.device, dtype=self.running_mean.dtype)
         bn.load_state_dict(self.state_dict())
         return bn
@@ -181,10 +190,12 @@ def _frozen_type_for(bn: nn.Module) -> type[_FrozenBatchNorm]:
     return FrozenBatchNorm2d  # BatchNorm2d and SyncBatchNorm (the forward works for any rank)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
+def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` at every path of ``old`` in ``model``, so a shared layer stays shared."""
+    paths = [name for name, m in model.named_modules(remove_duplicate=False) if m is old and name]
+    for name in paths:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, new)
 
 
 def freeze_batchnorm(model: nn.Module, *selectors: Any, convert: bool = False) -> nn.Module:
@@ -196,7 +207,10 @@ def freeze_batchnorm(model: nn.Module, *selectors: Any, convert: bool = False) -
     eval mode returns. ``convert=True`` instead swaps each one for a
     ``FrozenBatchNorm1d/2d/3d`` whose tensors are all buffers (same
     ``state_dict`` keys; module and parameter identity change, which is the
-    point); :func:`torchfreeze.unfreeze` swaps them back.
+    point); a layer shared under several names is swapped at each, so it stays
+    shared; :func:`torchfreeze.unfreeze` swaps them back (``eps`` and
+    ``momentum`` included). Layers already converted count as frozen: calling
+    it twice is harmless.
 
     Args:
         model: any ``nn.Module``.
@@ -209,7 +223,8 @@ def freeze_batchnorm(model: nn.Module, *selectors: Any, convert: bool = False) -
     Raises:
         SelectorError: a selector matched nothing.
         ArgumentError: the selection holds no BatchNorm layer, or (with ``convert=True``)
-            one without running statistics.
+            one without running statistics, a lazy one not yet initialised, or the
+            model itself; nothing changes then.
 
     Example:
         >>> import torch
@@ -224,30 +239,40 @@ def freeze_batchnorm(model: nn.Module, *selectors: Any, convert: bool = False) -
     if not isinstance(convert, bool):
         raise ArgumentError(f"convert={convert!r} must be a bool (True to swap in FrozenBatchNorm modules).")
     selection = resolve(model, *selectors)
-    batchnorms = [(n, m) for n, m in selection.modules.items() if isinstance(m, _BatchNorm)]
-    if not batchnorms:
+    modules = selection.unique_modules().values()
+    batchnorms = [m for m in modules if isinstance(m, _BatchNorm)]
+    if not batchnorms and not any(isinstance(m, _FrozenBatchNorm) for m in modules):
         raise ArgumentError(
-            f"freeze_batchnorm found no BatchNorm layer in the selection {selection.matched!r}. "
-            "Fix: select a part of the model that contains BatchNorm1d/2d/3d or SyncBatchNorm."
+            f"freeze_batchnorm found no BatchNorm layer in the selection {selection.matched!r}; expected "
+            "a part of the model that contains BatchNorm1d/2d/3d or SyncBatchNorm. Fix: select such a part."
         )
     if convert:
-        replacements = [(name, _frozen_type_for(bn).from_batchnorm(bn)) for name, bn in batchnorms]
-        for name, frozen in replacements:  # all built (and validated) before any swap
-            _replace(model, name, frozen)
+        if model in batchnorms:
+            raise ArgumentError(
+                "freeze_batchnorm(model, convert=True) cannot swap the model itself; expected a BatchNorm "
+                "inside a container. Fix: pass convert=False (pin it), or FrozenBatchNorm2d.from_batchnorm(model)."
+            )
+        replacements = [(bn, _frozen_type_for(bn).from_batchnorm(bn)) for bn in batchnorms]
+        for bn, frozen in replacements:  # all built (and validated) before any swap
+            _replace_everywhere(model, bn, frozen)
         return model
-    for _, bn in batchnorms:
+    for bn in batchnorms:
         for param in bn.parameters(recurse=False):
-            param.requires_grad_(False)
+            param.requires_grad = False  # an attribute, not requires_grad_(): works on lazy parameters too
             param.grad = None
         set_pin(bn, "eval", "freeze")
     return model
 
 
 def unconvert_batchnorm(model: nn.Module, names: list[str]) -> None:
-    """Swap the ``FrozenBatchNorm*d`` modules at ``names`` back to trainable BatchNorm layers."""
+    """Swap the ``FrozenBatchNorm*d`` modules at ``names`` (at every path of each) back to BatchNorm.
+
+    Each new BatchNorm takes the train/eval flag its ancestors pass down, as if
+    their last ``train()``/``eval()`` had reached it.
+    """
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, _FrozenBatchNorm):
             bn = module.to_batchnorm()
-            bn.train(model.training)
-            _replace(model, name, bn)
+            bn.train(bool(inherited_training(model, name, default=model.training)))
+            _replace_everywhere(model, module, bn)
