@@ -243,6 +243,67 @@ def test_changed_weights_change_the_key(on_disk: bool, tmp_path: Path) -> None:
     assert cached.stats().hits == 0
 
 
+def _swap_activation(m: nn.Module) -> None:
+    m[1] = nn.Tanh().eval()  # no parameters, same mode: only the structure changes
+
+
+def _new_parameter(m: nn.Module) -> None:
+    m[3].bias = nn.Parameter(m[3].bias.detach() + 1.0, requires_grad=False)
+
+
+def _reassign_data(m: nn.Module) -> None:
+    m[3].bias.data = m[3].bias.detach() + 1.0
+
+
+def _load_state_dict(m: nn.Module) -> None:
+    m.load_state_dict(frozen_mlp(seed=1).state_dict())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_swap_activation, _new_parameter, _reassign_data, _load_state_dict],
+    ids=["swapped-parameterless-layer", "new-parameter-object", "data-reassigned", "load_state_dict"],
+)
+@pytest.mark.parametrize("granularity", ["sample", "batch"], ids=["per-sample", "per-batch"])
+def test_module_changed_after_wrapping_never_returns_a_stale_entry(change: object, granularity: str) -> None:
+    inner = frozen_mlp()
+    cached = cache_features(inner, granularity=granularity)
+    x = torch.randn(4, 6)
+    before = cached(x)
+    change(inner)  # type: ignore[operator]
+    expected = inner(x)
+    assert not torch.allclose(expected, before)
+    torch.testing.assert_close(cached(x), expected)
+    torch.testing.assert_close(cached(x), expected)  # and the new entry is served from then on
+    assert cached.stats().hits == x.shape[0] if granularity == "sample" else 1
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.rows += x.shape[0]
+        return self.lin(x) * mask.unsqueeze(-1)
+
+
+def test_rows_key_on_every_input_and_repeated_rows_share_an_entry() -> None:
+    torch.manual_seed(0)
+    inner = TwoInputs().requires_grad_(False).eval()
+    cached = cache_features(inner)
+    x = torch.randn(3, 3)
+    x = torch.cat([x, x[:1]])  # row 3 repeats row 0
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])  # ...but with another mask: a different entry
+    out = cached(x, mask)
+    torch.testing.assert_close(out, inner.lin(x) * mask.unsqueeze(-1))
+    assert cached.stats().entries == 4
+    again = cached(x[[2, 0, 0]], mask[[2, 0, 0]])
+    torch.testing.assert_close(again, out[[2, 0, 0]])
+    assert inner.rows == 4 and cached.stats().hits == 3
+
+
 def test_input_that_requires_grad_is_refused() -> None:
     cached = cache_features(frozen_mlp())
     x = torch.randn(2, 6, requires_grad=True)

@@ -132,13 +132,39 @@ def module_fingerprint(module: nn.Module, *, salt: str = "") -> str:
 
 
 def _state_token(module: nn.Module) -> tuple[Any, ...]:
-    """A cheap token that changes whenever weights, buffers or modes (probably) change."""
-    tensors = tuple(
-        (id(t), t.data_ptr(), t._version, t.requires_grad)
-        for t in (*module.parameters(), *module.buffers())
-    )
-    modes = tuple(m.training for m in module.modules())
-    return tensors, modes
+    """A cheap token that changes whenever weights, buffers, structure or modes (probably) change.
+
+    One flat walk over ``_modules`` / ``_parameters`` / ``_buffers`` (no generators, no name
+    strings): it runs on every cached call, so it must cost microseconds. Per tensor it records
+    identity, storage address, version counter (bumped by every in-place change, including
+    ``load_state_dict`` and optimizer steps) and ``requires_grad``; per module its identity and
+    ``training`` flag; the order of the walk records the structure.
+    """
+    out: list[Any] = []
+    add = out.append
+    seen: set[int] = set()
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            add(id(m))
+            continue
+        seen.add(id(m))
+        add(id(m))
+        add(m.training)
+        for t in m._parameters.values():
+            if t is None:
+                add(None)
+            else:
+                add((id(t), t.data_ptr(), t._version, t.requires_grad))
+        for t in m._buffers.values():
+            if t is None:
+                add(None)
+            else:
+                add((id(t), t.data_ptr(), t._version, t.requires_grad))
+        add(len(m._modules))
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- refusal
@@ -636,14 +662,23 @@ class FeatureCache(nn.Module):
         views = [_as_bytes(t) for t in leaves]
         row_meta = "".join(f"{t.dtype}|{tuple(t.shape[1:])}|" for t in leaves).encode()
         prefix.update(row_meta)
-        keys = []
-        for r in range(n):
-            h = prefix.copy()
-            for mv in views:
-                rb = mv.nbytes // n if n else 0
-                h.update(mv[r * rb : (r + 1) * rb])
-            keys.append(h.hexdigest()[:40])
-        found: list[_Entry | None] = [self._lookup(k) for k in keys]
+        # one pass over each contiguous input buffer: row r of every input is a slice of its view
+        keys: list[str] = []
+        if len(views) == 1:
+            mv = views[0]
+            rb = mv.nbytes // n if n else 0
+            for start in range(0, rb * n, rb) if rb else [0] * n:
+                h = prefix.copy()
+                h.update(mv[start : start + rb])
+                keys.append(h.hexdigest()[:40])
+        else:
+            rbs = [mv.nbytes // n if n else 0 for mv in views]
+            for r in range(n):
+                h = prefix.copy()
+                for mv, rb in zip(views, rbs):
+                    h.update(mv[r * rb : (r + 1) * rb])
+                keys.append(h.hexdigest()[:40])
+        found = self._lookup_many(keys)
         missing = [r for r, e in enumerate(found) if e is None]
         device = leaves[0].device
         if len(missing) == n:
@@ -651,8 +686,9 @@ class FeatureCache(nn.Module):
             out_leaves: list[Tensor] = []
             spec = _flatten(out, out_leaves)
             self._check_rows(out_leaves, n)
-            for r in range(n):
-                self._insert(keys[r], _Entry(spec, tuple(t[r].detach().clone() for t in out_leaves)))
+            self._insert_many(
+                [(keys[r], _Entry(spec, tuple(t[r].detach().clone() for t in out_leaves))) for r in range(n)]
+            )
             return out
         if missing:
             idx = torch.tensor(missing, device=device)
@@ -661,21 +697,22 @@ class FeatureCache(nn.Module):
             sub_leaves: list[Tensor] = []
             spec = _flatten(out, sub_leaves)
             self._check_rows(sub_leaves, len(missing))
+            new = []
             for j, r in enumerate(missing):
                 e = _Entry(spec, tuple(t[j].detach().clone() for t in sub_leaves))
                 found[r] = e
-                self._insert(keys[r], e)
+                new.append((keys[r], e))
+            self._insert_many(new)
         entries: list[_Entry] = found  # type: ignore[assignment]
         spec = entries[0].spec
-        for e in entries[1:]:
-            if e.spec != spec:
+        for e in entries:
+            if e.spec is not spec and e.spec != spec:
                 raise ArgumentError(
                     "cache_features: the cached rows of this batch have different output structures; "
                     "use granularity='batch' for this module."
                 )
         n_leaves = len(entries[0].leaves)
-        stacked = [torch.stack([e.leaves[j].to(device) for e in entries]) for j in range(n_leaves)]
-        return _unflatten(spec, stacked)
+        return _unflatten(spec, [_stack_rows([e.leaves[j] for e in entries], device) for j in range(n_leaves)])
 
     @staticmethod
     def _check_rows(out_leaves: list[Tensor], n: int) -> None:
@@ -689,41 +726,60 @@ class FeatureCache(nn.Module):
 
     # -- store --------------------------------------------------------------
     def _lookup(self, key: str) -> _Entry | None:
+        return self._lookup_many([key])[0]
+
+    def _lookup_many(self, keys: list[str]) -> list[_Entry | None]:
+        """Entries for ``keys`` (None where absent): memory first, then disk; one lock for the memory pass."""
         with self._lock:
-            e = self._store.get(key)
-            if e is not None:
-                self._store.move_to_end(key)
-                self._stats.hits += 1
-                self._stats.memory_hits += 1
-                return e
-        if self.directory is not None:
-            e = self._read_disk(key)
+            store = self._store
+            found: list[_Entry | None] = [store.get(k) for k in keys]
+            hits = 0
+            for k, e in zip(keys, found):
+                if e is not None:
+                    store.move_to_end(k)
+                    hits += 1
+            self._stats.hits += hits
+            self._stats.memory_hits += hits
+        if hits == len(keys):
+            return found
+        misses = 0
+        for r, k in enumerate(keys):
+            if found[r] is not None:
+                continue
+            e = self._read_disk(k) if self.directory is not None else None
             if e is not None:
                 with self._lock:
                     self._stats.hits += 1
                     self._stats.disk_hits += 1
-                self._insert(key, e, write=False)
-                return e
+                self._insert(k, e, write=False)
+                found[r] = e
+            else:
+                misses += 1
         with self._lock:
-            self._stats.misses += 1
-        return None
+            self._stats.misses += misses
+        return found
 
     def _insert(self, key: str, entry: _Entry, *, write: bool = True) -> None:
+        self._insert_many([(key, entry)], write=write)
+
+    def _insert_many(self, items: list[tuple[str, _Entry]], *, write: bool = True) -> None:
         if write and self.directory is not None:
-            self._write_disk(key, entry)
+            for key, entry in items:
+                self._write_disk(key, entry)
         with self._lock:
-            if entry.nbytes > self.max_bytes:
-                self._stats.skipped += 1
-                return
-            old = self._store.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            self._store[key] = entry
-            self._bytes += entry.nbytes
-            while self._bytes > self.max_bytes and self._store:
-                _, ev = self._store.popitem(last=False)
-                self._bytes -= ev.nbytes
-                self._stats.evictions += 1
+            for key, entry in items:
+                if entry.nbytes > self.max_bytes:
+                    self._stats.skipped += 1
+                    continue
+                old = self._store.pop(key, None)
+                if old is not None:
+                    self._bytes -= old.nbytes
+                self._store[key] = entry
+                self._bytes += entry.nbytes
+                while self._bytes > self.max_bytes and self._store:
+                    _, ev = self._store.popitem(last=False)
+                    self._bytes -= ev.nbytes
+                    self._stats.evictions += 1
 
     def _path(self, key: str) -> Path:
         return Path(self.directory or ".") / key[:2] / f"{key}.tfc"
@@ -761,6 +817,15 @@ def _autocast_state() -> tuple[Any, ...]:
         except (TypeError, AttributeError, RuntimeError):  # older torch
             out.append((dev, torch.is_autocast_enabled() if dev == "cuda" else False, ""))
     return tuple(out)
+
+
+def _stack_rows(rows: list[Tensor], device: torch.device) -> Tensor:
+    """Stack cached rows into a batch on ``device`` (one copy when every row is already there)."""
+    try:
+        out = torch.stack(rows)
+    except RuntimeError:  # rows on different devices (e.g. some read back from disk)
+        return torch.stack([t.to(device) for t in rows])
+    return out if out.device == device else out.to(device)
 
 
 def _take_rows(obj: Any, idx: Tensor) -> Any:
