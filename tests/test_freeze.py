@@ -128,25 +128,92 @@ def test_unfreeze_checks_sharing_too(tied_lm):
 
 # errors leave the model unchanged ---------------------------------------------------------------
 
+def _net_loss(model: nn.Module) -> torch.Tensor:
+    return model(torch.randn(4, 4)).sum()
+
+
+def _lm_loss(model: nn.Module) -> torch.Tensor:
+    return model(torch.randint(0, 7, (2, 3))).sum()
+
+
 ERRORS = [
-    ("no-match", dict(selectors=("backbone", "decoder")), SelectorError),
-    ("wrong-type", dict(selectors=(42,)), SelectorTypeError),
-    ("invalid-mode", dict(selectors=("backbone",), mode="frozen"), ModeError),
-    ("invalid-shared", dict(selectors=("backbone",), shared="ignore"), ArgumentError),
+    ("no-match", Net, _net_loss, dict(selectors=("backbone", "decoder"), mode="eval"), SelectorError),
+    ("wrong-type", Net, _net_loss, dict(selectors=("backbone", 42), mode="eval"), SelectorTypeError),
+    ("invalid-mode", Net, _net_loss, dict(selectors=("backbone",), mode="frozen"), ModeError),
+    ("invalid-shared", Net, _net_loss, dict(selectors=("backbone",), shared="ignore"), ArgumentError),
+    ("invalid-train-bn", Net, _net_loss, dict(selectors=("backbone",), train_bn="yes"), ArgumentError),
+    ("shared-parameter", TiedLM, _lm_loss, dict(selectors=("body", "embed"), mode="eval"), SharedParameterError),
 ]
 
 
-@pytest.mark.parametrize("kwargs,error", [c[1:] for c in ERRORS], ids=[c[0] for c in ERRORS])
-def test_invalid_freeze_changes_nothing(net, kwargs, error):
+def _state(model: nn.Module) -> tuple:
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    return requires_grad_map(model), training_map(model), pinned_modes(model), tensors_snapshot(model), grads
+
+
+@pytest.mark.parametrize(
+    "make,loss,kwargs,error", [c[1:] for c in ERRORS], ids=[c[0] for c in ERRORS]
+)
+def test_invalid_freeze_changes_nothing(make, loss, kwargs, error):
+    """Each error path, with a valid part before the invalid one: flags, modes, pins, tensors and grads stay."""
+    model = make()
+    loss(model).backward()  # .grad present: a partial freeze would have dropped some
     kwargs = dict(kwargs)
     selectors = kwargs.pop("selectors")
-    before = (requires_grad_map(net), training_map(net), pinned_modes(net), tensors_snapshot(net))
+    before = _state(model)
     with pytest.raises(error) as info:
-        freeze(net, *selectors, **kwargs)
-    assert "Fix" in str(info.value) or "expected" in str(info.value)
-    after = (requires_grad_map(net), training_map(net), pinned_modes(net), tensors_snapshot(net))
+        freeze(model, *selectors, **kwargs)
+    assert "Fix: " in str(info.value)
+    after = _state(model)
     assert after[:3] == before[:3]
-    assert all(torch.equal(after[3][k], before[3][k]) for k in before[3])
+    for got, want in ((after[3], before[3]), (after[4], before[4])):
+        assert got.keys() == want.keys()
+        assert all(
+            (got[k] is None and want[k] is None) or torch.equal(got[k], want[k]) for k in want
+        )
+
+
+def test_freeze_twice_and_unfreeze_of_the_never_frozen_are_no_ops(net):
+    freeze(net, "backbone")
+    frozen_map = requires_grad_map(net)
+    freeze(net, "backbone")
+    assert requires_grad_map(net) == frozen_map
+    fresh = Net()
+    before = requires_grad_map(fresh), training_map(fresh)
+    unfreeze(fresh, "head")
+    assert (requires_grad_map(fresh), training_map(fresh)) == before
+
+
+def test_lazy_parameters_can_be_frozen_before_materialisation():
+    model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 1))
+    freeze(model, "0")
+    unfreeze(model, "1")
+    model(torch.randn(2, 5)).sum().backward()
+    assert not model[0].weight.requires_grad and model[0].weight.grad is None
+    assert model[1].weight.grad is not None
+    assert [n for n, _ in trainable_parameters(model)] == ["1.weight", "1.bias"]
+
+
+def test_parameter_registered_on_the_root():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(2))
+            self.lin = nn.Linear(2, 2)
+
+    model = freeze(Scaled(), "scale")
+    assert not model.scale.requires_grad and model.lin.weight.requires_grad
+    assert is_frozen(model, "scale") and not is_frozen(model)
+
+
+def test_shared_submodule_under_two_names():
+    block = nn.Linear(2, 2)
+    model = nn.Sequential(block, nn.ReLU(), block)
+    with pytest.raises(SharedParameterError, match="'2.weight'"):
+        freeze(model, "0")
+    assert block.weight.requires_grad
+    freeze(model, block)  # the module object selects every path
+    assert not block.weight.requires_grad and is_frozen(model, "2")
 
 
 # frozen weights stay bit-identical under optimizers with state --------------------------------

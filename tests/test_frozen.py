@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from torchfreeze import Frozen, ModeError, frozen_parameters, prepare_for_distributed, trainable_parameters
+from torchfreeze import (
+    ArgumentError,
+    Frozen,
+    ModeError,
+    frozen_parameters,
+    prepare_for_distributed,
+    trainable_parameters,
+)
 
 
 def layers() -> tuple[nn.Linear, nn.Linear, nn.Linear]:
@@ -127,3 +134,40 @@ def test_frozen_deepcopy_and_pickle_roundtrip():
         assert not clone[0].module.training
         x = torch.randn(2, 4)
         assert torch.equal(clone(x), model(x))
+
+
+def test_nested_frozen_keys_and_plain_checkpoint():
+    torch.manual_seed(0)
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    plain = nn.Sequential(copy.deepcopy(a), copy.deepcopy(b))
+    for p in plain.parameters():
+        nn.init.constant_(p, 0.25)
+    model = Frozen(nn.Sequential(Frozen(a), b))  # a Frozen at the root and one inside it
+    assert sorted(model.state_dict()) == ["module.0.module.bias", "module.0.module.weight", "module.1.bias",
+                                          "module.1.weight"]
+    model.load_state_dict(plain.state_dict())
+    assert all(torch.equal(p, torch.full_like(p, 0.25)) for p in model.parameters())
+    assert list(trainable_parameters(model)) == []
+    assert list(Frozen(Frozen(a)).state_dict()) == ["module.weight", "module.bias"]  # re-wrapping unwraps
+
+
+def test_lazy_module_needs_weights_before_a_frozen_forward():
+    model = nn.Sequential(Frozen(nn.LazyLinear(2)), nn.Linear(2, 1))
+    with pytest.raises(ArgumentError, match="lazy"):
+        model(torch.randn(3, 4))
+    source = nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 1))
+    model.load_state_dict(source.state_dict())  # materialises the lazy layer from the plain keys
+    x = torch.randn(3, 4)
+    model(x).sum().backward()
+    assert torch.equal(model(x), source(x))
+    assert model[0].module.weight.grad is None and model[1].weight.grad is not None
+
+
+def test_frozen_batchnorm_statistics_follow_the_mode():
+    """Buffers are the module's own: a train-mode BatchNorm inside Frozen still updates them unless pinned."""
+    x = torch.randn(8, 3)
+    free, pinned = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    model = nn.Sequential(Frozen(free), Frozen(pinned, mode="eval")).train()
+    model(x)
+    assert not torch.equal(free.running_mean, torch.zeros(3))
+    assert torch.equal(pinned.running_mean, torch.zeros(3))

@@ -39,20 +39,29 @@ class ParameterUses:
 
     @property
     def paths(self) -> list[str]:
+        """Every path, trainable uses first."""
         return self.trainable_paths + self.frozen_use_paths
 
     @property
     def trainable(self) -> bool:
+        """Requires grad and has at least one use outside ``Frozen``."""
         return self.parameter.requires_grad and bool(self.trainable_paths)
 
 
 def parameter_uses(model: nn.Module) -> dict[int, ParameterUses]:
-    """``id(parameter) -> ParameterUses`` for every parameter of ``model``, in model order."""
-    inside_frozen: dict[str, bool] = {}
+    """``id(parameter) -> ParameterUses`` for every parameter of ``model``, in model order.
+
+    Example:
+        >>> from torch import nn
+        >>> lin = nn.Linear(2, 2)
+        >>> uses = parameter_uses(nn.Sequential(lin, Frozen(lin)))[id(lin.weight)]
+        >>> uses.trainable_paths, uses.frozen_use_paths
+        (['0.weight'], ['1.module.weight'])
+    """
+    inside_frozen: dict[str, bool] = {}  # module path -> lies in (or is) a Frozen wrapper
     for name, module in model.named_modules(remove_duplicate=False):
-        parent = name.rpartition(".")[0] if "." in name else ("" if name else None)
-        inherited = inside_frozen.get(parent, False) if parent is not None else False
-        inside_frozen[name] = inherited or isinstance(module, Frozen)
+        parent_inside = bool(name) and inside_frozen[name.rpartition(".")[0]]
+        inside_frozen[name] = parent_inside or isinstance(module, Frozen)
     uses: dict[int, ParameterUses] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owner = name.rpartition(".")[0]
@@ -69,6 +78,12 @@ def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]
 
     A parameter is trainable when it requires grad and has at least one use
     outside ``Frozen``. Each parameter appears once, under its first trainable path.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        An iterator of ``(qualified name, parameter)`` in model order.
 
     Example:
         >>> from torch import nn
@@ -87,6 +102,12 @@ def frozen_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     That is every parameter that is not trainable: ``requires_grad=False``, or
     used only through ``Frozen``. Each appears once, under its first path.
 
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        An iterator of ``(qualified name, parameter)`` in model order.
+
     Example:
         >>> from torch import nn
         >>> model = freeze(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)), "0")
@@ -98,8 +119,16 @@ def frozen_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
             yield entry.paths[0], entry.parameter
 
 
-def _module_table(model: nn.Module) -> dict[str, nn.Module]:
-    return dict(model.named_modules(remove_duplicate=False))
+def _set_requires_grad(params: Any, flag: bool) -> None:
+    """Set ``requires_grad`` on each parameter; freezing also drops ``.grad``.
+
+    An attribute assignment, not ``requires_grad_()``: it also works on lazy,
+    uninitialised parameters (and survives their materialisation).
+    """
+    for param in params:
+        param.requires_grad = flag
+        if not flag:
+            param.grad = None
 
 
 def _plan(
@@ -117,7 +146,12 @@ def _plan(
             f"shared={shared!r} is not a policy; expected 'error' or 'freeze'. Fix: pass "
             "shared='freeze' to change every use of a shared parameter, or leave the default 'error'."
         )
-    modules = _module_table(model)
+    if not isinstance(train_bn, bool):
+        raise ArgumentError(
+            f"train_bn={train_bn!r} is not a bool; expected True (keep normalisation layers trainable) "
+            "or False. Fix: pass train_bn=True or train_bn=False."
+        )
+    modules = dict(model.named_modules(remove_duplicate=False))
     skip_norm_params = set()
     if train_bn:
         for name, param in selection.parameters.items():
@@ -174,7 +208,9 @@ def freeze(
         SelectorTypeError: a selector of an unsupported kind.
         SharedParameterError: ``shared="error"`` and a selected parameter is tied to one outside.
         ModeError: ``mode`` is not ``None``, ``"train"`` or ``"eval"``.
-        ArgumentError: ``shared`` is not a known policy.
+        ArgumentError: ``shared`` is not a known policy, or ``train_bn`` is not a bool.
+
+    Nothing changes when it raises: every check runs before the first change.
 
     Example:
         >>> from torch import nn
@@ -188,9 +224,7 @@ def freeze(
     params, pin_targets = _plan(
         model, selection, requires_grad=False, train_bn=train_bn, shared=shared, verb="freeze"
     )
-    for param in params:
-        param.requires_grad_(False)
-        param.grad = None
+    _set_requires_grad(params, False)
     if mode is not None:
         for module in pin_targets:
             set_pin(module, mode, "freeze")
@@ -226,8 +260,7 @@ def unfreeze(model: nn.Module, *selectors: Any, shared: str = "error") -> nn.Mod
     """
     selection = resolve(model, *selectors)
     params, _ = _plan(model, selection, requires_grad=True, train_bn=False, shared=shared, verb="unfreeze")
-    for param in params:
-        param.requires_grad_(True)
+    _set_requires_grad(params, True)
     unpin_modules(model, selection.unique_modules().values(), origins={"freeze"})
     unconvert_batchnorm(model, [n for n, m in selection.modules.items() if isinstance(m, _FrozenBatchNorm)])
     return model
@@ -235,6 +268,20 @@ def unfreeze(model: nn.Module, *selectors: Any, shared: str = "error") -> nn.Mod
 
 def is_frozen(model: nn.Module, *selectors: Any) -> bool:
     """True when no parameter in the selection is trainable (vacuously true without parameters).
+
+    Trainable is structural, as in :func:`trainable_parameters`: a parameter
+    used only through ``Frozen`` counts as frozen.
+
+    Args:
+        model: any ``nn.Module``.
+        *selectors: what to ask about; none means the whole model.
+
+    Returns:
+        ``True`` when every selected parameter is frozen.
+
+    Raises:
+        SelectorError: a selector matched nothing.
+        SelectorTypeError: a selector of an unsupported kind.
 
     Example:
         >>> from torch import nn
@@ -253,7 +300,11 @@ def prepare_for_distributed(model: nn.Module) -> nn.Module:
     DDP and FSDP fail on a parameter that requires grad but never receives one.
     A module wrapped in ``Frozen`` keeps ``requires_grad=True`` (it may be used
     unwrapped elsewhere: a tie), and only the whole model can tell. Call this
-    once on the complete model, before wrapping it in DDP/FSDP.
+    once on the complete model, before wrapping it in DDP/FSDP; undo it with
+    :func:`unfreeze` on the wrapped modules.
+
+    Args:
+        model: the complete model, every use of every module included.
 
     Returns:
         The model, changed in place.
@@ -265,10 +316,9 @@ def prepare_for_distributed(model: nn.Module) -> nn.Module:
         >>> inner.weight.requires_grad, model[0].weight.requires_grad
         (False, True)
     """
-    for entry in parameter_uses(model).values():
-        if entry.parameter.requires_grad and not entry.trainable_paths:
-            entry.parameter.requires_grad_(False)
-            entry.parameter.grad = None
+    uses = parameter_uses(model).values()
+    unused = [e.parameter for e in uses if e.parameter.requires_grad and not e.trainable_paths]
+    _set_requires_grad(unused, False)
     return model
 
 
@@ -297,6 +347,15 @@ def layer_groups(model: nn.Module) -> list[list[str]]:
     and a child that is (or only wraps) a ``ModuleList``/``Sequential`` of
     blocks contributes one group per block. Parameters owned directly by that
     module come first, as one group.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        The groups, each a list of qualified names (``[]`` for a model without parameters).
+
+    Raises:
+        SelectorError: a selector from the model's own ``layer_groups()`` matched nothing.
 
     Example:
         >>> from torch import nn
@@ -366,14 +425,13 @@ def freeze_to(
     for part, requires_grad, verb in ((frozen_part, False, "freeze"), (trainable_part, True, "unfreeze")):
         if part:
             selections[requires_grad] = resolve(model, list(part))
-            _plan(model, selections[requires_grad], requires_grad=requires_grad, train_bn=False, shared=shared, verb=verb)
+            _plan(
+                model, selections[requires_grad], requires_grad=requires_grad, train_bn=False, shared=shared, verb=verb
+            )
     # unfreeze first, then freeze: with shared="freeze" a parameter tied across the two sides stays frozen
     for requires_grad in (True, False):
         if requires_grad in selections:
-            for param in selections[requires_grad].parameters.values():
-                param.requires_grad_(requires_grad)
-                if not requires_grad:
-                    param.grad = None
+            _set_requires_grad(selections[requires_grad].parameters.values(), requires_grad)
     unfrozen_modules = list(selections[True].unique_modules().values()) if True in selections else []
     unpin_modules(model, unfrozen_modules, origins={"freeze"})
     return model

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 from torch.func import functional_call
 
+from ._errors import ArgumentError
 from ._mode import check_mode, set_pin
 
 __all__ = ["Frozen"]
@@ -31,9 +32,13 @@ class Frozen(nn.Module):
         mode: ``None`` leaves its train/eval behaviour alone; ``"eval"`` or
             ``"train"`` pins that mode on every module of its subtree.
 
+    Wrapping a ``Frozen`` again wraps its inner module (no nesting).
+
     Raises:
         TypeError: ``module`` is not an ``nn.Module``.
         ModeError: ``mode`` is not ``None``, ``"train"`` or ``"eval"``.
+        ArgumentError: at the forward, when the module still has uninitialised
+            (lazy) parameters: their first forward would train them.
 
     Example:
         >>> import torch
@@ -65,9 +70,18 @@ class Frozen(nn.Module):
         self._register_load_state_dict_pre_hook(_accept_unwrapped_keys)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        detached = {name: p.detach() for name, p in self.module.named_parameters()}
-        if not detached:
+        """Call the wrapped module with its parameters detached (buffers as they are)."""
+        params = dict(self.module.named_parameters())
+        if not params:
             return self.module(*args, **kwargs)
+        lazy = [name for name, p in params.items() if nn.parameter.is_lazy(p)]
+        if lazy:
+            raise ArgumentError(
+                f"Frozen(module) has uninitialised lazy parameters {lazy}; expected initialised ones, since "
+                "the forward that materialises them would also give them a gradient. Fix: run one forward "
+                "of the unwrapped module, or load its weights, before using it through Frozen."
+            )
+        detached = {name: p.detach() for name, p in params.items()}
         return functional_call(self.module, detached, args, kwargs, tie_weights=True, strict=False)
 
     def extra_repr(self) -> str:
@@ -84,9 +98,4 @@ def _accept_unwrapped_keys(
             rest = key[len(prefix) :]
             if (wrapped + rest) not in state_dict:
                 state_dict[wrapped + rest] = state_dict.pop(key)
-
-
-def is_frozen_use(module: nn.Module) -> bool:
-    """True for a ``Frozen`` wrapper (used by the structural queries)."""
-    return isinstance(module, Frozen)
 
