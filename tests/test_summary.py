@@ -92,3 +92,20 @@ def test_totals_equal_unique_numel(tree, freeze_some):
     assert s.total == sum(p.numel() for p in tree.parameters())
     assert s.trainable + s.frozen_by_flag + s.frozen_by_use == s.total
     assert s.rows[0].parameters == s.total
+    assert (s.rows[0].trainable, s.rows[0].frozen) == (s.trainable, s.frozen)
+    assert all(r.trainable + r.frozen == r.parameters for r in s.rows)
+
+
+def test_lazy_parameters_count_as_zero_and_are_noted():
+    model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 1))
+    freeze(model, "0")
+    s = summary(model)
+    assert s.total == 4 and s.trainable == 4 and s.frozen == 0
+    assert any("lazy" in note for note in s.rows[1].notes)
+    assert "lazy" in str(s)
+
+
+def test_model_without_parameters():
+    s = summary(nn.Sequential(nn.ReLU(), nn.Dropout()))
+    assert (s.total, s.trainable, s.frozen, s.shared) == (0, 0, 0, 0)
+    assert "total 0 parameters" in str(s)

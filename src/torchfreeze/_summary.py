@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -32,12 +32,23 @@ class SummaryRow:
 
     @property
     def frozen(self) -> int:
+        """Frozen by flag plus frozen by ``Frozen`` use only."""
         return self.frozen_by_flag + self.frozen_by_use
 
 
 @dataclass(frozen=True)
 class Summary:
-    """Per-module table plus totals that add up; ``str()`` is plain text, rich renders a table."""
+    """Per-module table plus totals that add up; ``str()`` is plain text, rich renders a table.
+
+    Counts are numbers of scalar weights; totals count each parameter tensor
+    once (``trainable + frozen_by_flag + frozen_by_use == total``).
+
+    Example:
+        >>> from torch import nn
+        >>> s = summary(nn.Linear(2, 1))
+        >>> print(str(s).splitlines()[-1])
+        total 3 parameters: 3 trainable (100.0%), 0 frozen (0 by requires_grad=False, 0 by Frozen use only)
+    """
 
     rows: list[SummaryRow]
     total: int
@@ -45,16 +56,21 @@ class Summary:
     frozen_by_flag: int
     frozen_by_use: int
     shared: int = 0
-    columns: tuple[str, ...] = field(
-        default=("module", "type", "params", "trainable", "frozen", "mode", "notes"), repr=False
-    )
+    columns: ClassVar[tuple[str, ...]] = ("module", "type", "params", "trainable", "frozen", "mode", "notes")
 
     @property
     def frozen(self) -> int:
+        """Frozen by flag plus frozen by ``Frozen`` use only."""
         return self.frozen_by_flag + self.frozen_by_use
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form: ``{"rows": [...], "totals": {...}}``."""
+        """JSON-able form: ``{"rows": [...], "totals": {...}}``.
+
+        Example:
+            >>> from torch import nn
+            >>> summary(nn.Linear(2, 1)).to_dict()["totals"]["parameters"]
+            3
+        """
         return {
             "rows": [{**asdict(row), "notes": list(row.notes)} for row in self.rows],
             "totals": {
@@ -136,51 +152,49 @@ def summary(model: nn.Module, depth: int | None = None) -> Summary:
         raise ArgumentError(f"depth={depth!r} must be None or an int >= 0 (0 shows only the model row).")
     uses = parameter_uses(model)
     shared_ids = {key for key, entry in uses.items() if len(entry.paths) > 1}
+
+    def kind(param: nn.Parameter) -> str:
+        entry = uses[id(param)]
+        if entry.trainable:
+            return "trainable"
+        return "frozen_by_flag" if not param.requires_grad else "frozen_by_use"
+
+    def count(params: Any) -> dict[str, int]:
+        counts = {"parameters": 0, "trainable": 0, "frozen_by_flag": 0, "frozen_by_use": 0}
+        for param in params:
+            size = _numel(param)
+            counts["parameters"] += size
+            counts[kind(param)] += size
+        return counts
+
     rows: list[SummaryRow] = []
     for name, module in model.named_modules():
         level = 0 if not name else name.count(".") + 1
         if depth is not None and level > depth:
             continue
-        counts = {"parameters": 0, "trainable": 0, "frozen_by_flag": 0, "frozen_by_use": 0}
-        for param in module.parameters():
-            entry = uses[id(param)]
-            counts["parameters"] += param.numel()
-            if entry.trainable:
-                counts["trainable"] += param.numel()
-            elif not param.requires_grad:
-                counts["frozen_by_flag"] += param.numel()
-            else:
-                counts["frozen_by_use"] += param.numel()
         notes = []
         if isinstance(module, Frozen):
             notes.append("Frozen use")
         own_shared = [n for n, p in module.named_parameters(recurse=False) if id(p) in shared_ids]
         if own_shared:
             notes.append("shared: " + ", ".join(own_shared))
-        pin = get_pin(module)
+        if any(nn.parameter.is_lazy(p) for p in module.parameters(recurse=False)):
+            notes.append("uninitialised (lazy): counted as 0")
         rows.append(
             SummaryRow(
                 name=name,
                 type=type(module).__name__,
                 depth=level,
                 mode="train" if module.training else "eval",
-                pinned=pin is not None,
+                pinned=get_pin(module) is not None,
                 notes=tuple(notes),
-                **counts,
+                **count(module.parameters()),
             )
         )
-    totals = {"trainable": 0, "frozen_by_flag": 0, "frozen_by_use": 0}
-    for entry in uses.values():
-        size = entry.parameter.numel()
-        if entry.trainable:
-            totals["trainable"] += size
-        elif not entry.parameter.requires_grad:
-            totals["frozen_by_flag"] += size
-        else:
-            totals["frozen_by_use"] += size
-    return Summary(
-        rows=rows,
-        total=sum(e.parameter.numel() for e in uses.values()),
-        shared=len(shared_ids),
-        **totals,
-    )
+    totals = count(entry.parameter for entry in uses.values())
+    return Summary(rows=rows, total=totals.pop("parameters"), shared=len(shared_ids), **totals)
+
+
+def _numel(param: nn.Parameter) -> int:
+    """Number of scalar weights; 0 for a lazy parameter that has no shape yet."""
+    return 0 if nn.parameter.is_lazy(param) else param.numel()
