@@ -65,6 +65,20 @@ def test_mode_pins_selected_modules_and_unfreeze_removes_only_its_pins(net):
     assert pinned_modes(net) == {"backbone.3": "train"}
 
 
+def test_freeze_mode_keeps_pins_it_did_not_set_and_unfreeze_leaves_them():
+    model = Net()
+    inner = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1))
+    model.head = nn.Sequential(Frozen(inner, mode="train"), nn.Linear(8, 3))
+    pin_mode(model, "backbone.3", mode="train")  # Monte-Carlo dropout inside the backbone
+    before = pinned_modes(model)
+    freeze(model, mode="eval", shared="freeze")
+    assert {n: before[n] for n in before} == {n: pinned_modes(model)[n] for n in before}
+    model.eval()
+    assert model.backbone[3].training and inner[1].training and not model.backbone[0].training
+    unfreeze(model)
+    assert pinned_modes(model) == before
+
+
 def test_train_bn_keeps_norm_layers_trainable_and_unpinned(net):
     freeze(net, "backbone", train_bn=True, mode="eval")
     assert all(p.requires_grad for p in net.backbone[1].parameters())

@@ -36,6 +36,22 @@ def test_pin_survives_any_ancestor_call_immediately():
     assert model.backbone[3].training is True
 
 
+def test_pin_keeps_a_class_train_override():
+    class Remembers(nn.Sequential):
+        def train(self, mode: bool = True):
+            self.last_call = mode  # a model's own extra work in train(), as some backbones have
+            return super().train(mode)
+
+    inner = Remembers(nn.Dropout(0.1))
+    model = nn.Sequential(inner, nn.Dropout(0.1))
+    pin_mode(model, "0", mode="eval")
+    model.train()
+    assert inner.last_call is True  # the override still ran
+    assert inner.training is False and inner[0].training is False and model[1].training is True
+    with pytest.raises(ValueError):
+        model.train("yes")  # type: ignore[arg-type]
+
+
 def test_unpinned_modules_follow_ancestors():
     model = pinned_net()
     model.train()

@@ -10,7 +10,7 @@ from torch import nn
 from ._batchnorm import _FrozenBatchNorm, is_norm, unconvert_batchnorm
 from ._errors import ArgumentError, SharedParameterError
 from ._frozen import Frozen
-from ._mode import check_mode, set_pin, unpin_modules
+from ._mode import check_mode, get_pin, set_pin, unpin_modules
 from ._select import Selection, resolve
 
 __all__ = [
@@ -196,6 +196,8 @@ def freeze(
         *selectors: what to freeze (see :func:`torchfreeze.select`); none means the whole model.
         mode: ``None`` leaves train/eval behaviour alone; ``"eval"`` or ``"train"`` also
             pins that mode on every selected module (:func:`torchfreeze.unfreeze` removes it).
+            A module already pinned by :func:`pin_mode` or ``Frozen(mode=...)`` keeps that
+            pin (say, Monte-Carlo dropout inside a frozen eval backbone).
         train_bn: keep normalisation layers inside the selection trainable and unpinned.
         shared: ``"error"`` refuses to freeze a parameter also used (trainably) outside the
             selection; ``"freeze"`` freezes it for every use.
@@ -227,7 +229,9 @@ def freeze(
     _set_requires_grad(params, False)
     if mode is not None:
         for module in pin_targets:
-            set_pin(module, mode, "freeze")
+            pin = get_pin(module)
+            if pin is None or pin.origin == "freeze":  # pins from pin_mode / Frozen(mode=...) stay theirs
+                set_pin(module, mode, "freeze")
     return model
 
 

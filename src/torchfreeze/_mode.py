@@ -2,9 +2,10 @@
 
 The primitive is :class:`_PinnedTrain`, stored as the module's *instance*
 attribute ``train``. ``nn.Module.train`` recurses with ``child.train(mode)``, so
-an ancestor's ``.train()`` / ``.eval()`` reaches the pin, which sets the
-module's own flag to the pinned value and passes the ancestor's mode on to its
-children unchanged (a pin is per module; pinning a subtree pins each module in
+an ancestor's ``.train()`` / ``.eval()`` reaches the pin, which runs the
+class's own ``train`` (so the ancestor's mode reaches the children unchanged,
+and a class that overrides ``train`` keeps its extras), then sets the module's
+own flag to the pinned value (a pin is per module; pinning a subtree pins each module in
 it). No class is swapped, no parameter or buffer is touched, so parameter
 identity and ``state_dict`` keys stay as they were; the pin is a plain picklable
 object that ``copy.deepcopy`` re-binds to the copy, and ``torch.compile`` sees an
@@ -61,12 +62,9 @@ class _PinnedTrain:
         self.origin = origin
 
     def __call__(self, mode: bool = True) -> nn.Module:
-        if not isinstance(mode, bool):
-            raise ValueError("training mode is expected be boolean")
         module = self.module
+        type(module).train(module, mode)  # the class's own train(): children, and any override's extras
         module.training = self.mode == "train"
-        for child in module.children():
-            child.train(mode)
         return module
 
     def __getstate__(self) -> tuple[nn.Module, str, str]:
