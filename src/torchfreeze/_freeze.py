@@ -368,7 +368,7 @@ def layer_groups(model: nn.Module) -> list[list[str]]:
         [['0'], ['2']]
     """
     custom = getattr(model, "layer_groups", None)
-    if callable(custom):
+    if callable(custom) and not isinstance(custom, nn.Module):  # a submodule may be named layer_groups
         return [resolve(model, selector).matched for selector in custom()]
     prefix, module = "", model
     while True:
