@@ -55,6 +55,15 @@ class _FrozenBatchNorm(nn.Module):
     input needs a gradient, it is one multiply-add per element, whose backward
     is a single multiply (BatchNorm's own backward would also compute the
     constant weight's and bias's gradients).
+
+    Args:
+        num_features: the channel count ``C``.
+        eps: added to the variance, as in BatchNorm.
+        affine: hold ``weight`` and ``bias`` buffers (``False``: none, as in BatchNorm).
+        momentum: not used by the forward; kept so that :meth:`to_batchnorm` (and
+            :func:`torchfreeze.unfreeze`) gives back the same BatchNorm.
+
+    Build one from a trained layer with :meth:`from_batchnorm`.
     """
 
     weight: torch.Tensor | None
@@ -84,7 +93,8 @@ class _FrozenBatchNorm(nn.Module):
         """A frozen copy of ``bn``'s tensors (same dtype and device, same ``state_dict`` keys)."""
         if not isinstance(bn, _BatchNorm):
             raise ArgumentError(
-                f"bn must be a BatchNorm layer (BatchNorm1d/2d/3d or SyncBatchNorm), got {type(bn).__name__}. "
+                "bn must be a BatchNorm layer (BatchNorm1d/2d/3d or SyncBatchNorm), "
+                f"got {type(bn).__name__}. "
                 "Fix: convert only BatchNorm layers."
             )
         if any(nn.parameter.is_lazy(t) for t in (*bn.parameters(recurse=False), *bn.buffers(recurse=False))):
@@ -250,7 +260,8 @@ def freeze_batchnorm(model: nn.Module, *selectors: Any, convert: bool = False) -
         if model in batchnorms:
             raise ArgumentError(
                 "freeze_batchnorm(model, convert=True) cannot swap the model itself; expected a BatchNorm "
-                "inside a container. Fix: pass convert=False (pin it), or FrozenBatchNorm2d.from_batchnorm(model)."
+                "inside a container. Fix: pass convert=False (pin it), or use "
+                "FrozenBatchNorm2d.from_batchnorm(model)."
             )
         replacements = [(bn, _frozen_type_for(bn).from_batchnorm(bn)) for bn in batchnorms]
         for bn, frozen in replacements:  # all built (and validated) before any swap
