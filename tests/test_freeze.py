@@ -359,6 +359,18 @@ def test_freeze_to_bad_n_changes_nothing(n):
     assert requires_grad_map(model) == before
 
 
+def test_freeze_to_unfreezes_the_rest_like_unfreeze():
+    from torchfreeze import freeze_batchnorm
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 2), nn.BatchNorm1d(2))
+    freeze(model, mode="eval")
+    freeze_batchnorm(model, convert=True)
+    freeze_to(model, 1, groups=[["0", "1"], ["2", "3"]])
+    assert type(model[3]) is nn.BatchNorm1d and model[3].weight.requires_grad  # swapped back
+    assert type(model[1]).__name__ == "FrozenBatchNorm1d"  # the frozen side stays converted
+    assert set(pinned_modes(model)) == {"", "0"}  # pins of the unfrozen groups removed ("1" was swapped)
+
+
 def test_freeze_to_shared_conflict_changes_nothing():
     model = TiedLM()
     groups = [["embed"], ["body"], ["lm_head"]]

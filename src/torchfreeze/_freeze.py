@@ -265,9 +265,14 @@ def unfreeze(model: nn.Module, *selectors: Any, shared: str = "error") -> nn.Mod
     selection = resolve(model, *selectors)
     params, _ = _plan(model, selection, requires_grad=True, train_bn=False, shared=shared, verb="unfreeze")
     _set_requires_grad(params, True)
+    _release(model, selection)
+    return model
+
+
+def _release(model: nn.Module, selection: Selection) -> None:
+    """Undo what freezing did besides the flag: pins set by ``freeze``, converted BatchNorm layers."""
     unpin_modules(model, selection.unique_modules().values(), origins={"freeze"})
     unconvert_batchnorm(model, [n for n, m in selection.modules.items() if isinstance(m, _FrozenBatchNorm)])
-    return model
 
 
 def is_frozen(model: nn.Module, *selectors: Any) -> bool:
@@ -394,6 +399,9 @@ def freeze_to(
 ) -> nn.Module:
     """Freeze the first ``n`` layer groups and unfreeze the rest (fastai's ``freeze_to``).
 
+    Unfreezing the rest is :func:`unfreeze` on those groups: their ``freeze`` pins
+    are removed and converted BatchNorm layers swapped back.
+
     Args:
         model: any ``nn.Module``.
         n: how many groups, from the input side, to freeze; negative counts from the end
@@ -436,6 +444,6 @@ def freeze_to(
     for requires_grad in (True, False):
         if requires_grad in selections:
             _set_requires_grad(selections[requires_grad].parameters.values(), requires_grad)
-    unfrozen_modules = list(selections[True].unique_modules().values()) if True in selections else []
-    unpin_modules(model, unfrozen_modules, origins={"freeze"})
+    if True in selections:
+        _release(model, selections[True])
     return model
