@@ -107,8 +107,11 @@ def test_invalid_mode(bad):
 
 
 def test_not_a_module():
-    with pytest.raises(TypeError, match="expects an nn.Module"):
+    from torchfreeze import ArgumentTypeError, TorchFreezeError
+
+    with pytest.raises(ArgumentTypeError, match="expects an nn.Module") as info:
         Frozen(lambda x: x)  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError) and isinstance(info.value, TorchFreezeError)
 
 
 def test_prepare_for_distributed_only_touches_parameters_without_trainable_use():

@@ -11,6 +11,7 @@ from ._compose import Backbone, Composite, HFEncoder, ModuleBackbone, store_froz
 from ._batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm
 from ._errors import (
     ArgumentError,
+    ArgumentTypeError,
     CacheRefusedError,
     CheckpointError,
     FreezeStateError,
@@ -113,6 +114,7 @@ __all__ = [
     "SharedParameterError",
     "ModeError",
     "ArgumentError",
+    "ArgumentTypeError",
     "FreezeStateError",
     "CheckpointError",
     "WeightsError",

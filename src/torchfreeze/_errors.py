@@ -14,6 +14,7 @@ __all__ = [
     "SharedParameterError",
     "ModeError",
     "ArgumentError",
+    "ArgumentTypeError",
     "FreezeStateError",
     "CheckpointError",
     "WeightsError",
@@ -44,6 +45,10 @@ class ModeError(TorchFreezeError, ValueError):
 
 class ArgumentError(TorchFreezeError, ValueError):
     """Any other argument with a wrong value."""
+
+
+class ArgumentTypeError(TorchFreezeError, TypeError):
+    """An argument of the wrong type (for example ``Frozen`` around something that is not a module)."""
 
 
 class FreezeStateError(TorchFreezeError, ValueError):

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 from torch.func import functional_call
 
-from ._errors import ArgumentError
+from ._errors import ArgumentError, ArgumentTypeError
 from ._mode import check_mode, set_pin
 
 __all__ = ["Frozen"]
@@ -35,7 +35,7 @@ class Frozen(nn.Module):
     Wrapping a ``Frozen`` again wraps its inner module (no nesting).
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``.
+        ArgumentTypeError: ``module`` is not an ``nn.Module`` (also a ``TypeError``).
         ModeError: ``mode`` is not ``None``, ``"train"`` or ``"eval"``.
         ArgumentError: at the forward, when the module still has uninitialised
             (lazy) parameters: their first forward would train them.
@@ -54,7 +54,7 @@ class Frozen(nn.Module):
 
     def __init__(self, module: nn.Module, mode: str | None = None) -> None:
         if not isinstance(module, nn.Module):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"Frozen(module=...) expects an nn.Module, got {type(module).__name__}. "
                 "Fix: wrap the layer object itself, e.g. Frozen(backbone)."
             )
