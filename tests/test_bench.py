@@ -20,7 +20,7 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path: Path) -> None:
     for s in data["scenarios"]:
         assert s["ratios"] and all(v > 0 for v in s["ratios"].values())
     probe = data["scenarios"][0]
-    assert set(probe["median_epoch_seconds"]) == {"plain", "plain_eval", "torchfreeze"}
+    assert set(probe["median_epoch_seconds"]) == {"plain", "plain_eval", "torchfreeze", "precomputed"}
     assert len(probe["median_epoch_seconds"]["torchfreeze"]) == 5
     assert probe["cache_stats"]["hits"] > 0
     assert data["scenarios"][4]["explain_part"]["on_backward_path"] is True
