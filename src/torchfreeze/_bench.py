@@ -5,9 +5,10 @@ the same process, alternating their order from one repetition to the next, and
 reports medians and ratios (the ratios are the headline; absolute times depend
 on the machine). Scenarios:
 
-1. linear probe, 5 epochs over a fixed data set: plain ``requires_grad=False``
-   (and the careful hand-written eval + ``no_grad`` version) against
-   torchfreeze with ``cache_features``;
+1. linear probe, 5 epochs over a fixed in-memory data set: plain
+   ``requires_grad=False`` (and the careful hand-written eval + ``no_grad``
+   version) against torchfreeze with ``cache_features``, and the floor no cache
+   can beat (features precomputed once, looked up by sample index);
 2. frozen lower half, trainable upper half: step time and peak memory (RSS of a
    fresh process per variant) against plain full fine-tuning and plain freezing;
 3. frozen middle block behind trainable layers: what ``explain`` says, and its
