@@ -382,3 +382,24 @@ def test_store_frozen_backbone_refuses_and_changes_nothing(make, dtype, message)
         store_frozen_backbone(model, dtype)
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_cached_backbone_is_not_walked_for_autograd(monkeypatch):
+    from torchfreeze import cache_features
+
+    model = freeze(composite(), "backbone", mode="eval")
+    model.backbone = cache_features(model.backbone)
+    walked = []
+    original = nn.Module.parameters
+
+    def spy(self, *args, **kwargs):
+        walked.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    x = torch.randn(3, 4)
+    model(x)  # miss: computed by the cache under no_grad
+    monkeypatch.setattr(nn.Module, "parameters", spy)
+    out = model(x)  # hit
+    monkeypatch.undo()
+    assert "FeatureCache" not in walked
+    assert model.backbone.stats().hits == 3 and out.requires_grad

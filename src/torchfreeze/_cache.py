@@ -492,6 +492,10 @@ class FeatureCache(nn.Module):
     >>> model[0] = model[0].module  # the way back
     """
 
+    #: it computes misses under ``no_grad`` and refuses inputs that require grad, so a
+    #: ``Composite`` need not check its parameters on every call
+    manages_autograd = True
+
     def __init__(
         self,
         module: nn.Module,

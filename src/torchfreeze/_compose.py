@@ -115,11 +115,11 @@ class Composite(nn.Module):
         storage = self.frozen_storage_dtype
         if storage is not None:
             x = _cast_floating(x, storage)
-        if _needs_autograd(self.backbone, x):
-            features = run(x)
-        else:
+        if _can_skip_autograd(self.backbone, x):
             with torch.no_grad():
                 features = run(x)
+        else:
+            features = run(x)
         if storage is not None:
             features = _cast_floating(features, torch.float32)
         if self.neck is not None:
@@ -159,10 +159,13 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     return []
 
 
-def _needs_autograd(backbone: nn.Module, x: Any) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return any(p.requires_grad for p in backbone.parameters()) or any(t.requires_grad for t in _tensors(x))
+def _can_skip_autograd(backbone: nn.Module, x: Any) -> bool:
+    """True when nothing in or before the backbone needs a gradient, so ``no_grad`` changes nothing."""
+    if not torch.is_grad_enabled() or getattr(backbone, "manages_autograd", False):
+        return False  # already off, or the backbone handles it itself (a FeatureCache)
+    return not any(t.requires_grad for t in _tensors(x)) and not any(
+        p.requires_grad for p in backbone.parameters()
+    )
 
 
 def _cast_floating(x: Any, dtype: torch.dtype) -> Any:
