@@ -58,6 +58,8 @@ def test_demo_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert results["model"] == "digits-cnn"
     assert 0.5 < results["accuracy_head_only"] <= 1.0  # pretrained features transfer (chance is 0.2)
     assert results["accuracy_reloaded"] == results["accuracy_final"]
+    assert results["head_only_checkpoint_bytes"] < results["full_model_bytes"] / 20  # the head alone
+    assert (out_dir / "digits-cnn-head-only.safetensors").is_file()
     assert results["unfrozen"] == ["backbone.block3"]
     assert results["guard_checks"] == 2 * 10 + 1  # 2 epochs of 10 steps (627 images / 64), then exit
     assert results["test_examples"] > 200

@@ -567,6 +567,7 @@ class DemoResult:
     total_parameters: int
     checkpoint: str
     checkpoint_bytes: int
+    head_only_checkpoint_bytes: int | None
     full_model_bytes: int
     unfrozen: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -640,6 +641,7 @@ def run_demo(config: DemoConfig, *, stream: Any = None) -> DemoResult:
     head_steps = head_epochs * steps_per_epoch
     unfrozen: list[str] = []
     acc_head = acc_final = 0.0
+    head_ckpt: Path | None = None
     # guard: after every optimizer step, every frozen tensor (and frozen BatchNorm statistics)
     # must be bit-identical; tensors unfrozen on the way leave the watch list.
     with tf.guard(model, optimizer) as watch:
@@ -651,6 +653,9 @@ def run_demo(config: DemoConfig, *, stream: Any = None) -> DemoResult:
             if epoch + 1 == head_epochs:
                 acc_head = _accuracy(model, task, task.test)
                 out.line(f"held-out accuracy, head only: {acc_head:.1%}")
+                # what a frozen-backbone run has to keep: the head alone
+                head_ckpt = out_dir / f"{config.model}-head-only.safetensors"
+                tf.save_trainable(model, head_ckpt)
                 if unfreeze_epochs:
                     out.heading(
                         f"2. unfreeze gradually (GradualUnfreezing, {_n(unfreeze_epochs, 'epoch')}, "
@@ -687,7 +692,11 @@ def run_demo(config: DemoConfig, *, stream: Any = None) -> DemoResult:
         fresh = tf.get_model(setup.registry, freeze=True, num_classes=len(_classes(config.model)))
     tf.load_trainable(fresh, ckpt)
     acc_reloaded = _accuracy(fresh, task, task.test)
-    out.line(f"{ckpt}: {ckpt.stat().st_size / 1024:,.0f} KiB (full model state: {full_bytes / 1024:,.0f} KiB)")
+    if head_ckpt is not None:
+        out.line(f"{head_ckpt}: {head_ckpt.stat().st_size / 1024:,.1f} KiB after the head-only phase "
+                 f"({head_ckpt.stat().st_size / full_bytes:.1%} of the full model state, {full_bytes / 1024:,.0f} KiB)")
+    out.line(f"{ckpt}: {ckpt.stat().st_size / 1024:,.0f} KiB after gradual unfreezing "
+             f"(full model state: {full_bytes / 1024:,.0f} KiB)")
     out.line(f"reloaded into a freshly built pretrained model: held-out accuracy {acc_reloaded:.1%}")
 
     # ---- phase 4: what freezing saved
@@ -738,6 +747,7 @@ def run_demo(config: DemoConfig, *, stream: Any = None) -> DemoResult:
         accuracy_head_only=acc_head, accuracy_final=acc_final, accuracy_reloaded=acc_reloaded,
         trainable_parameters_head_only=trainable_head, trainable_parameters_final=trainable_final,
         total_parameters=total_params, checkpoint=str(ckpt), checkpoint_bytes=ckpt.stat().st_size,
+        head_only_checkpoint_bytes=head_ckpt.stat().st_size if head_ckpt is not None else None,
         full_model_bytes=full_bytes, unfrozen=unfrozen, comparison=comparison, guard_checks=guard_checks,
         seconds=time.perf_counter() - started,
     )
