@@ -200,12 +200,20 @@ class FunctionalDropout(nn.Module):
         pytest.param(nn.LSTM(2, 2, num_layers=2, dropout=0.3), "dropout=0.3", id="lstm"),
         pytest.param(nn.MultiheadAttention(4, 2, dropout=0.2), "dropout=0.2", id="attention"),
         pytest.param(FunctionalDropout(), "attention_dropout=0.1", id="functional-dropout"),
+        pytest.param(nn.RReLU(), "RReLU, lower=", id="rrelu"),
     ],
 )
 def test_other_random_layers_in_train_mode_are_refused(layer: nn.Module, named: str) -> None:
     layer.requires_grad_(False).train()
     assert named in cache_refusal_reasons(layer)[0]
     assert cache_refusal_reasons(layer.eval()) == []
+
+
+def test_parameter_shared_with_a_use_outside_frozen_is_refused() -> None:
+    lin = nn.Linear(3, 3)
+    shared = nn.Sequential(tf.Frozen(lin), lin)  # the second use trains lin
+    assert "'1.weight' is trainable" in cache_refusal_reasons(shared)[0]
+    assert cache_refusal_reasons(nn.Sequential(tf.Frozen(nn.Linear(3, 3)))) == []
 
 
 def test_dropout_with_p_zero_is_deterministic() -> None:
@@ -275,7 +283,32 @@ def test_module_changed_after_wrapping_never_returns_a_stale_entry(change: objec
     assert not torch.allclose(expected, before)
     torch.testing.assert_close(cached(x), expected)
     torch.testing.assert_close(cached(x), expected)  # and the new entry is served from then on
-    assert cached.stats().hits == x.shape[0] if granularity == "sample" else 1
+    assert cached.stats().hits == (x.shape[0] if granularity == "sample" else 1)
+
+
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
+def test_replaced_wrapped_module_never_returns_the_old_entries(on_disk: bool, tmp_path: Path) -> None:
+    cached = cache_features(frozen_mlp(seed=0), directory=tmp_path if on_disk else None)
+    x = torch.randn(3, 6)
+    before = cached(x)
+    cached.module = frozen_mlp(seed=1)
+    expected = cached.module(x)
+    assert not torch.allclose(expected, before)
+    torch.testing.assert_close(cached(x), expected)
+    cached.module = trainable_param()
+    with pytest.raises(tf.CacheRefusedError, match="replaced after cache_features"):
+        cached(x)
+
+
+def test_clear_after_an_untracked_data_write_never_returns_old_disk_entries(tmp_path: Path) -> None:
+    inner = frozen_mlp()
+    cached = cache_features(inner, directory=tmp_path)
+    x = torch.randn(3, 6)
+    before = cached(x)
+    inner[3].bias.data.add_(1.0)  # through .data: the version counter does not move
+    cached.clear()  # the documented remedy
+    torch.testing.assert_close(cached(x), before + 1.0)
+    assert cached.stats().hits == 0
 
 
 class TwoInputs(nn.Module):

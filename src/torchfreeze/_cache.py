@@ -227,13 +227,22 @@ def cache_refusal_reasons(module: nn.Module, *, prefix: str = "") -> list[str]:
     if frozen_type is not None:
         skip = [n for n, m in module.named_modules() if isinstance(m, frozen_type)]
 
-    for name, p in module.named_parameters():
-        if p.requires_grad and not any(name.startswith(s + ".") for s in skip):
+    # every path of a shared parameter: a use outside Frozen trains it even if another use is wrapped
+    reported: set[int] = set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in reported or not p.requires_grad:
+            continue
+        if not any(s == "" or name.startswith(s + ".") for s in skip):
+            reported.add(id(p))
             reasons.append(f"parameter '{q(name)}' is trainable (requires_grad=True)")
     for name, m in module.named_modules():
         kind = type(m).__name__
         if isinstance(m, _STOCHASTIC_DROPOUT) and m.training and m.p > 0:
             reasons.append(f"layer '{q(name)}' ({kind}, p={m.p}) is in train mode, so it is random")
+        elif isinstance(m, nn.RReLU) and m.training and m.lower != m.upper:
+            reasons.append(
+                f"layer '{q(name)}' ({kind}, lower={m.lower}, upper={m.upper}) is in train mode, so it is random"
+            )
         elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) and m.training and m.dropout > 0:
             reasons.append(f"layer '{q(name)}' ({kind}, dropout={m.dropout}) is in train mode, so it is random")
         elif m.training and any(
@@ -591,10 +600,21 @@ class FeatureCache(nn.Module):
         return s
 
     def clear(self, *, disk: bool = False) -> None:
-        """Drop every in-memory entry (and with ``disk=True`` this cache's directory files)."""
+        """Drop every in-memory entry (and with ``disk=True`` this cache's directory files).
+
+        It also recomputes the module's fingerprint on the next call, so after an
+        untracked weight change (a write through ``.data``) neither memory nor disk
+        entries of the old weights are returned.
+
+        >>> cached = cache_features(nn.Linear(2, 2).requires_grad_(False).eval())
+        >>> _ = cached(torch.ones(1, 2)); cached.clear(); cached.stats().entries
+        0
+        """
         with self._lock:
             self._store.clear()
             self._bytes = 0
+            self._generation += 1
+            self._fingerprint = None
         if disk and self.directory is not None and self.directory.exists():
             for f in self.directory.glob("*/*.tfc"):
                 try:
@@ -608,6 +628,14 @@ class FeatureCache(nn.Module):
 
     # -- checks -------------------------------------------------------------
     def _check_module(self) -> None:
+        if self._watch.module is not self.module:  # `cached.module = other`: a new module, new keys
+            reasons = cache_refusal_reasons(self.module)
+            if reasons:
+                raise _refuse(reasons, "the wrapped module any more (it was replaced after cache_features)")
+            self._watch = _ModuleWatch(self.module)
+            self._fingerprint = None
+            self._generation += 1
+            return
         token = self._watch.poll()
         if token is None:
             return
