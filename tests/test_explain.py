@@ -106,6 +106,21 @@ def test_model_is_left_exactly_as_it_was() -> None:
     assert torch.equal(rng, torch.get_rng_state())
 
 
+def test_existing_gradients_and_input_tensors_are_left_as_they_were() -> None:
+    model = tf.freeze(mlp(), "2")
+    model(x()).sum().backward()
+    grads = {n: (p.grad, p.grad.clone()) for n, p in model.named_parameters() if p.grad is not None}
+    assert grads
+    inp = x().requires_grad_(True)
+    explain(model, inp)
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert p.grad is grads[n][0] and torch.equal(p.grad, grads[n][1]), n
+        else:
+            assert p.grad is None, n
+    assert inp.grad is None and not inp._backward_hooks
+
+
 def test_nothing_frozen_and_everything_frozen() -> None:
     report = explain(mlp(), x())
     assert report.parts == [] and "No frozen part" in str(report)

@@ -268,6 +268,9 @@ def explain(
     # Everything explain may change, saved to be restored exactly.
     flags = [(m, m.training) for m in model.modules()]
     grads = [(p, p.grad) for p in model.parameters()]
+    # the example inputs' gradients too: backward would accumulate into them (and into existing .grad in place)
+    input_leaves = {id(t): t for x in example_inputs for t in _tensors(x) if t.is_leaf and t.requires_grad}
+    input_grads = [(t, t.grad) for t in input_leaves.values()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -320,10 +323,10 @@ def explain(
                     s["in_t"] = time.perf_counter()
 
                 for t in outs:
-                    t.register_hook(out_hook)
+                    handles.append(t.register_hook(out_hook))
                 for t in ins:
                     if t.grad_fn is not None or t.is_leaf:
-                        t.register_hook(in_hook)
+                        handles.append(t.register_hook(in_hook))  # removed at the end (inputs outlive explain)
 
         return hook
 
@@ -350,6 +353,11 @@ def explain(
         return t
 
     try:
+        # backward accumulates in place into an existing .grad: start from None, restore the objects after
+        for p, _ in grads:
+            p.grad = None
+        for t, _ in input_grads:
+            t.grad = None
         if mode is not None:
             model.train(mode == "train")
         if warmup:
@@ -384,6 +392,8 @@ def explain(
             m.training = flag
         for p, g in grads:
             p.grad = g
+        for t, g in input_grads:
+            t.grad = g
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
