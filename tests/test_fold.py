@@ -196,6 +196,26 @@ def test_explicit_pairs_and_bad_pairs() -> None:
         fold_batchnorm(prepared(Block), pairs=[("conv", "bnn")])
     with pytest.raises(tf.ArgumentError, match="conv_name, bn_name"):
         fold_batchnorm(prepared(Block), pairs=["conv"])  # type: ignore[list-item]
+    fresh = prepared(Block)
+    state = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(tf.ArgumentError, match="more than once"):
+        fold_batchnorm(fresh, pairs=[("conv", "bn"), ("conv", "bn")])
+    assert folded_batchnorms(fresh) == {}
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+def test_fold_a_submodule_then_unfold_the_whole_model_restores_the_right_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), randomise_bn(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))))
+    tf.freeze(model)
+    tf.freeze_batchnorm(model)
+    state = copy.deepcopy(model.state_dict())
+    fold_batchnorm(model[1])  # names inside model[1]: the BatchNorm '1' folds into '0'
+    unfold_batchnorm(model, force=True)
+    assert list(model.state_dict()) == list(state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
 
 
 def test_unfold_refuses_changed_weights_unless_forced() -> None:

@@ -277,6 +277,13 @@ def fold_batchnorm(
                         f"fold_batchnorm: pairs names {s!r}, which is no submodule of the model; closest: {close}."
                     )
             found.append((item[0], item[1], _why_not(model, item[0], item[1])))
+        used = [n for c, b, _ in found for n in (c, b)]
+        repeated = sorted({n for n in used if used.count(n) > 1})
+        if repeated:  # folding a layer twice would lose its original weights (no exact way back)
+            raise ArgumentError(
+                f"fold_batchnorm: pairs names {repeated} more than once; expected each layer in at most one "
+                "(conv_name, bn_name) pair. Remove the duplicate entries."
+            )
     else:
         found = foldable_pairs(model)
     if selectors:
@@ -324,6 +331,9 @@ def fold_batchnorm(
                 added = True
         holder = FoldedBatchNorm(conv_name, bn, old_w, old_b, added)
         holder.__dict__["_weights_digest"] = _digest(conv)
+        # the layer itself (its name is relative to the model folded, which may be a submodule of
+        # the one later unfolded); a plain attribute, so deepcopy/pickle map it to the copied layer
+        holder.__dict__["_conv"] = conv
         holder.train(bn.training)
         _set_submodule(model, bn_name, holder)
     return model
@@ -381,16 +391,20 @@ def unfold_batchnorm(model: nn.Module, *, force: bool = False) -> nn.Module:
             "unfold_batchnorm: the model has no folded BatchNorm (nothing to undo). "
             "Check with folded_batchnorms(model)."
         )
+    def conv_of(h: FoldedBatchNorm) -> nn.Module:
+        conv = h.__dict__.get("_conv")
+        return conv if conv is not None else model.get_submodule(h.conv)
+
     if not force:
         for name, h in holders:
-            conv = model.get_submodule(h.conv)
+            conv = conv_of(h)
             if _digest(conv) != h._weights_digest:
                 raise FreezeStateError(
                     f"unfold_batchnorm: '{h.conv}' changed after its BatchNorm '{name}' was folded into it; "
                     "unfolding would throw those changes away. Pass force=True to restore the original weights anyway."
                 )
     for name, h in holders:
-        conv = model.get_submodule(h.conv)
+        conv = conv_of(h)
         with torch.no_grad():
             conv.weight.copy_(h._weight)
             if h._added_bias:
