@@ -387,6 +387,18 @@ def test_sample_granularity_needs_a_batch_dimension() -> None:
     assert cache_features(frozen_mlp(), granularity="batch")(torch.randn(6)).shape == (4,)
 
 
+class KeyTyped(nn.Module):
+    def forward(self, x: torch.Tensor, opts: dict) -> torch.Tensor:
+        return x + (1.0 if 1 in opts else 2.0)
+
+
+def test_dict_keys_of_different_types_are_different_keys() -> None:
+    cached = cache_features(KeyTyped().eval())
+    x = torch.zeros(2, 3)
+    torch.testing.assert_close(cached(x, {1: None}), x + 1.0)
+    torch.testing.assert_close(cached(x, {"1": None}), x + 2.0)
+
+
 def test_unhashable_argument_is_named() -> None:
     class TakesObj(nn.Module):
         def forward(self, x: torch.Tensor, obj: object) -> torch.Tensor:

@@ -348,7 +348,8 @@ def _flatten_inputs(obj: Any, leaves: list[Tensor], path: str) -> Any:
     if isinstance(obj, torch.dtype):
         return ("C", "dtype", str(obj))
     if isinstance(obj, Mapping):
-        return ("D", tuple((str(k), _flatten_inputs(v, leaves, f"{path}[{k!r}]")) for k, v in obj.items()))
+        # repr, not str: the keys 1 and "1" must not give the same signature
+        return ("D", tuple((repr(k), _flatten_inputs(v, leaves, f"{path}[{k!r}]")) for k, v in obj.items()))
     if isinstance(obj, (tuple, list)):
         return ("L", tuple(_flatten_inputs(v, leaves, f"{path}[{i}]") for i, v in enumerate(obj)))
     raise ArgumentError(
@@ -367,6 +368,10 @@ class CacheStats:
 
     ``hits``/``misses`` count entries (samples with ``granularity="sample"``,
     calls with ``"batch"``); ``bytes`` is the memory held now.
+
+    >>> s = CacheStats(hits=3, misses=1)
+    >>> s.hit_rate, s.to_dict()["hits"]
+    (0.75, 3)
     """
 
     hits: int = 0
