@@ -35,7 +35,13 @@ _MAX_GRAPH_NODES = 20000
 
 @dataclass
 class FrozenPart:
-    """What :func:`explain` found about one frozen part of the model."""
+    """What :func:`explain` found about one frozen part of the model (one entry of ``Explanation.parts``).
+
+    >>> from torchfreeze import freeze
+    >>> part = explain(freeze(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)), "0"), torch.ones(4, 2)).parts[0]
+    >>> part.name, part.on_backward_path, part.cacheable
+    ('0', False, True)
+    """
 
     name: str
     type: str

@@ -48,6 +48,11 @@ class FoldedBatchNorm(nn.Module):
     Attributes:
         conv: qualified name of the layer the statistics were folded into.
         num_features: channels of the folded BatchNorm.
+
+    >>> from torchfreeze import freeze, freeze_batchnorm
+    >>> m = fold_batchnorm(freeze_batchnorm(freeze(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))))
+    >>> m[1]
+    FoldedBatchNorm(3, folded into '0')
     """
 
     def __init__(
@@ -354,6 +359,13 @@ def _digest(conv: nn.Module) -> str:
 
 def folded_batchnorms(model: nn.Module) -> dict[str, str]:
     """Map each folded BatchNorm's qualified name to the layer it was folded into.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        ``{bn_name: conv_name}`` for every :class:`FoldedBatchNorm` in ``model``
+        (empty when nothing is folded).
 
     >>> folded_batchnorms(nn.Sequential(nn.Linear(2, 2)))
     {}
