@@ -109,6 +109,7 @@ def test_augmented_input_misses() -> None:
     "change",
     [
         pytest.param(lambda x: x.double(), id="dtype"),
+        pytest.param(lambda x: x.view(torch.int32), id="same-bytes-other-dtype"),
         pytest.param(lambda x: x.reshape(4, 2, 3), id="shape"),
     ],
 )

@@ -239,3 +239,22 @@ def test_unfold_without_folds_and_deepcopy() -> None:
     unfold_batchnorm(clone)
     for k, v in clone.state_dict().items():
         assert torch.equal(v, state[k])
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        pytest.param(lambda m: fold_batchnorm("model"), "nn.Module", id="fold-not-a-module"),
+        pytest.param(lambda m: unfold_batchnorm("model"), "nn.Module", id="unfold-not-a-module"),
+        pytest.param(lambda m: fold_batchnorm(m, strict="yes"), "strict must be a bool", id="strict-not-bool"),
+        pytest.param(lambda m: fold_batchnorm(m, pairs="0,1"), "pairs must be a list", id="pairs-not-a-list"),
+    ],
+)
+def test_bad_arguments_change_nothing(call: object, match: str) -> None:
+    model = prepared(conv1d_net)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(tf.ArgumentError, match=match):
+        call(model)  # type: ignore[operator]
+    assert folded_batchnorms(model) == {}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
