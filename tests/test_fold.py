@@ -155,6 +155,16 @@ def test_unfoldable_pair_is_refused_and_nothing_changes(spoil: object, reason: s
         assert torch.equal(v, state[k])
 
 
+def test_conv_weight_tied_to_another_layer_is_not_folded() -> None:
+    model = prepared(linear_net)
+    tied = nn.Linear(5, 6)
+    tied.weight = model[0].weight  # another use of the same frozen weight
+    outer = nn.Sequential(model, tied)
+    assert [r for _, _, r in foldable_pairs(outer)][0] is not None
+    with pytest.raises(tf.ArgumentError, match="also used as '1.weight'"):
+        fold_batchnorm(outer)
+
+
 def test_non_strict_folds_only_what_it_can() -> None:
     model = prepared(conv2d_net)
     model[3].weight.requires_grad_(True)

@@ -109,6 +109,16 @@ def _why_not(model: nn.Module, conv_name: str, bn_name: str) -> str | None:
             f"'{conv_name}.{trainable[0]}' is trainable; fold only frozen layers "
             f"(freeze(model, '{conv_name}') first)"
         )
+    own = {id(p) for p in conv.parameters()}
+    elsewhere = [
+        n for n, p in model.named_parameters(remove_duplicate=False)
+        if id(p) in own and not n.startswith(conv_name + ".")
+    ]
+    if elsewhere:
+        return (
+            f"a parameter of '{conv_name}' is also used as '{elsewhere[0]}'; folding would change that other "
+            "use too (untie the weights first)"
+        )
     if _is_frozen_bn(bn):
         channels = bn.num_features
     elif isinstance(bn, _BatchNorm):
