@@ -636,3 +636,15 @@ def test_stats_time_the_cache_apart_from_the_module() -> None:
     assert after_hit.compute_seconds == after_miss.compute_seconds
     assert after_hit.call_seconds > after_miss.call_seconds and after_hit.overhead_seconds > 0
     assert "time in cache" in str(after_hit)
+
+
+def test_disk_entry_naming_an_unimported_module_is_recomputed_not_imported(tmp_path):
+    import sys
+
+    from torchfreeze._cache import _resolve_class
+
+    assert _resolve_class("collections:OrderedDict").__name__ == "OrderedDict"
+    assert "antigravity" not in sys.modules
+    with pytest.raises(ValueError, match="not imported"):
+        _resolve_class("antigravity:Anything")
+    assert "antigravity" not in sys.modules

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import itertools
 import json
 import operator
 import os
 import struct
+import sys
 import threading
 import uuid
 import time
@@ -287,8 +287,13 @@ def _class_path(cls: type) -> str:
 
 
 def _resolve_class(path: str) -> type:
+    # Only modules this process has already imported: a disk entry must never make us import
+    # code. The wrapped model's own modules are loaded by the time its outputs are read back;
+    # anything else is treated as a foreign entry (recomputed).
     mod, _, qual = path.partition(":")
-    obj: Any = importlib.import_module(mod)
+    obj: Any = sys.modules.get(mod)
+    if obj is None:
+        raise ValueError(f"{path}: module {mod!r} is not imported in this process")
     for part in qual.split("."):
         obj = getattr(obj, part)
     if not (isinstance(obj, type) and issubclass(obj, (tuple, list, dict))):
