@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrain the "digits-cnn" backbone and write src/torchfreeze/weights/digits_cnn.{safetensors,json}.
+"""Pretrain the "digits-cnn" backbone and write src/torchfreeze/hub/weights/digits_cnn.{safetensors,json}.
 
 What it trains on, and why: scikit-learn's bundled digits (a copy of the test
 set of the UCI "Optical Recognition of Handwritten Digits" data: 1,797 8x8
@@ -38,7 +38,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from torchfreeze._models import DigitsBackbone, load_digits_tensors, stratified_split  # noqa: E402
+from torchfreeze.hub.models import DigitsBackbone, load_digits_tensors, stratified_split
 
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 SEED = 0
@@ -46,7 +46,7 @@ EPOCHS = 30
 BATCH = 32
 LR = 2e-3
 LABEL_SMOOTHING = 0.2  # keeps the features less specialised to 0-4: better transfer to 5-9
-OUT = ROOT / "src" / "torchfreeze" / "weights"
+OUT = ROOT / "src" / "torchfreeze" / "hub" / "weights"
 
 
 def shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -129,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retrained sha256 {digest}\nrecorded  sha256 {recorded}\n" + ("identical" if same else "DIFFERENT"))
         return 0 if same else 1
 
-    n_params = sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    n_params = sum(
+        v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
     description = {
         "name": "digits-cnn-0to4",
-        "source": "torchfreeze:weights/digits_cnn.safetensors",
+        "source": "torchfreeze:hub/weights/digits_cnn.safetensors",
         "sha256": digest,
         "target": "backbone",
         "metadata": {

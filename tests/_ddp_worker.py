@@ -69,7 +69,9 @@ def main() -> None:
         "trainable_same_across_ranks": [
             n for n, _ in torchfreeze.trainable_parameters(model) if all(torch.equal(g[n], end[n]) for g in gathered)
         ],
-        "trainable_changed": [n for n, _ in torchfreeze.trainable_parameters(model) if not torch.equal(start[n], end[n])],
+        "trainable_changed": [
+            n for n, _ in torchfreeze.trainable_parameters(model) if not torch.equal(start[n], end[n])
+        ],
         "adapter_requires_grad": model.adapter.module.weight.requires_grad,
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

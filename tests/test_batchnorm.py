@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
-from conftest import requires_grad_map
 from torch import nn
 
+from conftest import requires_grad_map
 from torchfreeze import (
-    ArgumentError,
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
@@ -18,6 +17,7 @@ from torchfreeze import (
     pinned_modes,
     unfreeze,
 )
+from torchfreeze.errors import ArgumentError
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

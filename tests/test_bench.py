@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from torchfreeze._bench import _measure_memory, main, to_markdown
+from torchfreeze.cli.bench import _measure_memory, main, to_markdown
 
 
 @pytest.mark.slow

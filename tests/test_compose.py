@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Counting
 from torch import nn
 
 import torchfreeze
-from torchfreeze import ArgumentError, Backbone, Composite, HFEncoder, ModuleBackbone, freeze, store_frozen_backbone
+from conftest import Counting
+from torchfreeze import Composite, freeze, store_frozen_backbone
+from torchfreeze.compose import Backbone, HFEncoder, ModuleBackbone
+from torchfreeze.errors import ArgumentError
 
 
 def mlp() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(4, 6), nn.ReLU(), Counting(nn.Linear(6, 5)), nn.ReLU(), Counting(nn.Linear(5, 2))
-    )
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), Counting(nn.Linear(6, 5)), nn.ReLU(), Counting(nn.Linear(5, 2)))
 
 
 class ProtocolBackbone(nn.Module):
@@ -224,8 +224,12 @@ def tiny_bert() -> nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=16, max_position_embeddings=32,
+        vocab_size=40,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=32,
     )
     return transformers.BertModel(config, add_pooling_layer=False).eval()
 
@@ -308,6 +312,7 @@ def test_hf_composite_groups_and_default_freeze(tiny_bert: nn.Module) -> None:
 
 
 # faster defaults: no autograd for a frozen backbone, opt-in low-precision storage ----------
+
 
 class Recording(nn.Module):
     """Records whether autograd was on when it ran."""

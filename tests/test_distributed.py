@@ -21,7 +21,11 @@ WORKER = Path(__file__).with_name("_ddp_worker.py")
 
 
 def test_ddp_two_processes_frozen_bit_identical_and_trainable_in_sync(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(WORKER.parent), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(WORKER.parent), os.environ.get("PYTHONPATH")])),
+    }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
         str(WORKER), str(tmp_path),

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Net, TiedLM, requires_grad_map, tensors_snapshot, training_map
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from conftest import Net, TiedLM, requires_grad_map, tensors_snapshot, training_map
 from torchfreeze import (
-    ArgumentError,
     Frozen,
-    ModeError,
-    SelectorError,
-    SelectorTypeError,
-    SharedParameterError,
     freeze,
     freeze_to,
     frozen_parameters,
@@ -26,6 +21,7 @@ from torchfreeze import (
     trainable_parameters,
     unfreeze,
 )
+from torchfreeze.errors import ArgumentError, ModeError, SelectorError, SelectorTypeError, SharedParameterError
 
 
 def test_freeze_sets_flag_and_clears_grad_without_touching_modes(net):
@@ -142,6 +138,7 @@ def test_unfreeze_checks_sharing_too(tied_lm):
 
 # errors leave the model unchanged ---------------------------------------------------------------
 
+
 def _net_loss(model: nn.Module) -> torch.Tensor:
     return model(torch.randn(4, 4)).sum()
 
@@ -165,9 +162,7 @@ def _state(model: nn.Module) -> tuple:
     return requires_grad_map(model), training_map(model), pinned_modes(model), tensors_snapshot(model), grads
 
 
-@pytest.mark.parametrize(
-    "make,loss,kwargs,error", [c[1:] for c in ERRORS], ids=[c[0] for c in ERRORS]
-)
+@pytest.mark.parametrize("make,loss,kwargs,error", [c[1:] for c in ERRORS], ids=[c[0] for c in ERRORS])
 def test_invalid_freeze_changes_nothing(make, loss, kwargs, error):
     """Each error path, with a valid part before the invalid one: flags, modes, pins, tensors and grads stay."""
     model = make()
@@ -182,9 +177,7 @@ def test_invalid_freeze_changes_nothing(make, loss, kwargs, error):
     assert after[:3] == before[:3]
     for got, want in ((after[3], before[3]), (after[4], before[4])):
         assert got.keys() == want.keys()
-        assert all(
-            (got[k] is None and want[k] is None) or torch.equal(got[k], want[k]) for k in want
-        )
+        assert all((got[k] is None and want[k] is None) or torch.equal(got[k], want[k]) for k in want)
 
 
 def test_freeze_twice_and_unfreeze_of_the_never_frozen_are_no_ops(net):
@@ -331,8 +324,11 @@ GROUPS = [
     ("single-child-descends", nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))), [["0.0"], ["0.1"]]),
     ("custom-method", CustomGroups(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)), [["0", "1"], ["2"]]),
     ("net", Net(), [["backbone.0"], ["backbone.1"], ["backbone.4"], ["head"]]),
-    ("submodule-named-layer_groups", nn.ModuleDict({"layer_groups": nn.Linear(2, 2), "head": nn.Linear(2, 1)}),
-     [["layer_groups"], ["head"]]),
+    (
+        "submodule-named-layer_groups",
+        nn.ModuleDict({"layer_groups": nn.Linear(2, 2), "head": nn.Linear(2, 1)}),
+        [["layer_groups"], ["head"]],
+    ),
     ("no-parameters", nn.Sequential(nn.ReLU()), []),
 ]
 

@@ -8,14 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from torchfreeze import (
-    ArgumentError,
-    Frozen,
-    ModeError,
-    frozen_parameters,
-    prepare_for_distributed,
-    trainable_parameters,
-)
+from torchfreeze import Frozen, frozen_parameters, prepare_for_distributed, trainable_parameters
+from torchfreeze.errors import ArgumentError, ModeError
 
 
 def layers() -> tuple[nn.Linear, nn.Linear, nn.Linear]:
@@ -107,7 +101,7 @@ def test_invalid_mode(bad):
 
 
 def test_not_a_module():
-    from torchfreeze import ArgumentTypeError, TorchFreezeError
+    from torchfreeze.errors import ArgumentTypeError, TorchFreezeError
 
     with pytest.raises(ArgumentTypeError, match="expects an nn.Module") as info:
         Frozen(lambda x: x)  # type: ignore[arg-type]
@@ -146,8 +140,12 @@ def test_nested_frozen_keys_and_plain_checkpoint():
     for p in plain.parameters():
         nn.init.constant_(p, 0.25)
     model = Frozen(nn.Sequential(Frozen(a), b))  # a Frozen at the root and one inside it
-    assert sorted(model.state_dict()) == ["module.0.module.bias", "module.0.module.weight", "module.1.bias",
-                                          "module.1.weight"]
+    assert sorted(model.state_dict()) == [
+        "module.0.module.bias",
+        "module.0.module.weight",
+        "module.1.bias",
+        "module.1.weight",
+    ]
     model.load_state_dict(plain.state_dict())
     assert all(torch.equal(p, torch.full_like(p, 0.25)) for p in model.parameters())
     assert list(trainable_parameters(model)) == []

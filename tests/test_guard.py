@@ -6,24 +6,13 @@ import copy
 
 import pytest
 import torch
-from conftest import Net
 from torch import nn
 
-from torchfreeze import (
-    ArgumentError,
-    Frozen,
-    FrozenTensorChanged,
-    Problem,
-    add_unfrozen,
-    check,
-    freeze,
-    freeze_batchnorm,
-    guard,
-    param_groups,
-    pin_mode,
-    unfreeze,
-)
-from torchfreeze._guard import CODES, _bit_equal
+from conftest import Net
+from torchfreeze import Frozen, add_unfrozen, check, freeze, freeze_batchnorm, guard, param_groups, pin_mode, unfreeze
+from torchfreeze.errors import ArgumentError, FrozenTensorChanged
+from torchfreeze.training import Problem
+from torchfreeze.training.guard import CODES, _bit_equal
 
 
 def _step(model, opt, x=None):
@@ -138,7 +127,7 @@ def test_unfreezing_inside_the_guard_is_not_a_false_alarm_and_new_freezes_are_wa
     with guard(model, opt) as g:
         _step(model, opt)
         unfreeze(model, "backbone.4")
-        add_unfrozen(opt, model)
+        add_unfrozen(model, opt)
         _step(model, opt)  # backbone.4 moves: allowed now
         freeze(model, "head")
         _step(model, opt)
@@ -270,7 +259,7 @@ def test_applying_the_fix_clears_the_problem():
     freeze(model, "backbone", mode="eval")
     assert check(model) == []
     model, opt = _missing_in_optimizer()
-    add_unfrozen(opt, model)
+    add_unfrozen(model, opt)
     assert check(model, opt) == []
 
 

@@ -7,10 +7,11 @@ import pickle
 
 import pytest
 import torch
-from conftest import Net, training_map
 from torch import nn
 
-from torchfreeze import ModeError, SelectorError, eval_mode, pin_mode, pinned_modes, train_mode, unpin_mode
+from conftest import Net, training_map
+from torchfreeze import eval_mode, pin_mode, pinned_modes, train_mode, unpin_mode
+from torchfreeze.errors import ModeError, SelectorError
 
 
 def pinned_net() -> Net:
@@ -120,7 +121,7 @@ def test_unpin_restores_following_parent():
     model.eval()
     unpin_mode(model)
     assert pinned_modes(model) == {}
-    assert training_map(model) == {n: False for n in training_map(model)}
+    assert training_map(model) == dict.fromkeys(training_map(model), False)
     model.train()
     assert all(m.training for m in model.modules())
 

@@ -6,21 +6,11 @@ import copy
 
 import pytest
 import torch
-from conftest import Net, requires_grad_map
 from torch import nn
 
-from torchfreeze import (
-    ArgumentError,
-    Frozen,
-    SelectorError,
-    add_unfrozen,
-    check,
-    freeze,
-    freeze_to,
-    param_groups,
-    trainable_parameters,
-    unfreeze,
-)
+from conftest import Net, requires_grad_map
+from torchfreeze import Frozen, add_unfrozen, check, freeze, freeze_to, param_groups, trainable_parameters, unfreeze
+from torchfreeze.errors import ArgumentError, SelectorError
 
 
 def _ids(groups):
@@ -140,10 +130,12 @@ def test_groups_work_with_optimizers_and_keep_names(opt_cls):
         pytest.param({"lr": 1e-3, "weight_decay": -1.0}, ArgumentError, "weight_decay", id="negative-decay"),
         pytest.param({"lr": 1e-3, "lr_mult": 0.0}, ArgumentError, "lr_mult", id="mult-zero"),
         pytest.param({"lr": 1e-3, "lr_mult": (1.0, 2.0, 3.0)}, ArgumentError, "lr_mult", id="mult-triple"),
-        pytest.param({"lr": 1e-3, "lr_mult": -2.0, "groups": ["head"]}, ArgumentError, "lr_mult",
-                     id="mult-negative-one-group"),
-        pytest.param({"lr": 1e-3, "lr_mult": (0.0, 1.0), "groups": ["head"]}, ArgumentError, "lr_mult",
-                     id="pair-zero-one-group"),
+        pytest.param(
+            {"lr": 1e-3, "lr_mult": -2.0, "groups": ["head"]}, ArgumentError, "lr_mult", id="mult-negative-one-group"
+        ),
+        pytest.param(
+            {"lr": 1e-3, "lr_mult": (0.0, 1.0), "groups": ["head"]}, ArgumentError, "lr_mult", id="pair-zero-one-group"
+        ),
         pytest.param({"lr": 1e-3, "groups": "head"}, ArgumentError, "groups", id="groups-str"),
         pytest.param({"lr": 1e-3, "groups": []}, ArgumentError, "groups", id="groups-empty"),
         pytest.param({"lr": 1e-3, "groups": ["layers.9"]}, SelectorError, "layers.9", id="unknown-selector"),
@@ -174,11 +166,11 @@ def test_add_unfrozen_matches_by_identity_not_value():
     freeze(model, "0")
     opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
     unfreeze(model, "0")
-    added = add_unfrozen(opt, model)
+    added = add_unfrozen(model, opt)
     assert added == ["0.weight", "0.bias"]
     held = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(held) == len(set(held)) == 4
-    assert add_unfrozen(opt, model) == []  # idempotent
+    assert add_unfrozen(model, opt) == []  # idempotent
 
 
 def test_add_unfrozen_lr_default_and_initial_lr():
@@ -187,14 +179,14 @@ def test_add_unfrozen_lr_default_and_initial_lr():
     opt = torch.optim.AdamW(param_groups(model, 1e-3), lr=5e-4, weight_decay=0.01)
     torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # sets initial_lr on the groups
     unfreeze(model, "layers.2")
-    added = add_unfrozen(opt, model)
+    added = add_unfrozen(model, opt)
     assert added == ["layers.2.weight", "layers.2.bias"]
     new = opt.param_groups[-2:]
     assert [g["name"] for g in new] == ["unfrozen0", "unfrozen0/no_decay"]
     assert [g["lr"] for g in new] == [5e-4, 5e-4] and [g["initial_lr"] for g in new] == [5e-4, 5e-4]
     assert [g["weight_decay"] for g in new] == [0.01, 0.0]
     unfreeze(model, "layers.1")
-    add_unfrozen(opt, model, lr=1e-5)
+    add_unfrozen(model, opt, lr=1e-5)
     assert opt.param_groups[-1]["name"] == "unfrozen1/no_decay" and opt.param_groups[-1]["lr"] == 1e-5
     assert check(model, opt) == []
 
@@ -204,7 +196,7 @@ def test_add_unfrozen_new_parameters_really_train():
     freeze(model, "layers")
     opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
     unfreeze(model, "layers.2")
-    add_unfrozen(opt, model)
+    add_unfrozen(model, opt)
     before = model.layers[2].weight.detach().clone()
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
@@ -216,7 +208,9 @@ def test_add_unfrozen_new_parameters_really_train():
     "make_opt, lr, error, match",
     [
         pytest.param(lambda m: torch.optim.LBFGS(m.head.parameters()), None, ArgumentError, "LBFGS", id="lbfgs"),
-        pytest.param(lambda m: torch.optim.SGD(m.head.parameters(), lr=0.1), -1.0, ArgumentError, "lr=-1.0", id="bad-lr"),
+        pytest.param(
+            lambda m: torch.optim.SGD(m.head.parameters(), lr=0.1), -1.0, ArgumentError, "lr=-1.0", id="bad-lr"
+        ),
         pytest.param(lambda m: "sgd", None, ArgumentError, "Optimizer", id="not-an-optimizer"),
     ],
 )
@@ -225,7 +219,7 @@ def test_add_unfrozen_bad_input_leaves_optimizer_alone(make_opt, lr, error, matc
     opt = make_opt(model)
     groups_before = None if isinstance(opt, str) else [list(g["params"]) for g in opt.param_groups]
     with pytest.raises(error, match=match):
-        add_unfrozen(opt, model, lr=lr)
+        add_unfrozen(model, opt, lr=lr)
     if groups_before is not None:
         assert [list(g["params"]) for g in opt.param_groups] == groups_before
 
@@ -236,7 +230,7 @@ def test_invariant_after_add_unfrozen_optimizer_holds_exactly_trainable_plus_old
     opt = torch.optim.Adam(param_groups(model, 1e-3))
     for sel in ("backbone.4", "backbone.1", "backbone.0"):
         unfreeze(model, sel)
-        add_unfrozen(opt, model)
+        add_unfrozen(model, opt)
         held = {id(p) for g in opt.param_groups for p in g["params"]}
         assert {id(p) for _, p in trainable_parameters(model)} <= held
         assert not [p for p in check(model, opt) if p.code == "trainable-not-in-optimizer"]

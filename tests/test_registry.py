@@ -11,19 +11,11 @@ import torch
 from torch import nn
 
 import torchfreeze
-from torchfreeze import (
-    ArgumentError,
-    Composite,
-    FreezePlan,
-    NothingPretrainedWarning,
-    Weights,
-    WeightsError,
-    _registry,
-    get_model,
-    list_models,
-    register_model,
-)
-from torchfreeze._weights import sha256_file
+from torchfreeze import Composite, Weights, get_model, list_models, register_model
+from torchfreeze.errors import ArgumentError, WeightsError
+from torchfreeze.hub import FreezePlan, NothingPretrainedWarning
+from torchfreeze.hub import registry as _registry
+from torchfreeze.hub.weights import sha256_file
 
 
 @pytest.fixture(autouse=True)
@@ -194,8 +186,9 @@ def test_bad_weights_fail_the_build(toy: str, pretrained: Weights) -> None:
         pytest.param(lambda: register_model("x", build, plans={"p": 3}), "plans\\['p'\\]", id="bad-plan"),
         pytest.param(lambda: register_model("x", build, weights={"w": 3}), "weights\\['w'\\]", id="bad-weights"),
         pytest.param(lambda: register_model("x", build, weights=[3]), "weights\\['#0'\\]", id="bad-weights-list"),
-        pytest.param(lambda: register_model("x", build, weights="w.safetensors"), "expected a Weights",
-                     id="weights-path-str"),
+        pytest.param(
+            lambda: register_model("x", build, weights="w.safetensors"), "expected a Weights", id="weights-path-str"
+        ),
     ],
 )
 def test_register_model_errors(call, match: str) -> None:
@@ -224,7 +217,7 @@ def test_builder_must_return_a_module() -> None:
 # ---------------------------------------------------------------------------- built-in models
 def test_digits_cnn_pretrained_and_frozen() -> None:
     model = get_model("digits-cnn", freeze=True)
-    w = Weights.from_json("torchfreeze:weights/digits_cnn.json")
+    w = Weights.from_json("torchfreeze:hub/weights/digits_cnn.json")
     for key, value in w.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value), key
     assert [n for n, _ in torchfreeze.trainable_parameters(model)] == ["head.1.weight", "head.1.bias"]
@@ -241,7 +234,7 @@ def test_digits_cnn_plans() -> None:
 
 
 def test_digits_data_split_is_deterministic_and_disjoint() -> None:
-    from torchfreeze._models import load_digits_tensors, stratified_split
+    from torchfreeze.hub.models import load_digits_tensors, stratified_split
 
     x, y = load_digits_tensors((5, 6, 7, 8, 9))
     a = stratified_split(y, test_fraction=0.3)

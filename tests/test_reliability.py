@@ -337,7 +337,7 @@ def test_unfreezing_mid_run(opt_name):
     opt = build_optimizer(opt_name, model, weight_decay=0.1, source="groups")
     train(model, opt, steps=2)
     unfreeze(model, "backbone.3")
-    assert add_unfrozen(opt, model) == ["backbone.3.weight", "backbone.3.bias"]
+    assert add_unfrozen(model, opt) == ["backbone.3.weight", "backbone.3.bias"]
     still_frozen = {k: v for k, v in frozen_snapshot(model).items() if not k.startswith("backbone.3")}
     unfrozen_before = model.backbone[3].weight.detach().clone()
     trainable_before = trainable_snapshot(model)

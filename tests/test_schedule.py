@@ -6,21 +6,11 @@ import io
 
 import pytest
 import torch
-from conftest import requires_grad_map
 from torch import nn
 
-from torchfreeze import (
-    ArgumentError,
-    FreezeStateError,
-    GradualUnfreezing,
-    SelectorError,
-    check,
-    freeze_state,
-    freeze_to,
-    layer_groups,
-    load_freeze_state,
-    param_groups,
-)
+from conftest import requires_grad_map
+from torchfreeze import GradualUnfreezing, check, freeze_state, freeze_to, layer_groups, load_freeze_state, param_groups
+from torchfreeze.errors import ArgumentError, FreezeStateError, SelectorError
 
 
 class Stack(nn.Module):
@@ -261,8 +251,7 @@ def test_freeze_state_alone_restores_the_map():
 
 def test_tied_model_needs_shared_policy_and_keeps_tie_frozen_until_both_groups_unfreeze():
     from conftest import TiedLM
-
-    from torchfreeze import SharedParameterError
+    from torchfreeze.errors import SharedParameterError
 
     model = TiedLM()
     groups = [["embed"], ["body"], ["lm_head"]]

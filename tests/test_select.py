@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from torchfreeze import SelectorError, SelectorTypeError, select
-from torchfreeze._select import glob_to_regex, resolve
+from torchfreeze import select
+from torchfreeze._core.select import glob_to_regex, resolve
+from torchfreeze.errors import SelectorError, SelectorTypeError
 
 
 def model() -> nn.Module:
@@ -83,8 +84,16 @@ def test_no_match_lists_closest_names(selector, closest):
 @pytest.mark.parametrize(
     "selector",
     [3, 2.5, lambda name, m: None, int, (nn.Linear, int), {"a": 1}, ("encoder",), ()],
-    ids=["int", "float", "non-bool-predicate", "non-module-type", "tuple-with-non-module", "dict",
-         "tuple-of-names", "empty-tuple"],
+    ids=[
+        "int",
+        "float",
+        "non-bool-predicate",
+        "non-module-type",
+        "tuple-with-non-module",
+        "dict",
+        "tuple-of-names",
+        "empty-tuple",
+    ],
 )
 def test_wrong_selector_type(selector):
     with pytest.raises(SelectorTypeError) as info:
@@ -138,7 +147,7 @@ segment = st.sampled_from(["a", "b", "0", "1", "ab"])
 
 @st.composite
 def trees(draw, level=0):
-    if level >= 3 or draw(st.booleans()) and level > 0:
+    if level >= 3 or (draw(st.booleans()) and level > 0):
         return nn.Linear(1, 1) if draw(st.booleans()) else nn.ReLU()
     names = draw(st.lists(segment, min_size=1, max_size=3, unique=True))
     return nn.ModuleDict({name: draw(trees(level=level + 1)) for name in names})

@@ -12,14 +12,12 @@ import time
 
 import pytest
 import torch
-from conftest import requires_grad_map, tensors_snapshot, training_map
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conftest import requires_grad_map, tensors_snapshot, training_map
 from torchfreeze import (
-    CheckpointError,
     Frozen,
-    FreezeStateError,
     freeze,
     freeze_batchnorm,
     freeze_state,
@@ -30,7 +28,8 @@ from torchfreeze import (
     save_trainable,
     unfreeze,
 )
-from torchfreeze._state import _partition, atomic_write, fingerprint
+from torchfreeze.errors import CheckpointError, FreezeStateError
+from torchfreeze.training.state import _partition, atomic_write, fingerprint
 
 
 class Model(nn.Module):
@@ -199,14 +198,16 @@ def test_fingerprint_sensitivity():
 
 
 def test_fingerprint_streams_large_and_non_contiguous_tensors(monkeypatch):
-    import torchfreeze._io as io_mod
+    import torchfreeze._core.fingerprint as io_mod
 
     t = torch.randn(64, 33)
     monkeypatch.setattr(io_mod, "_HASH_CHUNK", 100)  # many slices
     small_chunks = fingerprint({"t": t.t()})
     monkeypatch.setattr(io_mod, "_HASH_CHUNK", 1 << 24)
     assert small_chunks == fingerprint({"t": t.t().contiguous()})
-    assert fingerprint({"t": torch.ones(3, dtype=torch.bfloat16)}) != fingerprint({"t": torch.ones(3, dtype=torch.float16)})
+    assert fingerprint({"t": torch.ones(3, dtype=torch.bfloat16)}) != fingerprint(
+        {"t": torch.ones(3, dtype=torch.float16)}
+    )
 
 
 # ------------------------------------------------------------------ trainable checkpoints
@@ -365,7 +366,7 @@ def test_failed_write_removes_temporary_and_keeps_previous_file(tmp_path):
 _CHILD = textwrap.dedent(
     """
     import sys, time, torch, safetensors.torch
-    from torchfreeze._state import atomic_write
+    from torchfreeze.training.state import atomic_write
     path, mode = sys.argv[1], sys.argv[2]
     if mode == "half":
         data = safetensors.torch.save({"w": torch.full((1 << 20,), 7.0)})
@@ -401,9 +402,7 @@ def _previous(tmp_path):
 def test_process_killed_mid_write_leaves_previous_file_intact(tmp_path):
     model, path = _previous(tmp_path)
     before = open(path, "rb").read()
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(path), "half"], stdout=subprocess.PIPE, text=True
-    )
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), "half"], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "HALF"
         tmp_files = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
@@ -475,7 +474,9 @@ _PARTS = ["backbone.0", "backbone.1", "backbone.3", "head"]
 @settings(max_examples=40, deadline=None)
 @given(
     frozen=st.lists(st.sampled_from(_PARTS), unique=True),
-    pinned=st.dictionaries(st.sampled_from(["backbone", "backbone.1", "drop", "head"]), st.sampled_from(["train", "eval"])),
+    pinned=st.dictionaries(
+        st.sampled_from(["backbone", "backbone.1", "drop", "head"]), st.sampled_from(["train", "eval"])
+    ),
     freeze_mode=st.sampled_from([None, "eval", "train"]),
 )
 def test_freeze_state_round_trip_invariant(frozen, pinned, freeze_mode):

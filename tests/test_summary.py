@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import Net, TiedLM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from torchfreeze import ArgumentError, Frozen, freeze, pin_mode, summary
+from conftest import Net, TiedLM
+from torchfreeze import Frozen, freeze, pin_mode, summary
+from torchfreeze.errors import ArgumentError
 
 
 def test_totals_split_by_flag_and_use():

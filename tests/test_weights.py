@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 import torchfreeze
-from torchfreeze import ArgumentError, Weights, WeightsError
-from torchfreeze._weights import sha256_file
+from torchfreeze import Weights
+from torchfreeze.errors import ArgumentError, WeightsError
+from torchfreeze.hub.weights import sha256_file
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -192,10 +193,16 @@ def test_unknown_target(tmp_path: Path, source_state: dict) -> None:
         pytest.param({"name": "a", "source": "", "sha256": "0" * 64}, "source=", id="empty-source"),
         pytest.param({"name": "a", "source": "x", "sha256": "abc"}, "64 hex", id="short-sha"),
         pytest.param({"name": "a", "source": "x", "sha256": "z" * 64}, "64 hex", id="not-hex"),
-        pytest.param({"name": "a", "source": "x", "sha256": "0" * 64, "ignore_keys": "pooler.w"}, "ignore_keys=",
-                     id="ignore-keys-str"),
-        pytest.param({"name": "a", "source": "x", "sha256": "0" * 64, "metadata": ["MIT"]}, "metadata=",
-                     id="metadata-not-mapping"),
+        pytest.param(
+            {"name": "a", "source": "x", "sha256": "0" * 64, "ignore_keys": "pooler.w"},
+            "ignore_keys=",
+            id="ignore-keys-str",
+        ),
+        pytest.param(
+            {"name": "a", "source": "x", "sha256": "0" * 64, "metadata": ["MIT"]},
+            "metadata=",
+            id="metadata-not-mapping",
+        ),
         pytest.param({"name": "a", "source": "x", "sha256": "0" * 64, "target": None}, "target=", id="target-none"),
     ],
 )
@@ -211,7 +218,7 @@ def test_load_into_rejects_non_module(tmp_path: Path, source_state: dict) -> Non
 
 
 def test_package_source_resolves_inside_installed_package() -> None:
-    w = Weights("d", "torchfreeze:weights/digits_cnn.safetensors", "0" * 64)
+    w = Weights("d", "torchfreeze:hub/weights/digits_cnn.safetensors", "0" * 64)
     assert w.path.is_file()
     assert w.path.parent.name == "weights"
 
@@ -228,13 +235,16 @@ def test_local_paths_are_not_mistaken_for_packages(tmp_path: Path) -> None:
 
 
 def test_builtin_digits_weights_match_their_description() -> None:
-    w = Weights.from_json("torchfreeze:weights/digits_cnn.json")
+    w = Weights.from_json("torchfreeze:hub/weights/digits_cnn.json")
     assert w.path.stat().st_size < 1_000_000
     assert hashlib.sha256(w.path.read_bytes()).hexdigest() == w.sha256
     assert w.metadata["pretrain_classes"] == [0, 1, 2, 3, 4]
     assert {"license", "origin", "input", "parameters"} <= set(w.metadata)
     tensors = w.state_dict()
-    assert sum(v.numel() for k, v in tensors.items() if "running" not in k and "num_batches" not in k) == w.metadata["parameters"]
+    assert (
+        sum(v.numel() for k, v in tensors.items() if "running" not in k and "num_batches" not in k)
+        == w.metadata["parameters"]
+    )
 
 
 def test_from_json_errors(tmp_path: Path) -> None:

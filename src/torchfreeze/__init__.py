@@ -1,64 +1,54 @@
 """torchfreeze: freezing parts of PyTorch models, correct, explicit and fast.
 
-See DESIGN.md for the concepts: selectors, frozen parameters, ``Frozen`` uses,
-pinned modes and freeze state. Every verb works on any ``nn.Module``.
+The verbs of a normal training script are here, flat. Result classes and
+adapters live in their layers (``torchfreeze.nn``, ``torchfreeze.training``,
+``torchfreeze.speed``, ``torchfreeze.compose``, ``torchfreeze.hub``), errors in
+``torchfreeze.errors``. docs/architecture.md describes the layers.
 """
 
-from ._cache import CacheStats, FeatureCache, cache_features
-from ._explain import Explanation, FrozenPart, explain
-from ._fold import FoldedBatchNorm, fold_batchnorm, foldable_pairs, folded_batchnorms, unfold_batchnorm
-from ._compose import Backbone, Composite, HFEncoder, ModuleBackbone, store_frozen_backbone
-from ._batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm
-from ._errors import (
-    ArgumentError,
-    ArgumentTypeError,
-    CacheRefusedError,
-    CheckpointError,
-    FreezeStateError,
-    FrozenTensorChanged,
-    ModeError,
-    SelectorError,
-    SelectorTypeError,
-    SharedParameterError,
-    TorchFreezeError,
-    WeightsError,
-)
-from ._freeze import (
+from torchfreeze import errors
+from torchfreeze._core.mode import eval_mode, pin_mode, pinned_modes, train_mode, unpin_mode
+from torchfreeze._core.select import Selector, select
+from torchfreeze.compose import Composite, store_frozen_backbone
+from torchfreeze.hub import Weights, get_model, list_models, register_model
+from torchfreeze.nn import (
+    Frozen,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    fold_batchnorm,
+    foldable_pairs,
+    folded_batchnorms,
     freeze,
+    freeze_batchnorm,
     freeze_to,
     frozen_parameters,
     is_frozen,
     layer_groups,
     prepare_for_distributed,
+    summary,
     trainable_parameters,
+    unfold_batchnorm,
     unfreeze,
 )
-from ._frozen import Frozen
-from ._mode import eval_mode, pin_mode, pinned_modes, train_mode, unpin_mode
-from ._select import select
-from ._optim import add_unfrozen, param_groups
-from ._schedule import GradualUnfreezing
-from ._guard import Guard, Problem, check, guard
-from ._state import freeze_state, load_freeze_state, load_trainable, save_trainable
-from ._summary import Summary, summary
-from ._registry import FreezePlan, NothingPretrainedWarning, get_model, list_models, register_model
-from ._weights import Weights
+from torchfreeze.speed import cache_features, explain
+from torchfreeze.training import (
+    GradualUnfreezing,
+    add_unfrozen,
+    check,
+    freeze_state,
+    guard,
+    load_freeze_state,
+    load_trainable,
+    param_groups,
+    save_trainable,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    # training (issue 3)
-    "param_groups",
-    "add_unfrozen",
-    "GradualUnfreezing",
-    "guard",
-    "Guard",
-    "check",
-    "Problem",
-    "freeze_state",
-    "load_freeze_state",
-    "save_trainable",
-    "load_trainable",
+    "errors",
+    "Selector",
     # selection and freezing
     "select",
     "freeze",
@@ -70,7 +60,7 @@ __all__ = [
     "frozen_parameters",
     "Frozen",
     "prepare_for_distributed",
-    # mode
+    # mode and BatchNorm
     "pin_mode",
     "unpin_mode",
     "pinned_modes",
@@ -80,44 +70,29 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
-    # inspection
-    "summary",
-    "Summary",
-    # speed
-    "cache_features",
-    "FeatureCache",
-    "CacheStats",
-    "explain",
-    "Explanation",
-    "FrozenPart",
     "fold_batchnorm",
     "unfold_batchnorm",
     "folded_batchnorms",
     "foldable_pairs",
-    "FoldedBatchNorm",
+    # training
+    "param_groups",
+    "add_unfrozen",
+    "GradualUnfreezing",
+    "guard",
+    "check",
+    "freeze_state",
+    "load_freeze_state",
+    "save_trainable",
+    "load_trainable",
+    # inspection and speed
+    "summary",
+    "explain",
+    "cache_features",
     # composition and builders
     "Composite",
     "store_frozen_backbone",
-    "Backbone",
-    "ModuleBackbone",
-    "HFEncoder",
-    "Weights",
-    "register_model",
     "get_model",
     "list_models",
-    "FreezePlan",
-    "NothingPretrainedWarning",
-    # errors
-    "TorchFreezeError",
-    "SelectorError",
-    "SelectorTypeError",
-    "SharedParameterError",
-    "ModeError",
-    "ArgumentError",
-    "ArgumentTypeError",
-    "FreezeStateError",
-    "CheckpointError",
-    "WeightsError",
-    "FrozenTensorChanged",
-    "CacheRefusedError",
+    "register_model",
+    "Weights",
 ]

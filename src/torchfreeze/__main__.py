@@ -1,6 +1,6 @@
 """``python -m torchfreeze`` is the ``torchfreeze`` command."""
 
-from ._cli import main
+from torchfreeze.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,0 +1,363 @@
+"""Model registry: ``register_model``, ``get_model(name, *, weights=..., freeze=...)``, ``list_models``.
+
+A registered model is a builder (keyword arguments -> ``nn.Module``), its named
+pretrained :class:`~torchfreeze.Weights` (``"default"`` first), and its *freeze
+plans*: what ``freeze=True`` means for it, plus optional named alternatives
+(``freeze="all_but_last_block"``). The default plan of a model that declares
+none is the one of a :class:`~torchfreeze.Composite`: backbone frozen and pinned
+in eval mode, head trainable.
+
+Building order: builder, then weights (verified, atomic), then the freeze plan.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from torchfreeze.compose.composite import Composite, store_frozen_backbone
+from torchfreeze.errors import ArgumentError
+from torchfreeze.hub.weights import Weights
+
+__all__ = [
+    "FreezePlan",
+    "NothingPretrainedWarning",
+    "ModelSpec",
+    "register_model",
+    "get_model",
+    "list_models",
+    "model_spec",
+]
+
+
+class NothingPretrainedWarning(UserWarning):
+    """``freeze=...`` was asked for a model built without pretrained weights.
+
+    >>> issubclass(NothingPretrainedWarning, UserWarning)
+    True
+    """
+
+
+@dataclass(frozen=True, kw_only=True)
+class FreezePlan:
+    """What freezing means for a model: which parts, and which mode they keep.
+
+    Args:
+        freeze: selectors of what to freeze (default: ``("backbone",)``).
+        mode: mode pinned on the frozen modules (``"eval"`` by default; ``None``
+            leaves behaviour alone).
+        train_bn: keep normalisation layers in the selection trainable.
+        description: one line shown by ``list_models`` / docs.
+
+    >>> import torch
+    >>> from torchfreeze import Composite, is_frozen
+    >>> m = Composite(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    >>> _ = FreezePlan().apply(m)
+    >>> is_frozen(m, "backbone"), is_frozen(m, "head")
+    (True, False)
+    """
+
+    freeze: tuple[Any, ...] = ("backbone",)
+    mode: Literal["eval", "train"] | None = "eval"
+    train_bn: bool = False
+    description: str = "backbone frozen and pinned in eval mode, head trainable"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Freeze ``model`` in place according to the plan and return it.
+
+        Args:
+            model: the model to freeze (a :class:`Composite` for the default plan).
+
+        Returns:
+            ``model``.
+
+        Raises:
+            SelectorError: a selector of the plan matches nothing in ``model``.
+
+        >>> import torch
+        >>> m = FreezePlan(freeze=("0",), mode=None).apply(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        >>> m[0].weight.requires_grad
+        False
+        """
+        from torchfreeze.nn.freezing import freeze as _freeze
+
+        return _freeze(model, *self.freeze, mode=self.mode, train_bn=self.train_bn)
+
+
+Plan = FreezePlan | Callable[[nn.Module], Any]
+DEFAULT_PLAN = FreezePlan()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: builder, weights and freeze plans (see :func:`register_model`)."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    weights: Mapping[str, Weights] = field(default_factory=dict)
+    plans: Mapping[str, Plan] = field(default_factory=dict)
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+_BUILTINS_LOADED = False
+
+
+def _ensure_builtins() -> None:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        import torchfreeze.hub.models  # noqa: F401  (registers the built-in models)
+
+
+def register_model(
+    name: str,
+    builder: Callable[..., nn.Module] | None = None,
+    *,
+    weights: Mapping[str, Weights] | Sequence[Weights] | Weights | None = None,
+    plans: Mapping[str, Plan] | None = None,
+    description: str = "",
+    overwrite: bool = False,
+) -> Any:
+    """Register a model builder under ``name`` (also usable as a decorator).
+
+    Args:
+        name: the registry key, e.g. ``"digits-cnn"``.
+        builder: a callable ``(**kwargs) -> nn.Module``; omit to use as a decorator.
+        weights: pretrained weights by name; the first (or the one named
+            ``"default"``) is the default. A single :class:`Weights` or a list is
+            keyed by each ``Weights.name``.
+        plans: named freeze plans (a :class:`FreezePlan` or a callable taking the
+            model). ``"default"`` is what ``freeze=True`` applies; when absent,
+            the Composite default (backbone frozen + pinned eval) is used.
+        description: one line describing the model.
+        overwrite: allow replacing an existing registration.
+
+    Returns:
+        ``builder`` (so it works as a decorator).
+
+    Raises:
+        ArgumentError: empty or duplicate name, builder not callable, bad plans.
+
+    >>> import torch
+    >>> from torchfreeze import Composite
+    >>> @register_model("doc-tiny", overwrite=True)
+    ... def tiny(num_classes: int = 2):
+    ...     return Composite(torch.nn.Linear(4, 8), torch.nn.Linear(8, num_classes))
+    >>> "doc-tiny" in list_models()
+    True
+    """
+    if builder is None:
+
+        def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+            register_model(name, fn, weights=weights, plans=plans, description=description, overwrite=overwrite)
+            return fn
+
+        return decorator
+    if not isinstance(name, str) or not name.strip():
+        raise ArgumentError(f"name={name!r}: expected a non-empty string.")
+    if not callable(builder):
+        raise ArgumentError(f"builder={type(builder).__name__}: expected a callable returning an nn.Module.")
+    if name in _REGISTRY and not overwrite:
+        raise ArgumentError(f"name={name!r} is already registered; choose another name or pass overwrite=True.")
+    if weights is None:
+        table: dict[str, Weights] = {}
+    elif isinstance(weights, Weights):
+        table = {"default": weights}
+    elif isinstance(weights, Mapping):
+        table = dict(weights)
+    elif isinstance(weights, (list, tuple)):
+        table = {getattr(w, "name", f"#{i}"): w for i, w in enumerate(weights)}
+    else:
+        raise ArgumentError(
+            f"weights={weights!r}: expected a Weights, a list of Weights or a dict name -> Weights "
+            "(for a file, wrap it: Weights(name, path, sha256))."
+        )
+    for key, w in table.items():
+        if not isinstance(w, Weights):
+            raise ArgumentError(f"weights[{key!r}]={type(w).__name__}: expected a Weights.")
+    if table and "default" not in table:
+        table = {"default": next(iter(table.values())), **table}
+    plan_table = dict(plans or {})
+    for key, plan in plan_table.items():
+        if not isinstance(key, str) or not (isinstance(plan, FreezePlan) or callable(plan)):
+            raise ArgumentError(
+                f"plans[{key!r}]={type(plan).__name__}: expected a FreezePlan or a callable taking the model."
+            )
+    _REGISTRY[name] = ModelSpec(name, builder, table, plan_table, description)
+    return builder
+
+
+def list_models() -> list[str]:
+    """Names of every registered model, sorted.
+
+    Returns:
+        The registry keys (built-in models included), sorted.
+
+    >>> "digits-cnn" in list_models()
+    True
+    """
+    _ensure_builtins()
+    return sorted(_REGISTRY)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registration of ``name`` (builder, weights, plans).
+
+    Args:
+        name: a name from :func:`list_models`.
+
+    Returns:
+        Its :class:`ModelSpec`.
+
+    Raises:
+        ArgumentError: no model of that name, with the closest names.
+
+    >>> sorted(model_spec("digits-cnn").plans)
+    ['all_but_last_block', 'default', 'none']
+    """
+    _ensure_builtins()
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
+        raise ArgumentError(
+            f"name={name!r}: no registered model of that name; known models: "
+            f"{sorted(_REGISTRY)}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + ". Register it with register_model(...)."
+        ) from None
+
+
+def known_plans(spec: ModelSpec) -> list[str]:
+    """Plan names accepted by ``get_model(spec.name, freeze=...)`` (``True`` = ``"default"``)."""
+    return sorted({"default", *spec.plans})
+
+
+def get_model(
+    name: str,
+    *,
+    weights: str | Weights | None = "default",
+    freeze: bool | str = False,
+    frozen_dtype: torch.dtype | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered model, load its pretrained weights and apply a freeze plan.
+
+    Args:
+        name: a name from :func:`list_models`.
+        weights: ``"default"``, the name of another registered weights, a
+            :class:`Weights`, or ``None`` for random initialisation.
+        freeze: ``False`` (nothing frozen), ``True`` (the model's default plan,
+            for a Composite: backbone frozen and pinned eval, head trainable), or
+            the name of one of the model's plans.
+        frozen_dtype: opt-in storage dtype for a frozen Composite backbone (for example
+            ``torch.bfloat16``: half the memory, no gradient, no optimizer state); needs a
+            freeze plan that freezes the whole backbone. See :func:`store_frozen_backbone`.
+        **kwargs: passed to the builder (for example ``num_classes=5``).
+
+    Returns:
+        The model, in training mode except what the plan pins.
+
+    Raises:
+        ArgumentError: unknown model, weights or plan name (the message lists the
+            known ones).
+        WeightsError: the weights file is missing, corrupted or does not fit.
+
+    Warns:
+        NothingPretrainedWarning: ``freeze`` asked with ``weights=None``.
+
+    >>> import torch, warnings
+    >>> from torchfreeze import Composite, trainable_parameters
+    >>> _ = register_model("doc-frozen", lambda: Composite(torch.nn.Linear(2, 2),
+    ...                torch.nn.Linear(2, 1)), overwrite=True)
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     m = get_model("doc-frozen", weights=None, freeze=True)
+    >>> [n for n, _ in trainable_parameters(m)]
+    ['head.weight', 'head.bias']
+    """
+    spec = model_spec(name)
+    plan = _choose_plan(spec, freeze)
+    if frozen_dtype is not None and plan is None:
+        raise ArgumentError(
+            f"frozen_dtype={frozen_dtype!r} with freeze={freeze!r}: only a frozen backbone can be stored "
+            "in another dtype. Fix: pass freeze=True (or a plan name), or drop frozen_dtype."
+        )
+    chosen = _choose_weights(spec, weights)
+    model = spec.builder(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"the builder of {name!r} returned {type(model).__name__}; expected an nn.Module.")
+    if chosen is not None:
+        chosen.load_into(model)
+    if plan is DEFAULT_PLAN and not isinstance(model, Composite) and not _has_submodule(model, "backbone"):
+        raise ArgumentError(
+            f"freeze={freeze!r}: model {name!r} declares no 'default' freeze plan and has no "
+            f"'backbone' part (it is a {type(model).__name__}, not a Composite). Register it with "
+            f"plans={{'default': FreezePlan(freeze=(...selectors...))}} or pass freeze=False."
+        )
+    if plan is not None:
+        if chosen is None:
+            why = "" if weights is None else f" ({name!r} has no registered pretrained weights)"
+            warnings.warn(
+                f"get_model({name!r}, weights={weights!r}, freeze={freeze!r}): nothing pretrained is "
+                f"being frozen{why}; the frozen parts keep their random initialisation. Pass "
+                f"weights='default' (or a Weights) to freeze pretrained features.",
+                NothingPretrainedWarning,
+                stacklevel=2,
+            )
+        if isinstance(plan, FreezePlan):
+            plan.apply(model)
+        else:
+            plan(model)
+    if frozen_dtype is not None:
+        store_frozen_backbone(model, frozen_dtype)  # type: ignore[arg-type]  (checks it is a Composite)
+    return model
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    return isinstance(getattr(model, name, None), nn.Module)
+
+
+def _choose_plan(spec: ModelSpec, freeze: bool | str) -> Plan | None:
+    if freeze is False or freeze is None:
+        return None
+    if freeze is True:
+        key = "default"
+    elif isinstance(freeze, str):
+        key = freeze
+    else:
+        raise ArgumentError(
+            f"freeze={freeze!r}: expected True, False or a plan name; known plans for "
+            f"{spec.name!r}: {known_plans(spec)}."
+        )
+    if key in spec.plans:
+        return spec.plans[key]
+    if key == "default":
+        return DEFAULT_PLAN
+    raise ArgumentError(
+        f"freeze={freeze!r}: model {spec.name!r} has no such freeze plan; known plans: "
+        f"{known_plans(spec)} (True means 'default')."
+    )
+
+
+def _choose_weights(spec: ModelSpec, weights: str | Weights | None) -> Weights | None:
+    if weights is None or isinstance(weights, Weights):
+        return weights
+    if isinstance(weights, str):
+        if weights == "default" and not spec.weights:
+            return None  # nothing pretrained registered: random initialisation
+        if weights in spec.weights:
+            return spec.weights[weights]
+        known = sorted(spec.weights) or ["(none: use weights=None)"]
+        raise ArgumentError(
+            f"weights={weights!r}: model {spec.name!r} has no such pretrained weights; known: "
+            f"{known}. Pass a Weights object for your own file, or weights=None."
+        )
+    raise ArgumentError(f"weights={type(weights).__name__}: expected 'default', a weights name, a Weights, or None.")

@@ -1,0 +1,385 @@
+"""Freeze state: ``requires_grad`` is the single source of truth, ``Frozen`` uses are structural."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch import nn
+
+from torchfreeze._core.mode import check_mode, get_pin, set_pin, unpin_modules
+from torchfreeze._core.select import Selection, resolve
+from torchfreeze._core.uses import parameter_uses, set_requires_grad
+from torchfreeze.errors import ArgumentError, SharedParameterError
+from torchfreeze.nn.batchnorm import _FrozenBatchNorm, is_norm, unconvert_batchnorm
+
+__all__ = [
+    "freeze",
+    "unfreeze",
+    "is_frozen",
+    "trainable_parameters",
+    "frozen_parameters",
+    "freeze_to",
+    "layer_groups",
+    "prepare_for_distributed",
+]
+
+_SHARED_POLICIES = ("error", "freeze")
+
+
+def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Iterate ``(name, parameter)`` over the parameters that training can change.
+
+    A parameter is trainable when it requires grad and has at least one use
+    outside ``Frozen``. Each parameter appears once, under its first trainable path.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        An iterator of ``(qualified name, parameter)`` in model order.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), Frozen(nn.Linear(2, 2)))
+        >>> [name for name, _ in trainable_parameters(model)]
+        ['0.weight', '0.bias']
+    """
+    for entry in parameter_uses(model).values():
+        if entry.trainable:
+            yield entry.trainable_paths[0], entry.parameter
+
+
+def frozen_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Iterate ``(name, parameter)`` over the parameters that no optimizer step may change.
+
+    That is every parameter that is not trainable: ``requires_grad=False``, or
+    used only through ``Frozen``. Each appears once, under its first path.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        An iterator of ``(qualified name, parameter)`` in model order.
+
+    Example:
+        >>> from torch import nn
+        >>> model = freeze(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)), "0")
+        >>> [name for name, _ in frozen_parameters(model)]
+        ['0.weight', '0.bias']
+    """
+    for entry in parameter_uses(model).values():
+        if not entry.trainable:
+            yield entry.paths[0], entry.parameter
+
+
+def _plan(
+    model: nn.Module,
+    selection: Selection,
+    *,
+    requires_grad: bool,
+    train_bn: bool,
+    shared: str,
+    verb: str,
+) -> tuple[list[nn.Parameter], list[nn.Module]]:
+    """Validate and list what a (un)freeze would change, changing nothing."""
+    if shared not in _SHARED_POLICIES:
+        raise ArgumentError(
+            f"shared={shared!r} is not a policy; expected 'error' or 'freeze'. Fix: pass "
+            "shared='freeze' to change every use of a shared parameter, or leave the default 'error'."
+        )
+    if not isinstance(train_bn, bool):
+        raise ArgumentError(
+            f"train_bn={train_bn!r} is not a bool; expected True (keep normalisation layers trainable) "
+            "or False. Fix: pass train_bn=True or train_bn=False."
+        )
+    modules = dict(model.named_modules(remove_duplicate=False))
+    skip_norm_params = set()
+    if train_bn:
+        for name, param in selection.parameters.items():
+            if is_norm(modules[name.rpartition(".")[0]]):
+                skip_norm_params.add(id(param))
+    targets: dict[int, nn.Parameter] = {}
+    for name, param in selection.parameters.items():
+        if id(param) not in skip_norm_params and param.requires_grad != requires_grad:
+            targets[id(param)] = param
+    if shared == "error" and targets:
+        uses = parameter_uses(model)
+        selected_paths = set(selection.parameters)
+        for key in targets:
+            outside = [p for p in uses[key].trainable_paths if p not in selected_paths]
+            if outside:
+                inside = next(p for p in uses[key].paths if p in selected_paths)
+                raise SharedParameterError(
+                    f"cannot {verb} {inside!r}: the same parameter is also used as {outside[0]!r}, "
+                    f"outside the selection, and the call would silently {verb} that use too. "
+                    f"Fix: add {outside[0].rpartition('.')[0] or outside[0]!r} to the selection, or pass "
+                    f"shared='freeze' to {verb} every use on purpose."
+                )
+    pin_targets = [m for m in selection.unique_modules().values() if not (train_bn and is_norm(m))]
+    return list(targets.values()), pin_targets
+
+
+def freeze(
+    model: nn.Module,
+    *selectors: Any,
+    mode: str | None = None,
+    train_bn: bool = False,
+    shared: str = "error",
+) -> nn.Module:
+    """Freeze the selected parameters: ``requires_grad=False`` and ``.grad=None``.
+
+    Freezing never changes a ``training`` flag unless ``mode`` asks for it.
+
+    Args:
+        model: any ``nn.Module``.
+        *selectors: what to freeze (see :func:`torchfreeze.select`); none means the whole model.
+        mode: ``None`` leaves train/eval behaviour alone; ``"eval"`` or ``"train"`` also
+            pins that mode on every selected module (:func:`torchfreeze.unfreeze` removes it).
+            A module already pinned by :func:`pin_mode` or ``Frozen(mode=...)`` keeps that
+            pin (say, Monte-Carlo dropout inside a frozen eval backbone).
+        train_bn: keep normalisation layers inside the selection trainable and unpinned.
+        shared: ``"error"`` refuses to freeze a parameter also used (trainably) outside the
+            selection; ``"freeze"`` freezes it for every use.
+
+    Returns:
+        The model, changed in place.
+
+    Raises:
+        SelectorError: a selector matched nothing (the message lists the closest names).
+        SelectorTypeError: a selector of an unsupported kind.
+        SharedParameterError: ``shared="error"`` and a selected parameter is tied to one outside.
+        ModeError: ``mode`` is not ``None``, ``"train"`` or ``"eval"``.
+        ArgumentError: ``shared`` is not a known policy, or ``train_bn`` is not a bool.
+
+    Nothing changes when it raises: every check runs before the first change.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1), nn.Linear(2, 1))
+        >>> _ = freeze(model, "0", mode="eval")
+        >>> model[0].weight.requires_grad, model.train()[0].training, model[1].training
+        (False, False, True)
+    """
+    check_mode(mode, allow_none=True)
+    selection = resolve(model, *selectors)
+    params, pin_targets = _plan(model, selection, requires_grad=False, train_bn=train_bn, shared=shared, verb="freeze")
+    set_requires_grad(params, False)
+    if mode is not None:
+        for module in pin_targets:
+            pin = get_pin(module)
+            if pin is None or pin.origin == "freeze":  # pins from pin_mode / Frozen(mode=...) stay theirs
+                set_pin(module, mode, "freeze")
+    return model
+
+
+def unfreeze(model: nn.Module, *selectors: Any, shared: str = "error") -> nn.Module:
+    """Make the selected parameters trainable again and remove the pins ``freeze`` set.
+
+    Pins set by :func:`pin_mode` or ``Frozen(mode=...)`` stay. ``FrozenBatchNorm``
+    modules in the selection are swapped back to trainable BatchNorm layers.
+
+    Args:
+        model: any ``nn.Module``.
+        *selectors: what to unfreeze; none means the whole model.
+        shared: ``"error"`` refuses to unfreeze a parameter also used (frozen) outside the
+            selection; ``"freeze"`` unfreezes every use.
+
+    Returns:
+        The model, changed in place.
+
+    Raises:
+        SelectorError: a selector matched nothing.
+        SharedParameterError: ``shared="error"`` and a selected parameter is tied to one outside.
+        ArgumentError: ``shared`` is not a known policy.
+
+    Example:
+        >>> from torch import nn
+        >>> model = freeze(nn.Sequential(nn.Linear(2, 2)), mode="eval")
+        >>> _ = unfreeze(model)
+        >>> model[0].weight.requires_grad, model.train()[0].training
+        (True, True)
+    """
+    selection = resolve(model, *selectors)
+    params, _ = _plan(model, selection, requires_grad=True, train_bn=False, shared=shared, verb="unfreeze")
+    set_requires_grad(params, True)
+    _release(model, selection)
+    return model
+
+
+def _release(model: nn.Module, selection: Selection) -> None:
+    """Undo what freezing did besides the flag: pins set by ``freeze``, converted BatchNorm layers."""
+    unpin_modules(model, selection.unique_modules().values(), origins={"freeze"})
+    unconvert_batchnorm(model, [n for n, m in selection.modules.items() if isinstance(m, _FrozenBatchNorm)])
+
+
+def is_frozen(model: nn.Module, *selectors: Any) -> bool:
+    """True when no parameter in the selection is trainable (vacuously true without parameters).
+
+    Trainable is structural, as in :func:`trainable_parameters`: a parameter
+    used only through ``Frozen`` counts as frozen.
+
+    Args:
+        model: any ``nn.Module``.
+        *selectors: what to ask about; none means the whole model.
+
+    Returns:
+        ``True`` when every selected parameter is frozen.
+
+    Raises:
+        SelectorError: a selector matched nothing.
+        SelectorTypeError: a selector of an unsupported kind.
+
+    Example:
+        >>> from torch import nn
+        >>> model = freeze(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)), "0")
+        >>> is_frozen(model, "0"), is_frozen(model)
+        (True, False)
+    """
+    selection = resolve(model, *selectors)
+    uses = parameter_uses(model)
+    return not any(uses[id(p)].trainable for p in selection.parameters.values())
+
+
+def prepare_for_distributed(model: nn.Module) -> nn.Module:
+    """Turn off ``requires_grad`` on every parameter that has no trainable use in ``model``.
+
+    DDP and FSDP fail on a parameter that requires grad but never receives one.
+    A module wrapped in ``Frozen`` keeps ``requires_grad=True`` (it may be used
+    unwrapped elsewhere: a tie), and only the whole model can tell. Call this
+    once on the complete model, before wrapping it in DDP/FSDP; undo it with
+    :func:`unfreeze` on the wrapped modules.
+
+    Args:
+        model: the complete model, every use of every module included.
+
+    Returns:
+        The model, changed in place.
+
+    Example:
+        >>> from torch import nn
+        >>> inner = nn.Linear(2, 2)
+        >>> model = prepare_for_distributed(nn.Sequential(nn.Linear(2, 2), Frozen(inner)))
+        >>> inner.weight.requires_grad, model[0].weight.requires_grad
+        (False, True)
+    """
+    uses = parameter_uses(model).values()
+    unused = [e.parameter for e in uses if e.parameter.requires_grad and not e.trainable_paths]
+    set_requires_grad(unused, False)
+    return model
+
+
+def _expand(prefix: str, module: nn.Module) -> list[str]:
+    """Names of the blocks in ``module``: the items of a ModuleList/Sequential, else itself."""
+    if isinstance(module, (nn.ModuleList, nn.Sequential)):
+        return [f"{prefix}.{n}" for n, child in module.named_children() if _has_parameters(child)]
+    with_params = [(n, c) for n, c in module.named_children() if _has_parameters(c)]
+    if len(with_params) == 1 and not list(module.parameters(recurse=False)):
+        name, child = with_params[0]
+        if isinstance(child, (nn.ModuleList, nn.Sequential)):
+            return _expand(f"{prefix}.{name}", child)
+    return [prefix]
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def layer_groups(model: nn.Module) -> list[list[str]]:
+    """The model's layer groups, input side first, each a list of qualified names.
+
+    A model that defines a method ``layer_groups(self)`` returning a list of
+    selectors decides for itself. Otherwise: descend through modules that have a
+    single child with parameters; then each child with parameters is a group,
+    and a child that is (or only wraps) a ``ModuleList``/``Sequential`` of
+    blocks contributes one group per block. Parameters owned directly by that
+    module come first, as one group.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        The groups, each a list of qualified names (``[]`` for a model without parameters).
+
+    Raises:
+        SelectorError: a selector from the model's own ``layer_groups()`` matched nothing.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+        >>> layer_groups(model)
+        [['0'], ['2']]
+    """
+    custom = getattr(model, "layer_groups", None)
+    if callable(custom) and not isinstance(custom, nn.Module):  # a submodule may be named layer_groups
+        return [resolve(model, selector).matched for selector in custom()]
+    prefix, module = "", model
+    while True:
+        direct = [n for n, _ in module.named_parameters(recurse=False)]
+        with_params = [(n, c) for n, c in module.named_children() if _has_parameters(c)]
+        if not direct and len(with_params) == 1 and not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            name, module = with_params[0]
+            prefix = f"{prefix}.{name}" if prefix else name
+            continue
+        break
+    join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
+    groups: list[list[str]] = []
+    if direct:
+        groups.append([join(n) for n in direct])
+    for name, child in with_params:
+        for block in _expand(join(name), child):
+            groups.append([block])
+    return groups
+
+
+def freeze_to(model: nn.Module, n: int, groups: Sequence[Any] | None = None, *, shared: str = "error") -> nn.Module:
+    """Freeze the first ``n`` layer groups and unfreeze the rest (fastai's ``freeze_to``).
+
+    Unfreezing the rest is :func:`unfreeze` on those groups: their ``freeze`` pins
+    are removed and converted BatchNorm layers swapped back.
+
+    Args:
+        model: any ``nn.Module``.
+        n: how many groups, from the input side, to freeze; negative counts from the end
+            (``-1`` freezes all but the last group).
+        groups: selectors, one per group; default :func:`layer_groups`.
+        shared: as for :func:`freeze`: ``"error"`` refuses to change a parameter tied to one in
+            a group on the other side of ``n``; ``"freeze"`` changes it for every use (the
+            frozen side wins for a tie between the two sides).
+
+    Returns:
+        The model, changed in place.
+
+    Raises:
+        ArgumentError: ``n`` is not an int within ``[-len(groups), len(groups)]``.
+        SelectorError, SharedParameterError: as for :func:`freeze`; nothing changes then.
+
+    Example:
+        >>> from torch import nn
+        >>> model = freeze_to(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1)), 2)
+        >>> [p.requires_grad for p in model.parameters()]
+        [False, False, False, False, True, True]
+    """
+    groups = list(layer_groups(model) if groups is None else groups)
+    if isinstance(n, bool) or not isinstance(n, int) or not -len(groups) <= n <= len(groups):
+        raise ArgumentError(
+            f"n={n!r} must be an int between {-len(groups)} and {len(groups)} for a model with "
+            f"{len(groups)} layer groups {groups!r}. Fix: pass a group count, or groups=... explicitly."
+        )
+    if n < 0:
+        n += len(groups)
+    frozen_part, trainable_part = groups[:n], groups[n:]
+    selections: dict[bool, Selection] = {}
+    for part, requires_grad, verb in ((frozen_part, False, "freeze"), (trainable_part, True, "unfreeze")):
+        if part:
+            selections[requires_grad] = resolve(model, list(part))
+            _plan(
+                model, selections[requires_grad], requires_grad=requires_grad, train_bn=False, shared=shared, verb=verb
+            )
+    # unfreeze first, then freeze: with shared="freeze" a parameter tied across the two sides stays frozen
+    for requires_grad in (True, False):
+        if requires_grad in selections:
+            set_requires_grad(selections[requires_grad].parameters.values(), requires_grad)
+    if True in selections:
+        _release(model, selections[True])
+    return model

@@ -1,0 +1,21 @@
+"""Training: optimizer groups, schedules, ``guard``/``check``, freeze state and trainable-only checkpoints."""
+
+from torchfreeze.training.guard import CODES, Guard, Problem, check, guard
+from torchfreeze.training.optim import add_unfrozen, param_groups
+from torchfreeze.training.schedule import GradualUnfreezing
+from torchfreeze.training.state import freeze_state, load_freeze_state, load_trainable, save_trainable
+
+__all__ = [
+    "param_groups",
+    "add_unfrozen",
+    "GradualUnfreezing",
+    "guard",
+    "Guard",
+    "check",
+    "Problem",
+    "CODES",
+    "freeze_state",
+    "load_freeze_state",
+    "save_trainable",
+    "load_trainable",
+]

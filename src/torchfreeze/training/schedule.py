@@ -1,0 +1,302 @@
+"""Gradual unfreezing (ULMFiT style) that survives a restart exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchfreeze.errors import ArgumentError
+from torchfreeze.nn import freeze_to, is_frozen, layer_groups, unfreeze
+from torchfreeze.training.optim import _add_groups, _held_ids, _new_groups, _positive
+from torchfreeze.training.state import _check_model, _validate_freeze_state, freeze_state, load_freeze_state
+
+__all__ = ["GradualUnfreezing"]
+
+_FORMAT = "torchfreeze.gradual_unfreezing"
+_PRESETS = {"one_group_per_epoch": 1, "one_group_per_step": 1}
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class GradualUnfreezing:
+    """Unfreeze a model step by step on a schedule, keeping the optimizer in sync.
+
+    The schedule maps a unit count (epochs or steps: whatever you call :meth:`step` once per) to
+    what is trainable from then on:
+
+    - a selector (anything :func:`torchfreeze.select` accepts): unfreeze it;
+    - an int ``k``: exactly the last ``k`` layer groups are trainable, the others frozen
+      (``freeze_to(model, len(groups) - k)``);
+    - a preset instead of a dict: ``"one_group_per_epoch"`` (or an int ``e``: one more group
+      every ``e`` units): ULMFiT. Only the last group trains at first, one more group joins at
+      each unit, input side last.
+
+    Entries at ``0`` apply when the scheduler is created; ``step()`` advances the count by one
+    and applies the entry for the new count. After any change, parameters that became
+    trainable are added to the optimizer (:func:`torchfreeze.add_unfrozen`, one new group per
+    unfreeze, learning rate ``lr`` or the optimizer's default).
+
+    Resuming: save ``scheduler.state_dict()`` with the model and optimizer state; in the new
+    process build model, optimizer and scheduler the same way, then call
+    ``scheduler.load_state_dict(...)`` *before* ``optimizer.load_state_dict(...)``: it restores
+    the freeze state and recreates the optimizer groups the run had added, so the optimizer
+    state then fits.
+
+    Args:
+        model: the model.
+        optimizer: its optimizer (typically over :func:`torchfreeze.param_groups`).
+        schedule: a dict ``{count: selector | group count}``, a preset name, or an int period.
+        groups: layer groups (selectors, input side first) for int entries and presets;
+            default :func:`torchfreeze.layer_groups`.
+        lr: learning rate of the groups added to the optimizer; default the optimizer's.
+        shared: tied parameters across groups, as for :func:`torchfreeze.freeze`: ``"error"``
+            refuses a tie between the frozen and trainable sides; ``"freeze"`` keeps a tied
+            parameter frozen until every group that uses it is unfrozen.
+
+    Raises:
+        ArgumentError: a malformed schedule (negative key, group count out of range, unknown
+            preset), or a bad ``lr``.
+        SelectorError: a selector in the schedule matches nothing.
+
+    Nothing changes when the constructor raises: everything is validated first.
+
+    Example:
+        >>> import torch, torchfreeze
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> opt = torch.optim.SGD(torchfreeze.param_groups(torchfreeze.freeze_to(m, -1), 0.1), lr=0.1)
+        >>> sched = GradualUnfreezing(m, opt, "one_group_per_epoch")
+        >>> [p.requires_grad for p in m.parameters()]
+        [False, False, False, False, True, True]
+        >>> sched.step()
+        >>> [p.requires_grad for p in m.parameters()], len(opt.param_groups)
+        ([False, False, True, True, True, True], 2)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: Mapping[int, Any] | str | int,
+        *,
+        groups: list[Any] | None = None,
+        lr: float | None = None,
+        shared: str = "error",
+    ) -> None:
+        _check_model(model, "GradualUnfreezing")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ArgumentError(
+                f"GradualUnfreezing(optimizer=...) expects a torch.optim.Optimizer, got {type(optimizer).__name__}."
+            )
+        if lr is not None:
+            _positive(lr, "lr")  # validated before anything changes
+        self.model = model
+        self.optimizer = optimizer
+        self.lr = lr
+        self.shared = shared
+        if groups is not None and (isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence)):
+            raise ArgumentError(
+                f"groups={groups!r} must be a list of selectors, one per layer group (input side first), "
+                "e.g. groups=['encoder.layer.0', 'encoder.layer.1', 'head']."
+            )
+        self.groups = list(layer_groups(model) if groups is None else groups)
+        n = len(self.groups)
+        if isinstance(schedule, str):
+            if schedule not in _PRESETS:
+                raise ArgumentError(
+                    f"schedule={schedule!r} is not a preset; expected one of {sorted(_PRESETS)}, an int period "
+                    "or a dict {count: selector or group count}."
+                )
+            schedule = _PRESETS[schedule]
+        if _is_count(schedule):
+            if schedule < 1:
+                raise ArgumentError(f"schedule={schedule!r}: a period must be an int >= 1 (units per new group).")
+            schedule = {i * schedule: i + 1 for i in range(n)}
+        if not isinstance(schedule, Mapping) or not schedule:
+            raise ArgumentError(
+                f"schedule={schedule!r} must be a non-empty dict {{count: selector or group count}}, a preset "
+                f"name ({sorted(_PRESETS)}) or an int period."
+            )
+        from torchfreeze._core.select import resolve
+
+        for group in self.groups:
+            resolve(model, group)  # a group that names nothing raises SelectorError here
+        plan: dict[int, Any] = {}
+        for key in sorted(schedule, key=lambda k: (not _is_count(k), k if _is_count(k) else 0)):
+            value = schedule[key]
+            if not _is_count(key) or key < 0:
+                raise ArgumentError(f"schedule key {key!r} must be an int >= 0 (an epoch or step count).")
+            if _is_count(value):
+                if not 0 <= value <= n:
+                    raise ArgumentError(
+                        f"schedule[{key}]={value} asks for {value} trainable layer group(s) but the model has "
+                        f"{n}: {self.groups!r}. Fix: use a count between 0 and {n}, or pass groups=[...]."
+                    )
+            else:
+                resolve(model, value)  # raises SelectorError (nothing changed yet)
+            plan[key] = value
+        self.schedule = plan
+        self.last = 0
+        self._added: list[dict[str, Any]] = []
+        self._apply(0)
+
+    # ----------------------------------------------------------------------------------
+
+    def _apply(self, count: int) -> None:
+        if count not in self.schedule:
+            return
+        value = self.schedule[count]
+        before = freeze_state(self.model)
+        try:
+            if _is_count(value):
+                freeze_to(self.model, len(self.groups) - value, groups=self.groups, shared=self.shared)
+            else:
+                unfreeze(self.model, value, shared=self.shared)
+            planned = _new_groups(self.optimizer, self.model, self.lr)
+        except BaseException:
+            # e.g. an LBFGS optimizer that cannot take the new group: the model goes back as it was
+            load_freeze_state(self.model, before)
+            raise
+        _add_groups(self.optimizer, self.model, planned)
+        for names, options in planned:
+            self._added.append({"params": list(names), "options": _plain(options)})
+
+    def step(self) -> None:
+        """Advance one unit (call once per epoch, or once per step) and apply the schedule.
+
+        Raises:
+            ArgumentError: the optimizer cannot take the newly trainable parameters (LBFGS);
+                the model, the optimizer and the count are then left as they were.
+
+        Example:
+            >>> import torch, torchfreeze
+            >>> m = torchfreeze.freeze_to(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)), -1)
+            >>> sched = GradualUnfreezing(m, torch.optim.SGD(m[1].parameters(), lr=0.1), {1: "0"})
+            >>> sched.step(); sched.last, m[0].weight.requires_grad
+            (1, True)
+        """
+        self._apply(self.last + 1)
+        self.last += 1
+
+    @property
+    def trainable_groups(self) -> int:
+        """How many of the last layer groups currently have a trainable parameter."""
+        count = 0
+        for g in reversed(self.groups):
+            if is_frozen(self.model, g):
+                break
+            count += 1
+        return count
+
+    # ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: count, freeze state and the optimizer groups added.
+
+        Returns:
+            A dict of plain Python values (``torch.load(weights_only=True)`` accepts it).
+
+        Example:
+            >>> import torch, torchfreeze
+            >>> m = torchfreeze.freeze_to(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)), -1)
+            >>> sched = GradualUnfreezing(m, torch.optim.SGD(m[1].parameters(), lr=0.1), {1: "0"})
+            >>> sched.step()
+            >>> sched.state_dict()["added_groups"]
+            [{'params': ['0.weight', '0.bias'], 'options': {'name': 'unfrozen0', 'lr': 0.1}}]
+        """
+        return {
+            "format": _FORMAT,
+            "version": 1,
+            "last": self.last,
+            "schedule_keys": sorted(self.schedule),
+            "freeze_state": freeze_state(self.model),
+            "added_groups": [{"params": list(g["params"]), "options": dict(g["options"])} for g in self._added],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: restore the count, the model's freeze state and the optimizer groups added.
+
+        Call it before ``optimizer.load_state_dict``. Everything is validated first; on error
+        nothing changes.
+
+        Args:
+            state: the dict returned by :meth:`state_dict` (possibly through ``torch.save``/``load``).
+
+        Raises:
+            ArgumentError: the state is not from a GradualUnfreezing with the same schedule, or
+                the optimizer already holds a different set of groups.
+            FreezeStateError: the freeze state does not fit the model.
+
+        Example:
+            >>> import torch, torchfreeze
+            >>> def build():
+            ...     m = torchfreeze.freeze_to(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)), -1)
+            ...     opt = torch.optim.SGD(m[1].parameters(), lr=0.1)
+            ...     return m, opt, GradualUnfreezing(m, opt, {1: "0"})
+            >>> m, opt, sched = build()
+            >>> sched.step()
+            >>> m2, opt2, sched2 = build()  # a fresh process
+            >>> sched2.load_state_dict(sched.state_dict())
+            >>> sched2.last, m2[0].weight.requires_grad, len(opt2.param_groups)
+            (1, True, 2)
+        """
+        if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+            raise ArgumentError(
+                "state must be the dict returned by GradualUnfreezing.state_dict(), got "
+                f"{type(state).__name__} with format {getattr(state, 'get', lambda k: None)('format')!r}."
+            )
+        if list(state.get("schedule_keys", [])) != sorted(self.schedule):
+            raise ArgumentError(
+                f"state was saved with schedule keys {state.get('schedule_keys')!r} but this scheduler has "
+                f"{sorted(self.schedule)!r}; build the scheduler with the same schedule before resuming."
+            )
+        last = state.get("last")
+        if not _is_count(last) or last < 0:
+            raise ArgumentError(f"state['last']={last!r} must be an int >= 0.")
+        _validate_freeze_state(self.model, state.get("freeze_state"), strict=True, arg="state['freeze_state']")
+        added = state.get("added_groups", [])
+        if not isinstance(added, (list, tuple)) or not all(
+            isinstance(g, Mapping)
+            and isinstance(g.get("params"), (list, tuple))
+            and all(isinstance(n, str) for n in g["params"])
+            and isinstance(g.get("options"), Mapping)
+            for g in added
+        ):
+            raise ArgumentError(
+                "state['added_groups'] must be a list of {'params': [names], 'options': {...}} dicts, as "
+                "GradualUnfreezing.state_dict() writes them; pass the dict it returned, unmodified."
+            )
+        by_name = dict(self.model.named_parameters(remove_duplicate=False))
+        held = _held_ids(self.optimizer)
+        todo = []
+        for g in added:
+            names = list(g["params"])
+            unknown = [n for n in names if n not in by_name]
+            if unknown:
+                raise ArgumentError(f"state['added_groups'] names parameters the model lacks: {unknown[:5]}.")
+            inside = [n for n in names if id(by_name[n]) in held]
+            if inside and len(inside) != len(names):
+                raise ArgumentError(
+                    f"the optimizer already holds some but not all parameters of a saved group ({inside[:3]}); "
+                    "build the optimizer exactly as in the interrupted run before resuming."
+                )
+            if not inside:
+                todo.append((names, dict(g["options"])))
+        load_freeze_state(self.model, state["freeze_state"])
+        _add_groups(self.optimizer, self.model, todo)
+        self.last = last
+        self._added = [{"params": list(g["params"]), "options": dict(g["options"])} for g in added]
+
+    def __repr__(self) -> str:
+        return f"GradualUnfreezing(last={self.last}, schedule={self.schedule!r})"
+
+
+def _plain(options: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in options.items():
+        out[k] = float(v) if isinstance(v, torch.Tensor) else v
+    return out
