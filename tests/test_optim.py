@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import Net, requires_grad_map
 from torchfreeze import Frozen, add_unfrozen, check, freeze, freeze_to, param_groups, trainable_parameters, unfreeze
-from torchfreeze.errors import ArgumentError, SelectorError
+from torchfreeze.errors import ArgumentError, ArgumentTypeError, SelectorError
 
 
 def _ids(groups):
@@ -211,7 +211,7 @@ def test_add_unfrozen_new_parameters_really_train():
         pytest.param(
             lambda m: torch.optim.SGD(m.head.parameters(), lr=0.1), -1.0, ArgumentError, "lr=-1.0", id="bad-lr"
         ),
-        pytest.param(lambda m: "sgd", None, ArgumentError, "Optimizer", id="not-an-optimizer"),
+        pytest.param(lambda m: "sgd", None, ArgumentTypeError, "Optimizer", id="not-an-optimizer"),
     ],
 )
 def test_add_unfrozen_bad_input_leaves_optimizer_alone(make_opt, lr, error, match):
@@ -264,3 +264,11 @@ def test_groups_hold_each_trainable_parameter_exactly_once(frozen, groups, weigh
     assert all(g["params"] for g in result)
     assert all(g["lr"] <= 0.1 + 1e-12 for g in result)
     torch.optim.AdamW(result)  # any optimizer accepts it
+
+
+def test_add_unfrozen_with_the_0_1_argument_order_names_the_swap():
+    model = Stack()
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    with pytest.raises(ArgumentTypeError, match="swapped"):
+        add_unfrozen(opt, model)
+    assert len(opt.param_groups) == 1

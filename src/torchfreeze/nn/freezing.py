@@ -41,6 +41,7 @@ def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]
 
     Example:
         >>> from torch import nn
+        >>> from torchfreeze import Frozen
         >>> model = nn.Sequential(nn.Linear(2, 2), Frozen(nn.Linear(2, 2)))
         >>> [name for name, _ in trainable_parameters(model)]
         ['0.weight', '0.bias']
@@ -258,6 +259,7 @@ def prepare_for_distributed(model: nn.Module) -> nn.Module:
 
     Example:
         >>> from torch import nn
+        >>> from torchfreeze import Frozen
         >>> inner = nn.Linear(2, 2)
         >>> model = prepare_for_distributed(nn.Sequential(nn.Linear(2, 2), Frozen(inner)))
         >>> inner.weight.requires_grad, model[0].weight.requires_grad
