@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import requires_grad_map
+from _helpers import requires_grad_map
 from torchfreeze import (
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import torchfreeze as tf
-from conftest import Counting
+from _helpers import Counting
 from torchfreeze.speed.cache import FeatureCache, cache_features, cache_refusal_reasons, module_fingerprint
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import torchfreeze
-from conftest import Counting
+from _helpers import Counting
 from torchfreeze import Composite, freeze, store_frozen_backbone
 from torchfreeze.compose import Backbone, HFEncoder, ModuleBackbone
 from torchfreeze.errors import ArgumentError

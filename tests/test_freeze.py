@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import Net, TiedLM, requires_grad_map, tensors_snapshot, training_map
+from _helpers import Net, TiedLM, requires_grad_map, tensors_snapshot, training_map
 from torchfreeze import (
     Frozen,
     freeze,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import Net
+from _helpers import Net
 from torchfreeze import Frozen, add_unfrozen, check, freeze, freeze_batchnorm, guard, param_groups, pin_mode, unfreeze
 from torchfreeze.errors import ArgumentError, FrozenTensorChanged
 from torchfreeze.training import Problem

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import Net, training_map
+from _helpers import Net, training_map
 from torchfreeze import eval_mode, pin_mode, pinned_modes, train_mode, unpin_mode
 from torchfreeze.errors import ModeError, SelectorError
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import Net, requires_grad_map
+from _helpers import Net, requires_grad_map
 from torchfreeze import Frozen, add_unfrozen, check, freeze, freeze_to, param_groups, trainable_parameters, unfreeze
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, SelectorError
 
@@ -238,8 +238,8 @@ def test_invariant_after_add_unfrozen_optimizer_holds_exactly_trainable_plus_old
 
 # ------------------------------------------------------------------ invariants
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 _PARTS = ["layers.0", "layers.1", "layers.2", "norm", "head", "layers.1.bias", "head.weight"]
 

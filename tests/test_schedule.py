@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import requires_grad_map
+from _helpers import requires_grad_map
 from torchfreeze import GradualUnfreezing, check, freeze_state, freeze_to, layer_groups, load_freeze_state, param_groups
 from torchfreeze.errors import ArgumentError, FreezeStateError, SelectorError
 
@@ -250,7 +250,7 @@ def test_freeze_state_alone_restores_the_map():
 
 
 def test_tied_model_needs_shared_policy_and_keeps_tie_frozen_until_both_groups_unfreeze():
-    from conftest import TiedLM
+    from _helpers import TiedLM
     from torchfreeze.errors import SharedParameterError
 
     model = TiedLM()

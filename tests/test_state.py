@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import requires_grad_map, tensors_snapshot, training_map
+from _helpers import requires_grad_map, tensors_snapshot, training_map
 from torchfreeze import (
     Frozen,
     freeze,
@@ -465,8 +465,8 @@ def test_demo_model_round_trip_and_size(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ invariants
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 _PARTS = ["backbone.0", "backbone.1", "backbone.3", "head"]
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import Net, TiedLM
+from _helpers import Net, TiedLM
 from torchfreeze import Frozen, freeze, pin_mode, summary
 from torchfreeze.errors import ArgumentError
 
