@@ -1,6 +1,13 @@
 """Modules and module surgery: freezing verbs, ``Frozen``, ``FrozenBatchNorm*``, BatchNorm freeze/convert/fold, ``summary``."""
 
-from torchfreeze.nn.batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm, is_norm
+from torchfreeze.nn.batchnorm import (
+    FROZEN_BATCHNORM_TYPES,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    freeze_batchnorm,
+    is_norm,
+)
 from torchfreeze.nn.fold import FoldedBatchNorm, fold_batchnorm, foldable_pairs, folded_batchnorms, unfold_batchnorm
 from torchfreeze.nn.freezing import (
     freeze,
@@ -30,6 +37,7 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "FROZEN_BATCHNORM_TYPES",
     "fold_batchnorm",
     "unfold_batchnorm",
     "folded_batchnorms",

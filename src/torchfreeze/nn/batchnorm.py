@@ -19,6 +19,7 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "FROZEN_BATCHNORM_TYPES",
     "freeze_batchnorm",
 ]
 
@@ -170,6 +171,10 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
         >>> FrozenBatchNorm3d(2).running_var.tolist()
         [1.0, 1.0]
     """
+
+
+#: The ``FrozenBatchNorm`` classes: ``isinstance(module, FROZEN_BATCHNORM_TYPES)`` tells a converted BatchNorm.
+FROZEN_BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d)
 
 
 _BATCHNORM_BY_DIM: dict[type, type[nn.Module]] = {
