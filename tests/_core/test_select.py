@@ -136,7 +136,7 @@ def test_empty_list_is_an_error():
 
 
 def test_model_must_be_a_module():
-    with pytest.raises(SelectorTypeError, match="model must be an nn.Module"):
+    with pytest.raises(SelectorTypeError, match=r"^select\(model='encoder'\): expected a torch.nn.Module"):
         select("encoder", "x")  # type: ignore[arg-type]
 
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
-from torchfreeze._core.select import resolve
+from torchfreeze._core.checks import require_module
+from torchfreeze._core.select import Selector, resolve
 from torchfreeze.errors import ModeError
 
 __all__ = [
@@ -34,8 +35,10 @@ __all__ = [
     "remove_pin",
     "check_mode",
     "inherited_training",
+    "Mode",
 ]
 
+Mode = Literal["train", "eval"]
 _MODES = ("train", "eval")
 
 
@@ -112,7 +115,7 @@ def inherited_training(model: nn.Module, name: str, default: bool | None = None)
     return default
 
 
-def pin_mode(model: nn.Module, *selectors: Any, mode: str = "eval") -> nn.Module:
+def pin_mode(model: nn.Module, *selectors: Selector, mode: Mode = "eval") -> nn.Module:
     """Pin the train/eval flag of every selected module, whatever its ancestors do.
 
     Args:
@@ -136,6 +139,7 @@ def pin_mode(model: nn.Module, *selectors: Any, mode: str = "eval") -> nn.Module
         >>> model.train()[1].training
         False
     """
+    require_module(model, "pin_mode")
     check_mode(mode)
     selection = resolve(model, *selectors)
     for module in selection.unique_modules().values():
@@ -143,7 +147,7 @@ def pin_mode(model: nn.Module, *selectors: Any, mode: str = "eval") -> nn.Module
     return model
 
 
-def unpin_mode(model: nn.Module, *selectors: Any) -> nn.Module:
+def unpin_mode(model: nn.Module, *selectors: Selector) -> nn.Module:
     """Remove every pin in the selection; each module then takes its parent's flag.
 
     Args:
@@ -164,6 +168,7 @@ def unpin_mode(model: nn.Module, *selectors: Any) -> nn.Module:
         >>> model.train()[0].training
         True
     """
+    require_module(model, "unpin_mode")
     selection = resolve(model, *selectors)
     unpin_modules(model, selection.unique_modules().values(), origins=None)
     return model
@@ -210,6 +215,7 @@ def pinned_modes(model: nn.Module) -> dict[str, str]:
         >>> pinned_modes(pin_mode(model, nn.Dropout, mode="train"))
         {'1': 'train'}
     """
+    require_module(model, "pinned_modes")
     return {name: pin.mode for name, pin in pins(model).items()}
 
 
@@ -245,6 +251,7 @@ def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
         >>> [m.training for m in model]
         [True, False]
     """
+    require_module(model, "eval_mode")  # at the call, not at ``with``
     return _mode_context(model, False)
 
 
@@ -267,4 +274,5 @@ def train_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]
         >>> model[0].training
         False
     """
+    require_module(model, "train_mode")  # at the call, not at ``with``
     return _mode_context(model, True)

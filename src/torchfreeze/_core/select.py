@@ -16,6 +16,7 @@ from typing import Any, Union
 
 from torch import nn
 
+from torchfreeze._core.checks import require_module
 from torchfreeze.errors import SelectorError, SelectorTypeError
 
 __all__ = ["Selector", "Selection", "resolve", "select", "parameter_paths", "glob_to_regex"]
@@ -24,7 +25,7 @@ Selector = Union[
     str,
     "re.Pattern[str]",
     type,
-    tuple,
+    tuple[type, ...],
     Callable[[str, nn.Module], bool],
     nn.Module,
     Sequence[Any],
@@ -260,7 +261,7 @@ def _flatten(selectors: Sequence[Any]) -> list[Any]:
     return flat
 
 
-def resolve(model: nn.Module, *selectors: Any, allow_empty: bool = False) -> Selection:
+def resolve(model: nn.Module, *selectors: Selector, allow_empty: bool = False) -> Selection:
     """Resolve selectors (a union) into every module and parameter path they name.
 
     The one resolver every verb is built on. A selected module brings its whole
@@ -290,10 +291,7 @@ def resolve(model: nn.Module, *selectors: Any, allow_empty: bool = False) -> Sel
         >>> sel.matched, list(sel.modules), list(sel.parameters)
         (['1'], ['1'], ['1.weight', '1.bias'])
     """
-    if not isinstance(model, nn.Module):
-        raise SelectorTypeError(
-            f"model must be an nn.Module, got {type(model).__name__}. Fix: pass the model object itself."
-        )
+    require_module(model, "resolve")
     module_paths = _module_paths(model)
     param_items = _parameter_items(model)
     flat = _flatten(selectors) if selectors else [""]
@@ -321,7 +319,7 @@ def resolve(model: nn.Module, *selectors: Any, allow_empty: bool = False) -> Sel
     return selection
 
 
-def select(model: nn.Module, *selectors: Any) -> list[str]:
+def select(model: nn.Module, *selectors: Selector) -> list[str]:
     """List the qualified names (modules and parameters) that selectors match directly.
 
     Args:
@@ -335,6 +333,7 @@ def select(model: nn.Module, *selectors: Any) -> list[str]:
     Raises:
         SelectorError: a selector matched nothing; the message lists the closest names.
         SelectorTypeError: a selector of an unsupported kind.
+        ArgumentTypeError: ``model`` is not an ``nn.Module``.
 
     Example:
         >>> from torch import nn
@@ -344,4 +343,5 @@ def select(model: nn.Module, *selectors: Any) -> list[str]:
         >>> select(model, nn.Linear)
         ['0', '2']
     """
+    require_module(model, "select")
     return list(resolve(model, *selectors).matched)

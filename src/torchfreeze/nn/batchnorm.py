@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from torchfreeze._core.behaviour import is_normalization
+from torchfreeze._core.checks import require_module
 from torchfreeze._core.mode import inherited_training, set_pin
-from torchfreeze._core.select import resolve
+from torchfreeze._core.select import Selector, resolve
 from torchfreeze._core.uses import set_requires_grad
 from torchfreeze.errors import ArgumentError
 
@@ -56,6 +55,9 @@ class _FrozenBatchNorm(nn.Module):
 
     weight: torch.Tensor | None
     bias: torch.Tensor | None
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, *, affine: bool = True, momentum: float | None = 0.1
@@ -200,7 +202,7 @@ def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> Non
         setattr(model.get_submodule(parent_name), attr, new)
 
 
-def freeze_batchnorm(model: nn.Module, *selectors: Any, convert: bool = False) -> nn.Module:
+def freeze_batchnorm(model: nn.Module, *selectors: Selector, convert: bool = False) -> nn.Module:
     """Freeze the BatchNorm layers in the selection: affine weights *and* running statistics.
 
     Each BatchNorm (including ``SyncBatchNorm``) in the selection gets
@@ -238,6 +240,7 @@ def freeze_batchnorm(model: nn.Module, *selectors: Any, convert: bool = False) -
         >>> torch.equal(before, model[1].running_mean), model[1].weight.requires_grad
         (True, False)
     """
+    require_module(model, "freeze_batchnorm")
     if not isinstance(convert, bool):
         raise ArgumentError(f"convert={convert!r} must be a bool (True to swap in FrozenBatchNorm modules).")
     selection = resolve(model, *selectors)

@@ -21,22 +21,27 @@ The way back is :func:`unfold_batchnorm`, which restores the original
 BatchNorm module object and the exact original weights (bit-identical), so the
 ``state_dict`` is again what it was. Parameter identity of the convolution's
 ``weight`` (and of an existing ``bias``) is kept in both directions.
+
+Which pairs exist, and why one cannot be folded, is :func:`foldable_pairs`
+(module :mod:`torchfreeze.nn.foldable`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import difflib
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from torchfreeze._core.checks import require_bool, require_module
 from torchfreeze._core.fingerprint import fingerprint
-from torchfreeze.errors import ArgumentError, FreezeStateError
+from torchfreeze._core.select import Selector, resolve
+from torchfreeze.errors import ArgumentError, ArgumentTypeError, FreezeStateError
+from torchfreeze.nn.foldable import Linear, Norm, foldable_pairs, why_not
 
 __all__ = ["fold_batchnorm", "unfold_batchnorm", "folded_batchnorms", "foldable_pairs", "FoldedBatchNorm"]
-
-_LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 class FoldedBatchNorm(nn.Module):
@@ -56,6 +61,15 @@ class FoldedBatchNorm(nn.Module):
     FoldedBatchNorm(3, folded into '0')
     """
 
+    # Plain instance attributes set through __dict__ (not submodules/buffers): not in
+    # state_dict, not in parameters(); deepcopy/pickle map them to the copied objects.
+    _original: nn.Module
+    _weight: torch.Tensor
+    _bias: torch.Tensor | None
+    _added_bias: bool
+    _weights_digest: str
+    _conv: nn.Module | None
+
     def __init__(
         self,
         conv: str,
@@ -67,12 +81,9 @@ class FoldedBatchNorm(nn.Module):
         super().__init__()
         self.conv = conv
         self.num_features = int(getattr(original, "num_features", weight.shape[0]))
-        # Plain attributes (not submodules/buffers): not in state_dict, not in parameters().
-        self.__dict__["_original"] = original
-        self.__dict__["_weight"] = weight
-        self.__dict__["_bias"] = bias
-        self.__dict__["_added_bias"] = added_bias
-        self.__dict__["_weights_digest"] = ()
+        self.__dict__.update(
+            _original=original, _weight=weight, _bias=bias, _added_bias=added_bias, _weights_digest="", _conv=None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -81,144 +92,18 @@ class FoldedBatchNorm(nn.Module):
         return f"{self.num_features}, folded into {self.conv!r}"
 
 
-def _is_frozen_bn(module: nn.Module) -> bool:
-    try:
-        from torchfreeze.nn.batchnorm import _FrozenBatchNorm
-    except Exception:
-        return False
-    return isinstance(module, _FrozenBatchNorm)
-
-
-def _pinned_eval(module: nn.Module) -> bool:
-    try:
-        from torchfreeze._core.mode import get_pin
-    except Exception:
-        return False
-    pin = get_pin(module)
-    return pin is not None and pin.mode == "eval"
-
-
-def _why_not(model: nn.Module, conv_name: str, bn_name: str) -> str | None:
-    """Why the pair cannot be folded (None when it can)."""
-    conv = model.get_submodule(conv_name)
-    bn = model.get_submodule(bn_name)
-    if not isinstance(conv, _LINEAR_TYPES):
-        return f"'{conv_name}' is a {type(conv).__name__}; only Conv1d/2d/3d and Linear can take a folded BatchNorm"
-    trainable = [n for n, p in conv.named_parameters() if p.requires_grad]
-    if trainable:
-        return (
-            f"'{conv_name}.{trainable[0]}' is trainable; fold only frozen layers (freeze(model, '{conv_name}') first)"
-        )
-    own = {id(p) for p in conv.parameters()}
-    elsewhere = [
-        n
-        for n, p in model.named_parameters(remove_duplicate=False)
-        if id(p) in own and not n.startswith(conv_name + ".")
-    ]
-    if elsewhere:
-        return (
-            f"a parameter of '{conv_name}' is also used as '{elsewhere[0]}'; folding would change that other "
-            "use too (untie the weights first)"
-        )
-    if _is_frozen_bn(bn):
-        channels = bn.num_features
-    elif isinstance(bn, _BatchNorm):
-        if bn.running_mean is None or bn.running_var is None:
-            return f"'{bn_name}' has track_running_stats=False (it always uses batch statistics)"
-        trainable = [n for n, p in bn.named_parameters() if p.requires_grad]
-        if trainable:
-            return f"'{bn_name}.{trainable[0]}' is trainable; freeze the BatchNorm first (freeze_batchnorm)"
-        if not _pinned_eval(bn):
-            return (
-                f"'{bn_name}' is not pinned to eval mode, so model.train() would make it use batch "
-                f"statistics; pin it first with freeze_batchnorm(model, '{bn_name}') or "
-                f"pin_mode(model, '{bn_name}', mode='eval')"
-            )
-        channels = bn.num_features
-    else:
-        return f"'{bn_name}' is a {type(bn).__name__}, not a BatchNorm"
-    out = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
-    if out != channels:
-        return f"'{conv_name}' has {out} output channels but '{bn_name}' normalises {channels}"
-    return None
-
-
-def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    pairs = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        items = list(module.named_children())
-        for (a, ma), (b, mb) in zip(items, items[1:]):
-            if isinstance(ma, _LINEAR_TYPES) and (isinstance(mb, _BatchNorm) or _is_frozen_bn(mb)):
-                pre = f"{name}." if name else ""
-                pairs.append((pre + a, pre + b))
-    return pairs
-
-
-def _fx_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
-    """Conv/Linear -> BatchNorm edges from a torch.fx trace (None when the model does not trace)."""
-    try:
-        import torch.fx as fx
-
-        graph = fx.symbolic_trace(model).graph
-    except Exception:
-        return None
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        bn = modules.get(node.target)
-        if not (isinstance(bn, _BatchNorm) or _is_frozen_bn(bn)) or not node.args:
-            continue
-        src = node.args[0]
-        if not isinstance(src, fx.Node) or src.op != "call_module":
-            continue
-        if not isinstance(modules.get(src.target), _LINEAR_TYPES):
-            continue
-        if len(src.users) != 1 or calls.get(src.target) != 1 or calls.get(node.target) != 1:
-            continue
-        pairs.append((str(src.target), str(node.target)))
-    return pairs
-
-
-def foldable_pairs(model: nn.Module) -> list[tuple[str, str, str | None]]:
-    """Every Conv/Linear -> BatchNorm pair found, with the reason it cannot be folded (or None).
-
-    Pairs come from a ``torch.fx`` trace when the model traces (a layer whose
-    output is used anywhere else, or a layer called twice, is left out), else from
-    adjacent children of ``nn.Sequential`` containers.
-
-    Args:
-        model: any ``nn.Module``.
-
-    Returns:
-        ``(conv_name, bn_name, reason_or_None)`` triples in model order.
-
-    >>> m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    >>> [(c, b) for c, b, _ in foldable_pairs(m)]
-    [('0', '1')]
-    """
-    pairs = _fx_pairs(model)
-    if pairs is None:
-        pairs = _sequential_pairs(model)
-    return [(c, b, _why_not(model, c, b)) for c, b in pairs]
-
-
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    var = bn.running_var.detach().double()
-    mean = bn.running_mean.detach().double()
+def _scale_shift(bn: Norm) -> tuple[torch.Tensor, torch.Tensor]:
+    running_var, running_mean = bn.running_var, bn.running_mean
+    if running_var is None or running_mean is None:  # why_not() refuses such a layer before
+        raise ArgumentError(f"{type(bn).__name__} has no running statistics to fold.")
+    var = running_var.detach().double()
+    mean = running_mean.detach().double()
     scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.detach().double()
@@ -228,10 +113,42 @@ def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
+def _explicit_pairs(model: nn.Module, pairs: Any) -> list[tuple[str, str, str | None]]:
+    """Check ``pairs=`` entries (types, names, repeats) and give each its reason (or None)."""
+    if not isinstance(pairs, (list, tuple)):
+        raise ArgumentTypeError(
+            f"fold_batchnorm(pairs={pairs!r}): pairs must be a list of (conv_name, bn_name) tuples, "
+            f"got {type(pairs).__name__}. Fix: pass pairs=[('conv', 'bn')]."
+        )
+    names = dict(model.named_modules())
+    found: list[tuple[str, str, str | None]] = []
+    for item in pairs:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
+            raise ArgumentTypeError(
+                f"fold_batchnorm: each entry of pairs must be (conv_name, bn_name), got {item!r}. "
+                "Fix: pass a list of 2-tuples of qualified module names."
+            )
+        for s in item:
+            if s not in names or not s:
+                close = difflib.get_close_matches(s, list(names), n=3)
+                raise ArgumentError(
+                    f"fold_batchnorm: pairs names {s!r}, which is no submodule of the model; closest: {close}."
+                )
+        found.append((item[0], item[1], why_not(model, item[0], item[1])))
+    used = [n for c, b, _ in found for n in (c, b)]
+    repeated = sorted({n for n in used if used.count(n) > 1})
+    if repeated:  # folding a layer twice would lose its original weights (no exact way back)
+        raise ArgumentError(
+            f"fold_batchnorm: pairs names {repeated} more than once; expected each layer in at most one "
+            "(conv_name, bn_name) pair. Remove the duplicate entries."
+        )
+    return found
+
+
 def fold_batchnorm(
     model: nn.Module,
-    *selectors: Any,
-    pairs: list[tuple[str, str]] | None = None,
+    *selectors: Selector,
+    pairs: Sequence[tuple[str, str]] | None = None,
     strict: bool = False,
 ) -> nn.Module:
     """Fold each frozen, eval-pinned BatchNorm into the frozen Conv/Linear before it.
@@ -254,8 +171,10 @@ def fold_batchnorm(
         The model, changed in place.
 
     Raises:
+        ArgumentTypeError: ``model`` is not a module, ``strict`` not a bool, ``pairs``
+            not a list of name pairs; nothing is changed.
         ArgumentError: nothing foldable in the selection (the message lists each
-            candidate and why), a bad ``pairs`` entry; nothing is changed.
+            candidate and why), a name in ``pairs`` that is no submodule; nothing is changed.
         FreezeStateError: with ``strict=True``, a pair that cannot be folded;
             nothing is changed.
 
@@ -268,45 +187,14 @@ def fold_batchnorm(
     >>> torch.allclose(m(x), before, atol=1e-6), sorted(m.state_dict())
     (True, ['0.bias', '0.weight'])
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentError(f"fold_batchnorm: model must be an nn.Module, got {type(model).__name__}.")
-    if not isinstance(strict, bool):
-        raise ArgumentError(f"fold_batchnorm: strict must be a bool, got {strict!r}.")
-    names = dict(model.named_modules())
-    if pairs is not None:
-        if not isinstance(pairs, (list, tuple)):
-            raise ArgumentError(
-                f"fold_batchnorm: pairs must be a list of (conv_name, bn_name) tuples, got {type(pairs).__name__}."
-            )
-        found: list[tuple[str, str, str | None]] = []
-        for item in pairs:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
-                raise ArgumentError(f"fold_batchnorm: each entry of pairs must be (conv_name, bn_name), got {item!r}.")
-            for s in item:
-                if s not in names or not s:
-                    import difflib
-
-                    close = difflib.get_close_matches(s, list(names), n=3)
-                    raise ArgumentError(
-                        f"fold_batchnorm: pairs names {s!r}, which is no submodule of the model; closest: {close}."
-                    )
-            found.append((item[0], item[1], _why_not(model, item[0], item[1])))
-        used = [n for c, b, _ in found for n in (c, b)]
-        repeated = sorted({n for n in used if used.count(n) > 1})
-        if repeated:  # folding a layer twice would lose its original weights (no exact way back)
-            raise ArgumentError(
-                f"fold_batchnorm: pairs names {repeated} more than once; expected each layer in at most one "
-                "(conv_name, bn_name) pair. Remove the duplicate entries."
-            )
-    else:
-        found = foldable_pairs(model)
+    require_module(model, "fold_batchnorm")
+    require_bool(strict, "fold_batchnorm", "strict")
+    found = foldable_pairs(model) if pairs is None else _explicit_pairs(model, pairs)
     if selectors:
-        from torchfreeze._core.select import resolve
-
         selected = set(resolve(model, *selectors).modules)
         found = [f for f in found if f[1] in selected]
     bad = [f for f in found if f[2] is not None]
-    good = [f for f in found if f[2] is None]
+    good = [(c, b) for c, b, reason in found if reason is None]
     if strict and bad:
         raise FreezeStateError(
             "fold_batchnorm: cannot fold "
@@ -322,10 +210,10 @@ def fold_batchnorm(
             "layers to eval (freeze(model, ...); freeze_batchnorm(model, ...)), or pass pairs=[(conv, bn)] "
             "for a model that is not an nn.Sequential and does not trace with torch.fx."
         )
-    plan = []
-    for conv_name, bn_name, _ in good:
-        conv = model.get_submodule(conv_name)
-        bn = model.get_submodule(bn_name)
+    plan: list[tuple[str, str, Linear, Norm, torch.Tensor, torch.Tensor]] = []
+    for conv_name, bn_name in good:  # why_not() checked both types
+        conv = cast(Linear, model.get_submodule(conv_name))
+        bn = cast(Norm, model.get_submodule(bn_name))
         scale, shift = _scale_shift(bn)
         w = conv.weight.detach()
         view = (-1,) + (1,) * (w.dim() - 1)
@@ -345,18 +233,18 @@ def fold_batchnorm(
                 conv.bias = nn.Parameter(new_b.to(conv.weight.device), requires_grad=False)
                 added = True
         holder = FoldedBatchNorm(conv_name, bn, old_w, old_b, added)
-        holder.__dict__["_weights_digest"] = _digest(conv)
         # the layer itself (its name is relative to the model folded, which may be a submodule of
-        # the one later unfolded); a plain attribute, so deepcopy/pickle map it to the copied layer
-        holder.__dict__["_conv"] = conv
+        # the one later unfolded)
+        holder.__dict__.update(_weights_digest=_digest(conv), _conv=conv)
         holder.train(bn.training)
         _set_submodule(model, bn_name, holder)
     return model
 
 
-def _digest(conv: nn.Module) -> str:
+def _digest(conv: Linear) -> str:
     """Content digest of a layer's weights (detects changes after folding, survives deepcopy)."""
-    return fingerprint({name: p for name, p in (("weight", conv.weight), ("bias", conv.bias)) if p is not None})
+    tensors = {"weight": conv.weight} if conv.bias is None else {"weight": conv.weight, "bias": conv.bias}
+    return fingerprint(tensors)
 
 
 def folded_batchnorms(model: nn.Module) -> dict[str, str]:
@@ -372,6 +260,7 @@ def folded_batchnorms(model: nn.Module) -> dict[str, str]:
     >>> folded_batchnorms(nn.Sequential(nn.Linear(2, 2)))
     {}
     """
+    require_module(model, "folded_batchnorms")
     return {n: m.conv for n, m in model.named_modules() if isinstance(m, FoldedBatchNorm)}
 
 
@@ -387,6 +276,7 @@ def unfold_batchnorm(model: nn.Module, *, force: bool = False) -> nn.Module:
         The model, changed in place (``state_dict`` keys and values as before folding).
 
     Raises:
+        ArgumentTypeError: ``model`` is not a module, ``force`` not a bool.
         ArgumentError: the model has no folded BatchNorm.
         FreezeStateError: a folded layer's weights changed since folding (and not ``force``);
             nothing is changed.
@@ -397,8 +287,8 @@ def unfold_batchnorm(model: nn.Module, *, force: bool = False) -> nn.Module:
     >>> list(unfold_batchnorm(fold_batchnorm(m)).state_dict()) == keys
     True
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentError(f"unfold_batchnorm: model must be an nn.Module, got {type(model).__name__}.")
+    require_module(model, "unfold_batchnorm")
+    require_bool(force, "unfold_batchnorm", "force")
     holders = [(n, m) for n, m in model.named_modules() if isinstance(m, FoldedBatchNorm)]
     if not holders:
         raise ArgumentError(
@@ -406,14 +296,12 @@ def unfold_batchnorm(model: nn.Module, *, force: bool = False) -> nn.Module:
             "Check with folded_batchnorms(model)."
         )
 
-    def conv_of(h: FoldedBatchNorm) -> nn.Module:
-        conv = h.__dict__.get("_conv")
-        return conv if conv is not None else model.get_submodule(h.conv)
+    def conv_of(h: FoldedBatchNorm) -> Linear:  # fold_batchnorm only folds into these layers
+        return cast(Linear, h._conv if h._conv is not None else model.get_submodule(h.conv))
 
     if not force:
         for name, h in holders:
-            conv = conv_of(h)
-            if _digest(conv) != h._weights_digest:
+            if _digest(conv_of(h)) != h._weights_digest:
                 raise FreezeStateError(
                     f"unfold_batchnorm: '{h.conv}' changed after its BatchNorm '{name}' was folded into it; "
                     "unfolding would throw those changes away. Pass force=True to restore the original weights anyway."
@@ -428,8 +316,8 @@ def unfold_batchnorm(model: nn.Module, *, force: bool = False) -> nn.Module:
             elif conv.bias is not None and h._bias is not None:
                 conv.bias.copy_(h._bias)
         bn = h._original
-        ref = conv.weight
-        if any(t.device != ref.device for t in bn.buffers()):
-            bn.to(ref.device)
+        device = conv.weight.device
+        if any(t.device != device for t in bn.buffers()):
+            bn.to(device)
         _set_submodule(model, name, bn)
     return model

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Literal
 
 from torch import nn
 
-from torchfreeze._core.mode import check_mode, get_pin, set_pin, unpin_modules
-from torchfreeze._core.select import Selection, resolve
+from torchfreeze._core.checks import require_module
+from torchfreeze._core.mode import Mode, check_mode, get_pin, set_pin, unpin_modules
+from torchfreeze._core.select import Selection, Selector, resolve
 from torchfreeze._core.uses import parameter_uses, set_requires_grad
 from torchfreeze.errors import ArgumentError, SharedParameterError
 from torchfreeze.nn.batchnorm import _FrozenBatchNorm, is_norm, unconvert_batchnorm
@@ -24,6 +25,7 @@ __all__ = [
     "prepare_for_distributed",
 ]
 
+Shared = Literal["error", "freeze"]
 _SHARED_POLICIES = ("error", "freeze")
 
 
@@ -46,9 +48,8 @@ def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]
         >>> [name for name, _ in trainable_parameters(model)]
         ['0.weight', '0.bias']
     """
-    for entry in parameter_uses(model).values():
-        if entry.trainable:
-            yield entry.trainable_paths[0], entry.parameter
+    require_module(model, "trainable_parameters")  # checked at the call, not at the first next()
+    return ((e.trainable_paths[0], e.parameter) for e in parameter_uses(model).values() if e.trainable)
 
 
 def frozen_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -69,9 +70,8 @@ def frozen_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         >>> [name for name, _ in frozen_parameters(model)]
         ['0.weight', '0.bias']
     """
-    for entry in parameter_uses(model).values():
-        if not entry.trainable:
-            yield entry.paths[0], entry.parameter
+    require_module(model, "frozen_parameters")  # checked at the call, not at the first next()
+    return ((e.paths[0], e.parameter) for e in parameter_uses(model).values() if not e.trainable)
 
 
 def _plan(
@@ -80,7 +80,7 @@ def _plan(
     *,
     requires_grad: bool,
     train_bn: bool,
-    shared: str,
+    shared: Shared,
     verb: str,
 ) -> tuple[list[nn.Parameter], list[nn.Module]]:
     """Validate and list what a (un)freeze would change, changing nothing."""
@@ -95,13 +95,13 @@ def _plan(
             "or False. Fix: pass train_bn=True or train_bn=False."
         )
     modules = dict(model.named_modules(remove_duplicate=False))
-    skip_norm_params = set()
+    skip_norm_params: set[int] = set()
     if train_bn:
         for name, param in selection.parameters.items():
             if is_norm(modules[name.rpartition(".")[0]]):
                 skip_norm_params.add(id(param))
     targets: dict[int, nn.Parameter] = {}
-    for name, param in selection.parameters.items():
+    for param in selection.parameters.values():
         if id(param) not in skip_norm_params and param.requires_grad != requires_grad:
             targets[id(param)] = param
     if shared == "error" and targets:
@@ -123,10 +123,10 @@ def _plan(
 
 def freeze(
     model: nn.Module,
-    *selectors: Any,
-    mode: str | None = None,
+    *selectors: Selector,
+    mode: Mode | None = None,
     train_bn: bool = False,
-    shared: str = "error",
+    shared: Shared = "error",
 ) -> nn.Module:
     """Freeze the selected parameters: ``requires_grad=False`` and ``.grad=None``.
 
@@ -162,6 +162,7 @@ def freeze(
         >>> model[0].weight.requires_grad, model.train()[0].training, model[1].training
         (False, False, True)
     """
+    require_module(model, "freeze")
     check_mode(mode, allow_none=True)
     selection = resolve(model, *selectors)
     params, pin_targets = _plan(model, selection, requires_grad=False, train_bn=train_bn, shared=shared, verb="freeze")
@@ -174,7 +175,7 @@ def freeze(
     return model
 
 
-def unfreeze(model: nn.Module, *selectors: Any, shared: str = "error") -> nn.Module:
+def unfreeze(model: nn.Module, *selectors: Selector, shared: Shared = "error") -> nn.Module:
     """Make the selected parameters trainable again and remove the pins ``freeze`` set.
 
     Pins set by :func:`pin_mode` or ``Frozen(mode=...)`` stay. ``FrozenBatchNorm``
@@ -201,6 +202,7 @@ def unfreeze(model: nn.Module, *selectors: Any, shared: str = "error") -> nn.Mod
         >>> model[0].weight.requires_grad, model.train()[0].training
         (True, True)
     """
+    require_module(model, "unfreeze")
     selection = resolve(model, *selectors)
     params, _ = _plan(model, selection, requires_grad=True, train_bn=False, shared=shared, verb="unfreeze")
     set_requires_grad(params, True)
@@ -214,7 +216,7 @@ def _release(model: nn.Module, selection: Selection) -> None:
     unconvert_batchnorm(model, [n for n, m in selection.modules.items() if isinstance(m, _FrozenBatchNorm)])
 
 
-def is_frozen(model: nn.Module, *selectors: Any) -> bool:
+def is_frozen(model: nn.Module, *selectors: Selector) -> bool:
     """True when no parameter in the selection is trainable (vacuously true without parameters).
 
     Trainable is structural, as in :func:`trainable_parameters`: a parameter
@@ -237,6 +239,7 @@ def is_frozen(model: nn.Module, *selectors: Any) -> bool:
         >>> is_frozen(model, "0"), is_frozen(model)
         (True, False)
     """
+    require_module(model, "is_frozen")
     selection = resolve(model, *selectors)
     uses = parameter_uses(model)
     return not any(uses[id(p)].trainable for p in selection.parameters.values())
@@ -265,6 +268,7 @@ def prepare_for_distributed(model: nn.Module) -> nn.Module:
         >>> inner.weight.requires_grad, model[0].weight.requires_grad
         (False, True)
     """
+    require_module(model, "prepare_for_distributed")
     uses = parameter_uses(model).values()
     unused = [e.parameter for e in uses if e.parameter.requires_grad and not e.trainable_paths]
     set_requires_grad(unused, False)
@@ -312,6 +316,7 @@ def layer_groups(model: nn.Module) -> list[list[str]]:
         >>> layer_groups(model)
         [['0'], ['2']]
     """
+    require_module(model, "layer_groups")
     custom = getattr(model, "layer_groups", None)
     if callable(custom) and not isinstance(custom, nn.Module):  # a submodule may be named layer_groups
         return [resolve(model, selector).matched for selector in custom()]
@@ -334,7 +339,9 @@ def layer_groups(model: nn.Module) -> list[list[str]]:
     return groups
 
 
-def freeze_to(model: nn.Module, n: int, groups: Sequence[Any] | None = None, *, shared: str = "error") -> nn.Module:
+def freeze_to(
+    model: nn.Module, n: int, groups: Sequence[Selector] | None = None, *, shared: Shared = "error"
+) -> nn.Module:
     """Freeze the first ``n`` layer groups and unfreeze the rest (fastai's ``freeze_to``).
 
     Unfreezing the rest is :func:`unfreeze` on those groups: their ``freeze`` pins
@@ -362,6 +369,7 @@ def freeze_to(model: nn.Module, n: int, groups: Sequence[Any] | None = None, *, 
         >>> [p.requires_grad for p in model.parameters()]
         [False, False, False, False, True, True]
     """
+    require_module(model, "freeze_to")
     groups = list(layer_groups(model) if groups is None else groups)
     if isinstance(n, bool) or not isinstance(n, int) or not -len(groups) <= n <= len(groups):
         raise ArgumentError(

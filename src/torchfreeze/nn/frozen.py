@@ -7,9 +7,10 @@ from typing import Any
 from torch import nn
 from torch.func import functional_call
 
-from torchfreeze._core.mode import check_mode, set_pin
+from torchfreeze._core.checks import require_module
+from torchfreeze._core.mode import Mode, check_mode, set_pin
 from torchfreeze._core.uses import FrozenUse
-from torchfreeze.errors import ArgumentError, ArgumentTypeError
+from torchfreeze.errors import ArgumentError
 
 __all__ = ["Frozen"]
 
@@ -53,12 +54,10 @@ class Frozen(FrozenUse):
         (True, True)
     """
 
-    def __init__(self, module: nn.Module, mode: str | None = None) -> None:
-        if not isinstance(module, nn.Module):
-            raise ArgumentTypeError(
-                f"Frozen(module=...) expects an nn.Module, got {type(module).__name__}. "
-                "Fix: wrap the layer object itself, e.g. Frozen(backbone)."
-            )
+    module: nn.Module
+
+    def __init__(self, module: nn.Module, *, mode: Mode | None = None) -> None:
+        require_module(module, "Frozen", "module")
         if isinstance(module, Frozen):
             module = module.module
         check_mode(mode, allow_none=True)
@@ -68,7 +67,7 @@ class Frozen(FrozenUse):
         if mode is not None:
             for sub in module.modules():
                 set_pin(sub, mode, "Frozen")
-        self._register_load_state_dict_pre_hook(_accept_unwrapped_keys)
+        self.register_load_state_dict_pre_hook(_accept_unwrapped_keys)  # type: ignore[no-untyped-call]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped module with its parameters detached (buffers as they are)."""
@@ -89,7 +88,9 @@ class Frozen(FrozenUse):
         return "" if self.mode is None else f"mode={self.mode!r}"
 
 
-def _accept_unwrapped_keys(state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+def _accept_unwrapped_keys(
+    _module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+) -> None:
     """Load hook: ``<prefix>weight`` from an unwrapped checkpoint goes to ``<prefix>module.weight``."""
     wrapped = prefix + "module."
     for key in list(state_dict.keys()):

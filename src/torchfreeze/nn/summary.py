@@ -7,7 +7,9 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from torchfreeze._core.checks import require_module
 from torchfreeze._core.mode import get_pin
+from torchfreeze._core.render import plain_table
 from torchfreeze._core.uses import parameter_uses
 from torchfreeze.errors import ArgumentError
 from torchfreeze.nn.frozen import Frozen
@@ -103,11 +105,7 @@ class Summary:
         return text
 
     def __str__(self) -> str:
-        table = [list(self.columns)] + [self._cells(r) for r in self.rows]
-        widths = [max(len(line[i]) for line in table) for i in range(len(self.columns))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines + [self._footer()])
+        return plain_table(self.columns, [self._cells(r) for r in self.rows]) + "\n" + self._footer()
 
     def __rich__(self) -> Any:
         from rich.table import Table
@@ -121,7 +119,7 @@ class Summary:
         return table
 
 
-def summary(model: nn.Module, depth: int | None = None) -> Summary:
+def summary(model: nn.Module, *, depth: int | None = None) -> Summary:
     """Tabulate, per module, its parameters, what is trainable and frozen, and its mode.
 
     Trainability is structural (see :func:`torchfreeze.trainable_parameters`):
@@ -138,6 +136,7 @@ def summary(model: nn.Module, depth: int | None = None) -> Summary:
         A :class:`Summary`: ``str()`` for plain text, a rich table in rich consoles, ``to_dict()``.
 
     Raises:
+        ArgumentTypeError: ``model`` is not an ``nn.Module``.
         ArgumentError: ``depth`` is negative or not an int.
 
     Example:
@@ -148,6 +147,7 @@ def summary(model: nn.Module, depth: int | None = None) -> Summary:
         >>> s.total, s.trainable, s.frozen
         (9, 3, 6)
     """
+    require_module(model, "summary")
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 0):
         raise ArgumentError(f"depth={depth!r} must be None or an int >= 0 (0 shows only the model row).")
     uses = parameter_uses(model)
