@@ -1,9 +1,11 @@
 """Training: optimizer groups, schedules, ``guard``/``check``, freeze state and trainable-only checkpoints."""
 
-from torchfreeze.training.guard import CODES, Guard, Problem, check, guard
+from torchfreeze.training.check import CODES, Problem, check
+from torchfreeze.training.checkpoint import load_trainable, save_trainable
+from torchfreeze.training.guard import Guard, guard
 from torchfreeze.training.optim import add_unfrozen, param_groups
 from torchfreeze.training.schedule import GradualUnfreezing
-from torchfreeze.training.state import freeze_state, load_freeze_state, load_trainable, save_trainable
+from torchfreeze.training.state import freeze_state, load_freeze_state
 
 __all__ = [
     "param_groups",

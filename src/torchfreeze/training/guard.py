@@ -1,21 +1,21 @@
-"""Runtime and static checks that frozen really means frozen: ``guard`` and ``check``."""
+"""Runtime check that frozen really means frozen: ``guard`` snapshots frozen tensors and verifies them."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from torchfreeze._core.mode import pinned_modes
-from torchfreeze.errors import ArgumentError, FrozenTensorChanged
-from torchfreeze.nn import trainable_parameters
-from torchfreeze.training.state import _check_model, _frozen_parameters, _pinned_ids, _tracks_stats, _watched_norms
+from torchfreeze._core.checks import require_module, short_repr
+from torchfreeze._core.uses import frozen_map
+from torchfreeze.errors import ArgumentTypeError, FrozenTensorChangedError
+from torchfreeze.training._watch import materialised, watched_norms
 
-__all__ = ["guard", "Guard", "check", "Problem", "CODES"]
+__all__ = ["guard", "Guard"]
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -60,19 +60,23 @@ def _max_change(before: torch.Tensor, after: torch.Tensor) -> float:
 
 
 def _watch_set(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> live tensor for everything that must stay bit-identical, each tensor once."""
+    """Name -> live tensor for everything that must stay bit-identical, each tensor once.
+
+    Lazy (uninitialised) tensors are left out until a forward pass gives them values; the next
+    verification then snapshots them.
+    """
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    frozen = _frozen_parameters(model)
+    frozen = frozen_map(model)
     for name, p in frozen.items():
         seen.add(id(p))
         out[name] = p
-    for mname, m in _watched_norms(model, {id(p) for p in frozen.values()}):
+    for mname, m in watched_norms(model, set(seen)):
         for bname, b in m.named_buffers(recurse=False):
             if id(b) not in seen:
                 seen.add(id(b))
                 out[f"{mname}.{bname}" if mname else bname] = b
-    return out
+    return materialised(out)
 
 
 class Guard:
@@ -102,7 +106,7 @@ class Guard:
         self.optimizers = optimizers
         self.checks = 0
         self._snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._handles: list[Any] = []
+        self._handles: list[RemovableHandle] = []
 
     @property
     def names(self) -> list[str]:
@@ -122,7 +126,7 @@ class Guard:
             where: words for the error message saying when the check ran.
 
         Raises:
-            FrozenTensorChanged: with ``.changes`` mapping each changed name to its largest
+            FrozenTensorChangedError: with ``.changes`` mapping each changed name to its largest
                 absolute change.
 
         Example:
@@ -133,7 +137,7 @@ class Guard:
             ...     _ = m.weight.data.add_(0.5)
             ...     try:
             ...         g.verify()
-            ...     except torchfreeze.errors.FrozenTensorChanged as err:
+            ...     except torchfreeze.errors.FrozenTensorChangedError as err:
             ...         print(err.changes)
             {'weight': 0.5}
         """
@@ -174,7 +178,7 @@ class Guard:
         self._snapshot = {}
 
 
-def _changed_error(model: nn.Module, changes: dict[str, float], where: str) -> FrozenTensorChanged:
+def _changed_error(model: nn.Module, changes: dict[str, float], where: str) -> FrozenTensorChangedError:
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     lines = []
     for name, delta in changes.items():
@@ -192,7 +196,7 @@ def _changed_error(model: nn.Module, changes: dict[str, float], where: str) -> F
             "normalisation statistics moved: the layer ran in train mode; use "
             "torchfreeze.freeze_batchnorm(model, ...) or freeze(model, ..., mode='eval')"
         )
-    err = FrozenTensorChanged(
+    err = FrozenTensorChangedError(
         f"{len(changes)} frozen tensor(s) changed {where}:\n" + "\n".join(lines) + "\nFix: " + "; ".join(hints) + "."
     )
     err.changes = dict(changes)  # type: ignore[attr-defined]
@@ -220,9 +224,9 @@ def guard(
         A :class:`Guard`, usable as ``with guard(model, opt) as g:``.
 
     Raises:
-        FrozenTensorChanged: from ``optimizer.step()`` or at exit, naming each changed tensor
+        FrozenTensorChangedError: from ``optimizer.step()`` or at exit, naming each changed tensor
             and its largest absolute change (also in ``err.changes``).
-        ArgumentError: ``model`` or ``optimizer`` of the wrong type.
+        ArgumentTypeError: ``model`` or ``optimizer`` of the wrong type.
 
     Example:
         >>> import torch, torchfreeze
@@ -233,7 +237,7 @@ def guard(
         >>> g.checks
         2
     """
-    _check_model(model, "guard")
+    require_module(model, "guard")
     if optimizer is None:
         opts: list[torch.optim.Optimizer] = []
     elif isinstance(optimizer, torch.optim.Optimizer):
@@ -241,237 +245,8 @@ def guard(
     elif isinstance(optimizer, Sequence) and all(isinstance(o, torch.optim.Optimizer) for o in optimizer):
         opts = list(optimizer)
     else:
-        raise ArgumentError(
-            f"guard(optimizer=...) expects a torch.optim.Optimizer, a list of them or None, got "
-            f"{type(optimizer).__name__}."
+        raise ArgumentTypeError(
+            f"guard(optimizer={short_repr(optimizer)}): expected a torch.optim.Optimizer, a list of them or None, "
+            f"got {type(optimizer).__name__}. Fix: pass the optimizer that trains the model."
         )
     return Guard(model, opts)
-
-
-# --------------------------------------------------------------------------------------
-# check
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding of :func:`check`.
-
-    Args:
-        code: short stable identifier (see ``CODES``).
-        names: qualified names of the parameters / modules involved.
-        message: what is wrong.
-        fix: a one-line fix.
-
-    Example:
-        >>> str(Problem("trainable-not-in-optimizer", ("head.weight",), "head.weight never learns.",
-        ...             "torchfreeze.add_unfrozen(model, optimizer)."))
-        '[trainable-not-in-optimizer] head.weight never learns. Fix: torchfreeze.add_unfrozen(model, optimizer).'
-    """
-
-    code: str
-    names: tuple[str, ...]
-    message: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"[{self.code}] {self.message} Fix: {self.fix}"
-
-
-#: Every code :func:`check` can return, with its meaning.
-CODES: dict[str, str] = {
-    "frozen-grad-not-none": "a frozen parameter holds a .grad tensor that optimizers (weight decay, momentum) would use",
-    "frozen-param-has-optimizer-state": "a frozen parameter has momentum / moment buffers in the optimizer",
-    "bn-stats-update-while-frozen": "a normalisation layer with frozen affine weights still updates its running statistics",
-    "train-mode-in-frozen-subtree": "unpinned dropout or BatchNorm in train mode inside a frozen subtree",
-    "shared-frozen-and-trainable": "a parameter used through Frozen is also trained through another use",
-    "trainable-not-in-optimizer": "a trainable parameter that the optimizer does not hold",
-}
-
-
-#: Optimizer state that moves a parameter on a step even when its gradient is zero (momentum and
-#: first moments). Accumulators of squared gradients (Adagrad, RMSprop, Adadelta, Adafactor), Rprop
-#: step sizes and ASGD averages do not move a parameter whose gradient is zero.
-_MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
-
-
-def _short(names: Sequence[str], k: int = 3) -> str:
-    shown = ", ".join(repr(n) for n in names[:k])
-    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
-
-
-def check(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[Problem]:
-    """Static lint of the known traps around frozen parameters; changes nothing.
-
-    Codes (stable strings, see ``CODES``): ``frozen-grad-not-none``,
-    ``frozen-param-has-optimizer-state``, ``bn-stats-update-while-frozen``,
-    ``train-mode-in-frozen-subtree``, ``shared-frozen-and-trainable``,
-    ``trainable-not-in-optimizer`` (the last two optimizer codes need ``optimizer``).
-
-    Args:
-        model: the model.
-        optimizer: the optimizer that will train it, if any.
-
-    Returns:
-        The problems found, in the order of ``CODES``; an empty list when all is well.
-
-    Raises:
-        ArgumentError: ``model`` / ``optimizer`` of the wrong type.
-
-    Example:
-        >>> import torch, torchfreeze
-        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 1))
-        >>> _ = torchfreeze.freeze(m, "0", "1")
-        >>> [p.code for p in check(m)]
-        ['bn-stats-update-while-frozen']
-        >>> _ = torchfreeze.freeze_batchnorm(m, "1")
-        >>> check(m)
-        []
-    """
-    _check_model(model, "check")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise ArgumentError(
-            f"check(optimizer=...) expects a torch.optim.Optimizer or None, got {type(optimizer).__name__}."
-        )
-    from torchfreeze._core.uses import parameter_uses
-    from torchfreeze.nn.batchnorm import _FrozenBatchNorm, is_norm
-
-    problems: list[Problem] = []
-    frozen = _frozen_parameters(model)
-    frozen_ids = {id(p) for p in frozen.values()}
-
-    # 1. frozen parameter with a gradient tensor
-    with_grad = [n for n, p in frozen.items() if p.grad is not None]
-    if with_grad:
-        problems.append(
-            Problem(
-                "frozen-grad-not-none",
-                tuple(with_grad),
-                f"{len(with_grad)} frozen parameter(s) hold a .grad tensor ({_short(with_grad)}); an optimizer "
-                "that holds them applies weight decay / momentum to them even if the gradient is zero.",
-                "set p.grad = None for them (torchfreeze.freeze does) and use optimizer.zero_grad(set_to_none=True).",
-            )
-        )
-
-    # 2. optimizer state on frozen parameters
-    if optimizer is not None:
-        stateful = []
-        for n, p in frozen.items():
-            st = optimizer.state.get(p, {})
-            if any(isinstance(st.get(k), torch.Tensor) and bool(st[k].detach().any()) for k in _MOMENTUM_KEYS):
-                stateful.append(n)
-        if stateful:
-            problems.append(
-                Problem(
-                    "frozen-param-has-optimizer-state",
-                    tuple(stateful),
-                    f"{len(stateful)} frozen parameter(s) carry non-zero momentum / first-moment state in the "
-                    f"optimizer ({_short(stateful)}): it moves them on any step where .grad is not None "
-                    "(a zero gradient is enough).",
-                    "rebuild the optimizer from torchfreeze.param_groups(model, lr) (or drop the state: "
-                    "optimizer.state.pop(p)).",
-                )
-            )
-
-    # 3. normalisation layers with frozen affine weights whose statistics still update
-    eval_ids = _pinned_ids(model, "eval")
-    bn_names = [
-        n
-        for n, m in model.named_modules()
-        if is_norm(m)
-        and not isinstance(m, _FrozenBatchNorm)
-        and _tracks_stats(m)
-        and id(m) not in eval_ids
-        and (params := list(m.parameters(recurse=False)))
-        and all(id(p) in frozen_ids for p in params)
-    ]
-    if bn_names:
-        problems.append(
-            Problem(
-                "bn-stats-update-while-frozen",
-                tuple(bn_names),
-                f"{len(bn_names)} normalisation layer(s) have frozen affine weights but will update their running "
-                f"statistics in train mode ({_short(bn_names)}).",
-                "torchfreeze.freeze_batchnorm(model, "
-                + repr(bn_names[0] if len(bn_names) == 1 else bn_names)
-                + ") (or pass train_bn=True to freeze if they should train).",
-            )
-        )
-
-    # 4. maximal frozen subtrees with unpinned dropout / batch statistics in train mode
-    pinned = set(pinned_modes(model))
-    reported = set(bn_names)
-    for root, sub in _frozen_subtrees(model, frozen_ids):
-        live = []
-        for n, m in sub.named_modules():
-            full = f"{root}.{n}" if root and n else (n or root)
-            if not m.training or full in pinned:
-                continue
-            dropout = isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
-            stats = is_norm(m) and _tracks_stats(m) and full not in reported
-            if dropout or stats:
-                live.append(full)
-        if live:
-            sel = f", {root!r}" if root else ""
-            problems.append(
-                Problem(
-                    "train-mode-in-frozen-subtree",
-                    (root, *live),
-                    f"frozen subtree {root or '<model>'!r} runs {_short(live)} in train mode (not pinned): dropout "
-                    "or batch statistics make the frozen features noisy and slower than they need to be.",
-                    f"torchfreeze.freeze(model{sel}, mode='eval') (or pin_mode(model{sel}, mode='eval')).",
-                )
-            )
-
-    # 5. parameters both used through Frozen and trained through another use
-    shared = [e for e in parameter_uses(model).values() if e.frozen_use_paths and e.trainable]
-    if shared:
-        names = tuple(n for e in shared for n in e.paths)
-        uses = [p for e in shared for p in e.frozen_use_paths]
-        problems.append(
-            Problem(
-                "shared-frozen-and-trainable",
-                names,
-                f"{len(shared)} parameter(s) used through Frozen ({_short(uses)}) also train through another "
-                f"use ({_short([e.trainable_paths[0] for e in shared])}), so the Frozen use sees values that "
-                "change every step.",
-                "if the Frozen use must stay fixed give it its own copy: Frozen(copy.deepcopy(module)); "
-                "otherwise this is the intended tie.",
-            )
-        )
-
-    # 6. trainable parameters the optimizer does not hold
-    if optimizer is not None:
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = [n for n, p in trainable_parameters(model) if id(p) not in held]
-        if missing:
-            problems.append(
-                Problem(
-                    "trainable-not-in-optimizer",
-                    tuple(missing),
-                    f"{len(missing)} trainable parameter(s) are not in the optimizer and will never learn "
-                    f"({_short(missing)}).",
-                    "torchfreeze.add_unfrozen(model, optimizer).",
-                )
-            )
-    return problems
-
-
-def _frozen_subtrees(model: nn.Module, frozen_ids: set[int]) -> list[tuple[str, nn.Module]]:
-    """Maximal subtrees with at least one parameter, all of them frozen (the model itself excluded
-    unless it is entirely frozen)."""
-
-    def all_frozen(m: nn.Module) -> bool:
-        params = list(m.parameters())
-        return bool(params) and all(id(p) in frozen_ids for p in params)
-
-    out: list[tuple[str, nn.Module]] = []
-
-    def visit(name: str, m: nn.Module) -> None:
-        if all_frozen(m):
-            out.append((name, m))
-            return
-        for cname, child in m.named_children():
-            visit(f"{name}.{cname}" if name else cname, child)
-
-    visit("", model)
-    return out

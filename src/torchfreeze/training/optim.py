@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from torchfreeze._core.checks import require_module, short_repr
+from torchfreeze._core.select import Selector, resolve
+from torchfreeze._core.uses import trainable_map
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
-from torchfreeze.nn import layer_groups, trainable_parameters
+from torchfreeze.nn import is_norm, layer_groups
 
 __all__ = ["param_groups", "add_unfrozen"]
 
@@ -26,10 +28,8 @@ def _positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
 
 def _no_decay_ids(model: nn.Module) -> set[int]:
     """Parameters that get no weight decay: biases and the parameters of normalisation layers."""
-    from torchfreeze.nn.batchnorm import is_norm
-
     out: set[int] = set()
-    for mname, module in model.named_modules(remove_duplicate=False):
+    for _, module in model.named_modules(remove_duplicate=False):
         norm = is_norm(module)
         for pname, p in module.named_parameters(recurse=False):
             if norm or pname == "bias" or pname.endswith("_bias"):
@@ -62,7 +62,7 @@ def param_groups(
     *,
     weight_decay: float = 0.0,
     lr_mult: float | tuple[float, float] | None = None,
-    groups: Sequence[Any] | None = None,
+    groups: Sequence[Selector] | None = None,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups holding only the trainable parameters of ``model``.
 
@@ -88,6 +88,7 @@ def param_groups(
         empty groups are left out.
 
     Raises:
+        ArgumentTypeError: ``model`` is not an ``nn.Module``.
         ArgumentError: a bad ``lr``, ``weight_decay`` or ``lr_mult``; no trainable parameter.
         SelectorError: a group selector matches nothing.
 
@@ -99,12 +100,11 @@ def param_groups(
         [('group0', 1, 0.01), ('group0/no_decay', 1, 0.0)]
         >>> opt = torch.optim.AdamW(gs)
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentError(f"param_groups(model=...) expects an nn.Module, got {type(model).__name__}.")
+    require_module(model, "param_groups")
     lr = _positive(lr, "lr")
     weight_decay = _positive(weight_decay, "weight_decay", allow_zero=True)
     if groups is None:
-        selectors = list(layer_groups(model)) if lr_mult is not None else None
+        selectors: list[Selector] | None = list(layer_groups(model)) if lr_mult is not None else None
     else:
         if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
             raise ArgumentError(
@@ -114,7 +114,7 @@ def param_groups(
         if len(groups) == 0:
             raise ArgumentError("groups=[] names no layer group; pass None for one group or a list of selectors.")
         selectors = list(groups)
-    trainable = dict(trainable_parameters(model))
+    trainable = trainable_map(model)
     if not trainable:
         raise ArgumentError(
             "param_groups found no trainable parameter in the model (everything is frozen); "
@@ -124,8 +124,6 @@ def param_groups(
     if selectors is None:
         members: list[list[tuple[str, nn.Parameter]]] = [list(trainable.items())]
     else:
-        from torchfreeze._core.select import resolve
-
         taken: set[int] = set()
         members = []
         for sel in selectors:
@@ -160,18 +158,15 @@ def _held_ids(optimizer: torch.optim.Optimizer) -> set[int]:
 def _new_groups(
     optimizer: torch.optim.Optimizer, model: nn.Module, lr: float | None
 ) -> list[tuple[list[str], dict[str, Any]]]:
-    """The groups ``add_unfrozen`` would add: (parameter names, group options without params)."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ArgumentError(
-            f"optimizer={type(optimizer).__name__} is not a torch.optim.Optimizer; pass the optimizer object."
-        )
-    if not isinstance(model, nn.Module):
-        raise ArgumentError(f"model={type(model).__name__} is not an nn.Module; pass the model.")
+    """The groups ``add_unfrozen`` would add: (parameter names, group options without params).
+
+    The callers have checked ``model`` and ``optimizer``.
+    """
     group_lr = _positive(lr, "lr") if lr is not None else optimizer.defaults.get("lr")
     if isinstance(group_lr, torch.Tensor):
         group_lr = group_lr.clone()
     held = _held_ids(optimizer)
-    new = [(n, p) for n, p in trainable_parameters(model) if id(p) not in held]
+    new = [(n, p) for n, p in trainable_map(model).items() if id(p) not in held]
     if not new:
         return []
     if isinstance(optimizer, torch.optim.LBFGS):
@@ -185,11 +180,12 @@ def _new_groups(
     tags = {str(g.get("name", "")).split("/")[0] for g in optimizer.param_groups}
     tag = f"unfrozen{sum(1 for t in tags if t.startswith('unfrozen'))}"
     has_initial = all("initial_lr" in g for g in optimizer.param_groups)
-    out = []
-    for names, options in (
+    out: list[tuple[list[str], dict[str, Any]]] = []
+    split: tuple[tuple[list[str], dict[str, Any]], ...] = (
         ([n for n, p in new if id(p) not in no_decay], {"name": tag}),
         ([n for n, p in new if id(p) in no_decay], {"name": f"{tag}/no_decay", "weight_decay": 0.0}),
-    ):
+    )
+    for names, options in split:
         if names:
             if group_lr is not None:
                 options["lr"] = group_lr

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, TypeGuard, cast
 
 import torch
 from torch import nn
 
-from torchfreeze.errors import ArgumentError
+from torchfreeze._core.checks import require_choice, require_module, short_repr
+from torchfreeze._core.select import Selector, resolve
+from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.nn import freeze_to, is_frozen, layer_groups, unfreeze
+from torchfreeze.nn.freezing import Shared
 from torchfreeze.training.optim import _add_groups, _held_ids, _new_groups, _positive
-from torchfreeze.training.state import _check_model, _validate_freeze_state, freeze_state, load_freeze_state
+from torchfreeze.training.state import _validate_freeze_state, freeze_state, load_freeze_state
 
-__all__ = ["GradualUnfreezing"]
+__all__ = ["GradualUnfreezing", "Preset"]
 
 _FORMAT = "torchfreeze.gradual_unfreezing"
-_PRESETS = {"one_group_per_epoch": 1, "one_group_per_step": 1}
+Preset = Literal["one_group_per_epoch", "one_group_per_step"]
+_PRESETS: dict[str, int] = {"one_group_per_epoch": 1, "one_group_per_step": 1}
 
 
-def _is_count(v: Any) -> bool:
+def _is_count(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -81,53 +85,55 @@ class GradualUnfreezing:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        schedule: Mapping[int, Any] | str | int,
+        schedule: Mapping[int, Selector | int] | Preset | int,
         *,
-        groups: list[Any] | None = None,
+        groups: Sequence[Selector] | None = None,
         lr: float | None = None,
-        shared: str = "error",
+        shared: Shared = "error",
     ) -> None:
-        _check_model(model, "GradualUnfreezing")
+        require_module(model, "GradualUnfreezing")
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ArgumentError(
-                f"GradualUnfreezing(optimizer=...) expects a torch.optim.Optimizer, got {type(optimizer).__name__}."
+            raise ArgumentTypeError(
+                f"GradualUnfreezing(optimizer={short_repr(optimizer)}): expected a torch.optim.Optimizer, got "
+                f"{type(optimizer).__name__}. Fix: pass the optimizer that trains the model."
             )
         if lr is not None:
             _positive(lr, "lr")  # validated before anything changes
+        require_choice(shared, ("error", "freeze"), "GradualUnfreezing", "shared")
         self.model = model
         self.optimizer = optimizer
         self.lr = lr
-        self.shared = shared
+        self.shared: Shared = shared
         if groups is not None and (isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence)):
             raise ArgumentError(
                 f"groups={groups!r} must be a list of selectors, one per layer group (input side first), "
                 "e.g. groups=['encoder.layer.0', 'encoder.layer.1', 'head']."
             )
-        self.groups = list(layer_groups(model) if groups is None else groups)
+        self.groups: list[Selector] = list(layer_groups(model) if groups is None else groups)
         n = len(self.groups)
-        if isinstance(schedule, str):
-            if schedule not in _PRESETS:
+        entries: object = schedule
+        if isinstance(entries, str):
+            if entries not in _PRESETS:
                 raise ArgumentError(
-                    f"schedule={schedule!r} is not a preset; expected one of {sorted(_PRESETS)}, an int period "
+                    f"schedule={entries!r} is not a preset; expected one of {sorted(_PRESETS)}, an int period "
                     "or a dict {count: selector or group count}."
                 )
-            schedule = _PRESETS[schedule]
-        if _is_count(schedule):
-            if schedule < 1:
-                raise ArgumentError(f"schedule={schedule!r}: a period must be an int >= 1 (units per new group).")
-            schedule = {i * schedule: i + 1 for i in range(n)}
-        if not isinstance(schedule, Mapping) or not schedule:
+            entries = _PRESETS[entries]
+        if _is_count(entries):
+            period = entries
+            if period < 1:
+                raise ArgumentError(f"schedule={period!r}: a period must be an int >= 1 (units per new group).")
+            entries = {i * period: i + 1 for i in range(n)}
+        if not isinstance(entries, Mapping) or not entries:
             raise ArgumentError(
                 f"schedule={schedule!r} must be a non-empty dict {{count: selector or group count}}, a preset "
                 f"name ({sorted(_PRESETS)}) or an int period."
             )
-        from torchfreeze._core.select import resolve
-
         for group in self.groups:
             resolve(model, group)  # a group that names nothing raises SelectorError here
-        plan: dict[int, Any] = {}
-        for key in sorted(schedule, key=lambda k: (not _is_count(k), k if _is_count(k) else 0)):
-            value = schedule[key]
+        plan: dict[int, Selector | int] = {}
+        for key in sorted(entries, key=lambda k: (not _is_count(k), k if _is_count(k) else 0)):
+            value = entries[key]
             if not _is_count(key) or key < 0:
                 raise ArgumentError(f"schedule key {key!r} must be an int >= 0 (an epoch or step count).")
             if _is_count(value):
@@ -155,7 +161,7 @@ class GradualUnfreezing:
             if _is_count(value):
                 freeze_to(self.model, len(self.groups) - value, groups=self.groups, shared=self.shared)
             else:
-                unfreeze(self.model, value, shared=self.shared)
+                unfreeze(self.model, cast(Selector, value), shared=self.shared)
             planned = _new_groups(self.optimizer, self.model, self.lr)
         except BaseException:
             # e.g. an LBFGS optimizer that cannot take the new group: the model goes back as it was

@@ -1,0 +1,230 @@
+"""Static lint of the known traps around frozen parameters: ``check``, ``Problem`` and ``CODES``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchfreeze._core.behaviour import nondeterministic_modules
+from torchfreeze._core.checks import require_module, short_repr
+from torchfreeze._core.mode import pinned_modes
+from torchfreeze._core.uses import frozen_map, parameter_uses, trainable_map
+from torchfreeze.errors import ArgumentTypeError
+from torchfreeze.training._watch import eval_pinned_ids, stats_update_while_frozen
+
+__all__ = ["check", "Problem", "CODES"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of :func:`check`.
+
+    Args:
+        code: short stable identifier (see ``CODES``).
+        names: qualified names of the parameters / modules involved.
+        message: what is wrong.
+        fix: a one-line fix.
+
+    Example:
+        >>> str(Problem("trainable-not-in-optimizer", ("head.weight",), "head.weight never learns.",
+        ...             "torchfreeze.add_unfrozen(model, optimizer)."))
+        '[trainable-not-in-optimizer] head.weight never learns. Fix: torchfreeze.add_unfrozen(model, optimizer).'
+    """
+
+    code: str
+    names: tuple[str, ...]
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message} Fix: {self.fix}"
+
+
+#: Every code :func:`check` can return, with its meaning.
+CODES: dict[str, str] = {
+    "frozen-grad-not-none": "a frozen parameter holds a .grad tensor that optimizers (weight decay, momentum) would use",
+    "frozen-param-has-optimizer-state": "a frozen parameter has momentum / moment buffers in the optimizer",
+    "bn-stats-update-while-frozen": "a normalisation layer with frozen affine weights still updates its running statistics",
+    "train-mode-in-frozen-subtree": "unpinned dropout (modules, attention, RNN) or BatchNorm in train mode inside a frozen subtree",
+    "shared-frozen-and-trainable": "a parameter used through Frozen is also trained through another use",
+    "trainable-not-in-optimizer": "a trainable parameter that the optimizer does not hold",
+}
+
+
+#: Optimizer state that moves a parameter on a step even when its gradient is zero (momentum and
+#: first moments). Accumulators of squared gradients (Adagrad, RMSprop, Adadelta, Adafactor), Rprop
+#: step sizes and ASGD averages do not move a parameter whose gradient is zero.
+_MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+
+
+def _short(names: Sequence[str], k: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def check(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[Problem]:
+    """Static lint of the known traps around frozen parameters; changes nothing.
+
+    Codes (stable strings, see ``CODES``): ``frozen-grad-not-none``,
+    ``frozen-param-has-optimizer-state``, ``bn-stats-update-while-frozen``,
+    ``train-mode-in-frozen-subtree``, ``shared-frozen-and-trainable``,
+    ``trainable-not-in-optimizer`` (the last two optimizer codes need ``optimizer``).
+
+    Args:
+        model: the model.
+        optimizer: the optimizer that will train it, if any.
+
+    Returns:
+        The problems found, in the order of ``CODES``; an empty list when all is well.
+
+    Raises:
+        ArgumentTypeError: ``model`` / ``optimizer`` of the wrong type.
+
+    Example:
+        >>> import torch, torchfreeze
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 1))
+        >>> _ = torchfreeze.freeze(m, "0", "1")
+        >>> [p.code for p in check(m)]
+        ['bn-stats-update-while-frozen']
+        >>> _ = torchfreeze.freeze_batchnorm(m, "1")
+        >>> check(m)
+        []
+    """
+    require_module(model, "check")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ArgumentTypeError(
+            f"check(optimizer={short_repr(optimizer)}): expected a torch.optim.Optimizer or None, got "
+            f"{type(optimizer).__name__}. Fix: pass the optimizer that trains the model."
+        )
+    problems: list[Problem] = []
+    frozen = frozen_map(model)
+    frozen_ids = {id(p) for p in frozen.values()}
+
+    # 1. frozen parameter with a gradient tensor
+    with_grad = [n for n, p in frozen.items() if p.grad is not None]
+    if with_grad:
+        problems.append(
+            Problem(
+                "frozen-grad-not-none",
+                tuple(with_grad),
+                f"{len(with_grad)} frozen parameter(s) hold a .grad tensor ({_short(with_grad)}); an optimizer "
+                "that holds them applies weight decay / momentum to them even if the gradient is zero.",
+                "set p.grad = None for them (torchfreeze.freeze does) and use optimizer.zero_grad(set_to_none=True).",
+            )
+        )
+
+    # 2. optimizer state on frozen parameters
+    if optimizer is not None:
+        stateful = []
+        for n, p in frozen.items():
+            st = optimizer.state.get(p, {})
+            if any(isinstance(st.get(k), torch.Tensor) and bool(st[k].detach().any()) for k in _MOMENTUM_KEYS):
+                stateful.append(n)
+        if stateful:
+            problems.append(
+                Problem(
+                    "frozen-param-has-optimizer-state",
+                    tuple(stateful),
+                    f"{len(stateful)} frozen parameter(s) carry non-zero momentum / first-moment state in the "
+                    f"optimizer ({_short(stateful)}): it moves them on any step where .grad is not None "
+                    "(a zero gradient is enough).",
+                    "rebuild the optimizer from torchfreeze.param_groups(model, lr) (or drop the state: "
+                    "optimizer.state.pop(p)).",
+                )
+            )
+
+    # 3. normalisation layers with frozen affine weights whose statistics still update
+    eval_ids = eval_pinned_ids(model)
+    bn_names = [n for n, m in model.named_modules() if stats_update_while_frozen(m, frozen_ids, eval_ids)]
+    if bn_names:
+        problems.append(
+            Problem(
+                "bn-stats-update-while-frozen",
+                tuple(bn_names),
+                f"{len(bn_names)} normalisation layer(s) have frozen affine weights but will update their running "
+                f"statistics in train mode ({_short(bn_names)}).",
+                "torchfreeze.freeze_batchnorm(model, "
+                + repr(bn_names[0] if len(bn_names) == 1 else bn_names)
+                + ") (or pass train_bn=True to freeze if they should train).",
+            )
+        )
+
+    # 4. maximal frozen subtrees with unpinned random layers / batch statistics in train mode
+    #    (the one nondeterminism predicate: dropout modules, attention and RNN dropout, functional
+    #    dropout attributes, RReLU, statistics updates; a pinned module is left as the user chose)
+    pinned = set(pinned_modes(model))
+    reported = set(bn_names)
+    for root, sub in _frozen_subtrees(model, frozen_ids):
+        live = [
+            found.name
+            for found in nondeterministic_modules(sub, prefix=root)
+            if found.kind != "batch-dependent" and found.name not in pinned and found.name not in reported
+        ]
+        if live:
+            sel = f", {root!r}" if root else ""
+            problems.append(
+                Problem(
+                    "train-mode-in-frozen-subtree",
+                    (root, *live),
+                    f"frozen subtree {root or '<model>'!r} runs {_short(live)} in train mode (not pinned): dropout "
+                    "or batch statistics make the frozen features noisy and slower than they need to be.",
+                    f"torchfreeze.freeze(model{sel}, mode='eval') (or pin_mode(model{sel}, mode='eval')).",
+                )
+            )
+
+    # 5. parameters both used through Frozen and trained through another use
+    shared = [e for e in parameter_uses(model).values() if e.frozen_use_paths and e.trainable]
+    if shared:
+        names = tuple(n for e in shared for n in e.paths)
+        uses = [p for e in shared for p in e.frozen_use_paths]
+        problems.append(
+            Problem(
+                "shared-frozen-and-trainable",
+                names,
+                f"{len(shared)} parameter(s) used through Frozen ({_short(uses)}) also train through another "
+                f"use ({_short([e.trainable_paths[0] for e in shared])}), so the Frozen use sees values that "
+                "change every step.",
+                "if the Frozen use must stay fixed give it its own copy: Frozen(copy.deepcopy(module)); "
+                "otherwise this is the intended tie.",
+            )
+        )
+
+    # 6. trainable parameters the optimizer does not hold
+    if optimizer is not None:
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in trainable_map(model).items() if id(p) not in held]
+        if missing:
+            problems.append(
+                Problem(
+                    "trainable-not-in-optimizer",
+                    tuple(missing),
+                    f"{len(missing)} trainable parameter(s) are not in the optimizer and will never learn "
+                    f"({_short(missing)}).",
+                    "torchfreeze.add_unfrozen(model, optimizer).",
+                )
+            )
+    return problems
+
+
+def _frozen_subtrees(model: nn.Module, frozen_ids: set[int]) -> list[tuple[str, nn.Module]]:
+    """Maximal subtrees with at least one parameter, all of them frozen (the model itself excluded
+    unless it is entirely frozen)."""
+
+    def all_frozen(m: nn.Module) -> bool:
+        params = list(m.parameters())
+        return bool(params) and all(id(p) in frozen_ids for p in params)
+
+    out: list[tuple[str, nn.Module]] = []
+
+    def visit(name: str, m: nn.Module) -> None:
+        if all_frozen(m):
+            out.append((name, m))
+            return
+        for cname, child in m.named_children():
+            visit(f"{name}.{cname}" if name else cname, child)
+
+    visit("", model)
+    return out

@@ -1,0 +1,177 @@
+"""check: static lint of the known traps around frozen parameters."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from _train_loop import step as _step
+from torch import nn
+
+from _helpers import Net
+from torchfreeze import Frozen, add_unfrozen, check, freeze, freeze_batchnorm, param_groups, pin_mode, unfreeze
+from torchfreeze.errors import ArgumentTypeError
+from torchfreeze.training import CODES, Problem
+
+Case = tuple[nn.Module, "torch.optim.Optimizer | None"]
+
+
+def _frozen_with_grad():
+    model = freeze(Net(), "backbone", mode="eval")
+    model.backbone[0].weight.grad = torch.zeros_like(model.backbone[0].weight)
+    return model, None
+
+
+def _frozen_with_state():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _step(model, opt)
+    freeze(model, "backbone", mode="eval")
+    return model, opt
+
+
+def _bn_updates():
+    return freeze(Net(), "backbone.0", "backbone.1", "backbone.4"), None
+
+
+def _dropout_live():
+    return freeze(Net(), "backbone").train(), None
+
+
+def _shared():
+    lin = nn.Linear(4, 4)
+    return nn.Sequential(lin, nn.ReLU(), Frozen(lin)), None
+
+
+def _missing_in_optimizer():
+    model = freeze(Net(), "backbone", mode="eval")
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    unfreeze(model, "backbone.4")
+    return model, opt
+
+
+CASES = {
+    "frozen-grad-not-none": (_frozen_with_grad, ("backbone.0.weight",)),
+    "frozen-param-has-optimizer-state": (_frozen_with_state, ("backbone.0.weight", "backbone.4.bias")),
+    "bn-stats-update-while-frozen": (_bn_updates, ("backbone.1",)),
+    "train-mode-in-frozen-subtree": (_dropout_live, ("backbone", "backbone.3")),
+    "shared-frozen-and-trainable": (_shared, ("0.weight", "2.module.weight")),
+    "trainable-not-in-optimizer": (_missing_in_optimizer, ("backbone.4.weight", "backbone.4.bias")),
+}
+
+
+def test_every_code_has_a_case():
+    assert set(CASES) == set(CODES)
+
+
+@pytest.mark.parametrize("code", list(CASES), ids=list(CASES))
+def test_each_trap_is_reported_with_names_and_a_fix(code):
+    make, names = CASES[code]
+    model, opt = make()
+    found = [p for p in check(model, opt) if p.code == code]
+    assert len(found) == 1, check(model, opt)
+    problem = found[0]
+    assert set(names) <= set(problem.names)
+    assert problem.fix and "\n" not in problem.fix and problem.message
+    assert str(problem).startswith(f"[{code}]")
+
+
+def test_check_changes_nothing():
+    model, opt = _frozen_with_state()
+    before = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    check(model, opt)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before[0].items())
+    assert str(opt.state_dict()) == str(before[1])
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        pytest.param(lambda: (freeze(Net(), "backbone", mode="eval"), "groups"), id="feature-extractor"),
+        pytest.param(lambda: (freeze_batchnorm(freeze(Net(), "backbone.0"), "backbone"), "groups"), id="bn-frozen"),
+        pytest.param(lambda: (Net(), "groups"), id="nothing-frozen"),
+        pytest.param(lambda: (freeze(Net(), "backbone", train_bn=True, mode="eval"), "groups"), id="train-bn"),
+    ],
+)
+def test_clean_setups_have_no_problems(setup):
+    model, _ = setup()
+    opt = torch.optim.AdamW(param_groups(model, 1e-3, weight_decay=0.01))
+    model.train()
+    _step(model, opt)
+    assert check(model, opt) == []
+
+
+def test_applying_the_fix_clears_the_problem():
+    model = freeze(Net(), "backbone.0", "backbone.1", "backbone.4").train()
+    assert [p.code for p in check(model)] == ["bn-stats-update-while-frozen", "train-mode-in-frozen-subtree"]
+    freeze_batchnorm(model, "backbone.1")
+    assert [p.code for p in check(model)] == ["train-mode-in-frozen-subtree"]  # dropout still live
+    freeze(model, "backbone", mode="eval")
+    assert check(model) == []
+    model, opt = _missing_in_optimizer()
+    add_unfrozen(model, opt)
+    assert check(model, opt) == []
+
+
+def test_deliberately_pinned_train_dropout_is_not_reported():
+    model = freeze(Net(), "backbone", mode="eval")
+    pin_mode(model, "backbone.3", mode="train")  # Monte-Carlo dropout on purpose
+    assert check(model.train()) == []
+
+
+def test_problem_is_frozen_dataclass():
+    p = Problem("x", ("a",), "m", "f")
+    with pytest.raises(Exception):
+        p.code = "y"  # type: ignore[misc]
+
+
+def test_check_bad_optimizer() -> None:
+    with pytest.raises(ArgumentTypeError, match="optimizer"):
+        check(Net(), optimizer="sgd")  # type: ignore[arg-type]
+
+
+def test_whole_model_frozen_fix_names_no_selector():
+    model = freeze(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))).train()
+    (problem,) = check(model)
+    assert problem.code == "train-mode-in-frozen-subtree" and problem.names == ("", "1")
+    assert "freeze(model, mode='eval')" in problem.fix
+    freeze(model, mode="eval")
+    assert check(model) == []
+
+
+def test_check_bad_model() -> None:
+    with pytest.raises(ArgumentTypeError, match="check\\(model="):
+        check([nn.Linear(2, 2)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        pytest.param(lambda: nn.MultiheadAttention(4, 2, dropout=0.1), "1", id="attention"),
+        pytest.param(
+            lambda: nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=0.1), "1.self_attn", id="encoder"
+        ),
+        pytest.param(lambda: nn.LSTM(4, 4, num_layers=2, dropout=0.1), "1", id="rnn"),
+    ],
+)
+def test_dropout_inside_attention_and_rnn_is_seen_in_a_frozen_subtree(make: Callable[[], nn.Module], name: str) -> None:
+    model = freeze(nn.Sequential(nn.Linear(4, 4), make()), "1").train()
+    (problem,) = check(model)
+    assert problem.code == "train-mode-in-frozen-subtree"
+    assert problem.names[0] == "1" and name in problem.names[1:]
+    pin_mode(model, "1", mode="eval")  # pinned eval: the frozen features are deterministic
+    assert check(model.train()) == []
+
+
+def test_functional_dropout_attribute_is_seen() -> None:
+    class Attention(nn.Module):  # a Hugging Face style layer: dropout is a float, applied functionally
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.attention_dropout = 0.1
+
+    model = freeze(nn.Sequential(nn.Linear(4, 4), Attention()), "1").train()
+    (problem,) = check(model)
+    assert problem.code == "train-mode-in-frozen-subtree" and problem.names == ("1", "1")
