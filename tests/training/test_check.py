@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -18,13 +19,13 @@ from torchfreeze.training import CODES, Problem
 Case = tuple[nn.Module, "torch.optim.Optimizer | None"]
 
 
-def _frozen_with_grad():
+def _frozen_with_grad() -> Any:
     model = freeze(Net(), "backbone", mode="eval")
     model.backbone[0].weight.grad = torch.zeros_like(model.backbone[0].weight)
     return model, None
 
 
-def _frozen_with_state():
+def _frozen_with_state() -> Any:
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     _step(model, opt)
@@ -32,20 +33,20 @@ def _frozen_with_state():
     return model, opt
 
 
-def _bn_updates():
+def _bn_updates() -> Any:
     return freeze(Net(), "backbone.0", "backbone.1", "backbone.4"), None
 
 
-def _dropout_live():
+def _dropout_live() -> Any:
     return freeze(Net(), "backbone").train(), None
 
 
-def _shared():
+def _shared() -> Any:
     lin = nn.Linear(4, 4)
     return nn.Sequential(lin, nn.ReLU(), Frozen(lin)), None
 
 
-def _missing_in_optimizer():
+def _missing_in_optimizer() -> Any:
     model = freeze(Net(), "backbone", mode="eval")
     opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
     unfreeze(model, "backbone.4")
@@ -62,12 +63,12 @@ CASES = {
 }
 
 
-def test_every_code_has_a_case():
+def test_every_code_has_a_case() -> None:
     assert set(CASES) == set(CODES)
 
 
 @pytest.mark.parametrize("code", list(CASES), ids=list(CASES))
-def test_each_trap_is_reported_with_names_and_a_fix(code):
+def test_each_trap_is_reported_with_names_and_a_fix(code: Any) -> None:
     make, names = CASES[code]
     model, opt = make()
     found = [p for p in check(model, opt) if p.code == code]
@@ -78,7 +79,7 @@ def test_each_trap_is_reported_with_names_and_a_fix(code):
     assert str(problem).startswith(f"[{code}]")
 
 
-def test_check_changes_nothing():
+def test_check_changes_nothing() -> None:
     model, opt = _frozen_with_state()
     before = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     check(model, opt)
@@ -95,7 +96,7 @@ def test_check_changes_nothing():
         pytest.param(lambda: (freeze(Net(), "backbone", train_bn=True, mode="eval"), "groups"), id="train-bn"),
     ],
 )
-def test_clean_setups_have_no_problems(setup):
+def test_clean_setups_have_no_problems(setup: Any) -> None:
     model, _ = setup()
     opt = torch.optim.AdamW(param_groups(model, 1e-3, weight_decay=0.01))
     model.train()
@@ -103,7 +104,7 @@ def test_clean_setups_have_no_problems(setup):
     assert check(model, opt) == []
 
 
-def test_applying_the_fix_clears_the_problem():
+def test_applying_the_fix_clears_the_problem() -> None:
     model = freeze(Net(), "backbone.0", "backbone.1", "backbone.4").train()
     assert [p.code for p in check(model)] == ["bn-stats-update-while-frozen", "train-mode-in-frozen-subtree"]
     freeze_batchnorm(model, "backbone.1")
@@ -115,13 +116,13 @@ def test_applying_the_fix_clears_the_problem():
     assert check(model, opt) == []
 
 
-def test_deliberately_pinned_train_dropout_is_not_reported():
+def test_deliberately_pinned_train_dropout_is_not_reported() -> None:
     model = freeze(Net(), "backbone", mode="eval")
     pin_mode(model, "backbone.3", mode="train")  # Monte-Carlo dropout on purpose
     assert check(model.train()) == []
 
 
-def test_problem_is_frozen_dataclass():
+def test_problem_is_frozen_dataclass() -> None:
     p = Problem("x", ("a",), "m", "f")
     with pytest.raises(Exception):
         p.code = "y"  # type: ignore[misc]
@@ -132,7 +133,7 @@ def test_check_bad_optimizer() -> None:
         check(Net(), optimizer="sgd")  # type: ignore[arg-type]
 
 
-def test_whole_model_frozen_fix_names_no_selector():
+def test_whole_model_frozen_fix_names_no_selector() -> None:
     model = freeze(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))).train()
     (problem,) = check(model)
     assert problem.code == "train-mode-in-frozen-subtree" and problem.names == ("", "1")

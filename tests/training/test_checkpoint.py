@@ -27,7 +27,7 @@ from torchfreeze.training.checkpoint import _partition
 # ------------------------------------------------------------------ fingerprint
 
 
-def test_fingerprint_sensitivity():
+def test_fingerprint_sensitivity() -> None:
     base = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(2, dtype=torch.int64)}
     fp = fingerprint(base)
     assert fp == fingerprint(dict(reversed(list(base.items()))))  # order of the mapping does not matter
@@ -44,7 +44,7 @@ def test_fingerprint_sensitivity():
     assert fp not in fps.values() and len(set(fps.values())) == len(fps)
 
 
-def test_fingerprint_streams_large_and_non_contiguous_tensors(monkeypatch):
+def test_fingerprint_streams_large_and_non_contiguous_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     import torchfreeze._core.fingerprint as io_mod
 
     t = torch.randn(64, 33)
@@ -60,7 +60,7 @@ def test_fingerprint_streams_large_and_non_contiguous_tensors(monkeypatch):
 # ------------------------------------------------------------------ trainable checkpoints
 
 
-def _trained(seed=0):
+def _trained(seed: Any = 0) -> Any:
     model = freeze(Model(seed), "backbone", mode="eval")
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()
@@ -73,7 +73,7 @@ def _trained(seed=0):
     return model
 
 
-def test_file_holds_only_what_training_changes(tmp_path):
+def test_file_holds_only_what_training_changes(tmp_path: Path) -> None:
     model = _trained()
     path = save_trainable(model, tmp_path / "t.safetensors")
     keys = set(load_file(path))
@@ -83,13 +83,13 @@ def test_file_holds_only_what_training_changes(tmp_path):
     assert set(frozen) >= {"backbone.0.weight", "backbone.1.running_mean", "proj.module.weight"}
 
 
-def test_unpinned_frozen_batchnorm_statistics_are_saved(tmp_path):
+def test_unpinned_frozen_batchnorm_statistics_are_saved(tmp_path: Path) -> None:
     model = freeze(Model(), "backbone")  # BN weights frozen, statistics still update in train mode
     keys = set(load_file(save_trainable(model, tmp_path / "t.safetensors")))
     assert {"backbone.1.running_mean", "backbone.1.running_var", "backbone.1.num_batches_tracked"} <= keys
 
 
-def test_round_trip_restores_everything_bit_identically(tmp_path):
+def test_round_trip_restores_everything_bit_identically(tmp_path: Path) -> None:
     model = _trained()
     path = save_trainable(model, tmp_path / "t.safetensors")
     fresh = Model(0)  # same pretrained base, untrained head, nothing frozen yet
@@ -101,7 +101,7 @@ def test_round_trip_restores_everything_bit_identically(tmp_path):
     assert ids == {n: id(p) for n, p in fresh.named_parameters()}
 
 
-def test_size_is_a_fraction_of_a_full_state_dict(tmp_path):
+def test_size_is_a_fraction_of_a_full_state_dict(tmp_path: Path) -> None:
     model = freeze(Model(width=256), "backbone", mode="eval")
     save_trainable(model, tmp_path / "t.safetensors")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "full.safetensors")
@@ -109,7 +109,7 @@ def test_size_is_a_fraction_of_a_full_state_dict(tmp_path):
     assert ratio < 0.05
 
 
-def _with_extra_layer():
+def _with_extra_layer() -> Any:
     model = Model(0)
     model.extra = nn.Linear(2, 2)  # another architecture: its weights would silently stay random
     return model
@@ -122,7 +122,7 @@ def _with_extra_layer():
         pytest.param(_with_extra_layer, "neither in the file nor in its frozen base.*extra.weight", id="extra-layer"),
     ],
 )
-def test_model_that_does_not_fit_is_refused_and_nothing_changes(tmp_path, make_target, match):
+def test_model_that_does_not_fit_is_refused_and_nothing_changes(tmp_path: Path, make_target: Any, match: Any) -> None:
     path = save_trainable(_trained(seed=0), tmp_path / "t.safetensors")
     target = make_target()
     before = (tensors_snapshot(target), requires_grad_map(target), pinned_modes(target))
@@ -132,7 +132,7 @@ def test_model_that_does_not_fit_is_refused_and_nothing_changes(tmp_path, make_t
     assert (requires_grad_map(target), pinned_modes(target)) == before[1:]
 
 
-def test_loading_onto_a_model_with_converted_batchnorm_restores_the_saved_values(tmp_path):
+def test_loading_onto_a_model_with_converted_batchnorm_restores_the_saved_values(tmp_path: Path) -> None:
     model = freeze(Model(), "backbone.0", "backbone.3")  # the BatchNorm trains: its tensors are in the file
     with torch.no_grad():
         model.backbone[1].weight.fill_(3.0)
@@ -144,26 +144,26 @@ def test_loading_onto_a_model_with_converted_batchnorm_restores_the_saved_values
     assert same_tensors(tensors_snapshot(fresh), tensors_snapshot(model))
 
 
-def _corrupt_data(path):
+def _corrupt_data(path: Any) -> Any:
     raw = bytearray(open(path, "rb").read())
     raw[-3] ^= 0xFF  # inside the tensor data
     open(path, "wb").write(bytes(raw))
 
 
-def _truncate(path):
+def _truncate(path: Any) -> Any:
     raw = open(path, "rb").read()
     open(path, "wb").write(raw[: len(raw) - 7])
 
 
-def _garbage(path):
+def _garbage(path: Any) -> Any:
     open(path, "wb").write(b"\x00\x01 not a safetensors file")
 
 
-def _plain_safetensors(path):
+def _plain_safetensors(path: Any) -> Any:
     save_file({"head.weight": torch.zeros(3, 8)}, path)
 
 
-def _other_arch(path):
+def _other_arch(path: Any) -> Any:
     save_trainable(freeze(Other(), "encoder"), path)
 
 
@@ -178,7 +178,7 @@ def _other_arch(path):
         pytest.param(os.remove, "does not exist", id="missing"),
     ],
 )
-def test_bad_files_raise_checkpoint_error_and_leave_the_model_alone(tmp_path, damage, match):
+def test_bad_files_raise_checkpoint_error_and_leave_the_model_alone(tmp_path: Path, damage: Any, match: Any) -> None:
     path = save_trainable(_trained(), tmp_path / "t.safetensors")
     damage(path)
     model = Model(0)
@@ -189,18 +189,18 @@ def test_bad_files_raise_checkpoint_error_and_leave_the_model_alone(tmp_path, da
     assert (requires_grad_map(model), pinned_modes(model)) == before[1:]
 
 
-def test_save_into_missing_directory_raises_and_writes_nothing(tmp_path):
+def test_save_into_missing_directory_raises_and_writes_nothing(tmp_path: Path) -> None:
     target = tmp_path / "nope" / "t.safetensors"
     with pytest.raises(CheckpointError, match="does not exist"):
         save_trainable(_trained(), target)
     assert not (tmp_path / "nope").exists()
 
 
-def test_failed_write_removes_temporary_and_keeps_previous_file(tmp_path):
+def test_failed_write_removes_temporary_and_keeps_previous_file(tmp_path: Path) -> None:
     target = tmp_path / "x.bin"
     target.write_bytes(b"previous")
 
-    def fail(tmp):
+    def fail(tmp: Any) -> Any:
         open(tmp, "wb").write(b"partial")
         raise RuntimeError("disk full")
 
@@ -217,7 +217,7 @@ _CHILD = textwrap.dedent(
     path, mode = sys.argv[1], sys.argv[2]
     if mode == "half":
         data = safetensors.torch.save({"w": torch.full((1 << 20,), 7.0)})
-        def write(tmp):
+        def write(tmp: Any) -> Any:
             with open(tmp, "wb") as f:
                 f.write(data[: len(data) // 2]); f.flush(); os_fsync = __import__("os").fsync(f.fileno())
                 print("HALF", flush=True)
@@ -238,7 +238,7 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _previous(tmp_path):
+def _previous(tmp_path: Path) -> Any:
     torch.manual_seed(0)
     model = freeze(nn.Sequential(nn.Linear(4, 4), nn.Linear(1024, 4096)), "0")
     nn.init.constant_(model[1].weight, -1.0)
@@ -246,7 +246,7 @@ def _previous(tmp_path):
 
 
 @pytest.mark.slow
-def test_process_killed_mid_write_leaves_previous_file_intact(tmp_path):
+def test_process_killed_mid_write_leaves_previous_file_intact(tmp_path: Path) -> None:
     model, path = _previous(tmp_path)
     before = open(path, "rb").read()
     child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), "half"], stdout=subprocess.PIPE, text=True)
@@ -265,7 +265,7 @@ def test_process_killed_mid_write_leaves_previous_file_intact(tmp_path):
 
 
 @pytest.mark.slow
-def test_process_killed_during_real_saves_leaves_a_loadable_file(tmp_path):
+def test_process_killed_during_real_saves_leaves_a_loadable_file(tmp_path: Path) -> None:
     model, path = _previous(tmp_path)
     child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), "loop"], stdout=subprocess.PIPE, text=True)
     try:
@@ -285,7 +285,7 @@ def test_process_killed_during_real_saves_leaves_a_loadable_file(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_demo_model_round_trip_and_size(tmp_path, monkeypatch):
+def test_demo_model_round_trip_and_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     pytest.importorskip("transformers")

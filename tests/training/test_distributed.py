@@ -20,7 +20,7 @@ pytestmark = [
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 
 
-def test_ddp_two_processes_frozen_bit_identical_and_trainable_in_sync(tmp_path):
+def test_ddp_two_processes_frozen_bit_identical_and_trainable_in_sync(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

@@ -15,7 +15,7 @@ from torchfreeze.errors import ArgumentTypeError, FrozenTensorChanged, FrozenTen
 from torchfreeze.training.guard import _bit_equal
 
 
-def test_correct_training_passes_and_checks_every_step():
+def test_correct_training_passes_and_checks_every_step() -> None:
     model = freeze(Net(), "backbone", mode="eval")
     opt = torch.optim.AdamW(param_groups(model, 1e-2, weight_decay=0.1))
     model.train()
@@ -33,7 +33,7 @@ def test_correct_training_passes_and_checks_every_step():
     assert g.checks == 4
 
 
-def test_weight_decay_on_a_zero_grad_frozen_parameter_is_caught_at_the_step():
+def test_weight_decay_on_a_zero_grad_frozen_parameter_is_caught_at_the_step() -> None:
     model = freeze(Net(), "backbone", mode="eval")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.5)  # frozen ones included
     model.train()
@@ -50,7 +50,7 @@ def test_weight_decay_on_a_zero_grad_frozen_parameter_is_caught_at_the_step():
     assert isinstance(err, RuntimeError)
 
 
-def test_batchnorm_statistics_of_a_frozen_layer_are_watched_without_optimizer():
+def test_batchnorm_statistics_of_a_frozen_layer_are_watched_without_optimizer() -> None:
     model = freeze(Net(), "backbone")  # not pinned: BN runs in train mode
     model.train()
     with pytest.raises(FrozenTensorChangedError) as info:
@@ -70,7 +70,7 @@ def test_batchnorm_statistics_of_a_frozen_layer_are_watched_without_optimizer():
         pytest.param(lambda m: freeze_batchnorm(freeze(m, "backbone"), "backbone", convert=True), id="convert"),
     ],
 )
-def test_pinned_or_converted_batchnorm_passes(setup):
+def test_pinned_or_converted_batchnorm_passes(setup: Any) -> None:
     model = setup(Net()).train()
     opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1, momentum=0.9)
     with guard(model, opt) as g:
@@ -79,7 +79,7 @@ def test_pinned_or_converted_batchnorm_passes(setup):
     assert g.checks == 3
 
 
-def test_pinned_eval_batchnorm_with_trainable_affine_keeps_its_statistics_watched():
+def test_pinned_eval_batchnorm_with_trainable_affine_keeps_its_statistics_watched() -> None:
     model = pin_mode(Net(), "backbone.1", mode="eval").train()
     opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
     with guard(model, opt) as g:
@@ -87,7 +87,7 @@ def test_pinned_eval_batchnorm_with_trainable_affine_keeps_its_statistics_watche
         _step(model, opt)
 
 
-def test_frozen_use_parameters_are_watched_even_with_requires_grad():
+def test_frozen_use_parameters_are_watched_even_with_requires_grad() -> None:
     inner = nn.Linear(4, 4)
     model = nn.Sequential(nn.Linear(4, 4), Frozen(inner))
     with pytest.raises(FrozenTensorChangedError, match="1.module.weight"):
@@ -100,7 +100,7 @@ def test_frozen_use_parameters_are_watched_even_with_requires_grad():
             inner.weight.data.add_(0.25)
 
 
-def test_nan_in_a_frozen_tensor_is_not_a_change_but_sign_of_zero_is():
+def test_nan_in_a_frozen_tensor_is_not_a_change_but_sign_of_zero_is() -> None:
     a = torch.tensor([float("nan"), 1.0])
     assert _bit_equal(a, a.clone())
     assert not _bit_equal(torch.tensor([0.0]), torch.tensor([-0.0]))
@@ -111,7 +111,7 @@ def test_nan_in_a_frozen_tensor_is_not_a_change_but_sign_of_zero_is():
         pass
 
 
-def test_unfreezing_inside_the_guard_is_not_a_false_alarm_and_new_freezes_are_watched():
+def test_unfreezing_inside_the_guard_is_not_a_false_alarm_and_new_freezes_are_watched() -> None:
     model = freeze(Net(), "backbone", mode="eval").train()
     opt = torch.optim.Adam(param_groups(model, 1e-2))
     with guard(model, opt) as g:
@@ -127,7 +127,7 @@ def test_unfreezing_inside_the_guard_is_not_a_false_alarm_and_new_freezes_are_wa
             g.verify()
 
 
-def test_exception_in_block_is_not_masked_and_hooks_are_removed():
+def test_exception_in_block_is_not_masked_and_hooks_are_removed() -> None:
     model = freeze(Net(), "backbone")
     opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
     with pytest.raises(KeyError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -13,11 +14,11 @@ from torchfreeze import Frozen, add_unfrozen, check, freeze, freeze_to, param_gr
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, SelectorError
 
 
-def _ids(groups):
+def _ids(groups: Any) -> Any:
     return [id(p) for g in groups for p in g["params"]]
 
 
-def _names(model, group):
+def _names(model: Any, group: Any) -> Any:
     paths = {id(p): n for n, p in model.named_parameters()}
     return [paths[id(p)] for p in group["params"]]
 
@@ -30,13 +31,13 @@ class Stack(nn.Module):
         self.norm = nn.LayerNorm(3)
         self.head = nn.Linear(3, 2)
 
-    def forward(self, x):
+    def forward(self, x: Any) -> Any:
         for layer in self.layers:
             x = layer(x)
         return self.head(self.norm(x))
 
 
-def test_only_trainable_parameters_flag_and_frozen_use():
+def test_only_trainable_parameters_flag_and_frozen_use() -> None:
     inner = nn.Linear(4, 4)
     model = nn.Sequential(nn.Linear(4, 4), Frozen(inner), nn.Linear(4, 2))
     freeze(model, "0")
@@ -54,7 +55,7 @@ def test_only_trainable_parameters_flag_and_frozen_use():
         pytest.param(0.1, {"group0": 0.1, "group0/no_decay": 0.0}, id="decay-split"),
     ],
 )
-def test_weight_decay_split(weight_decay, expected):
+def test_weight_decay_split(weight_decay: Any, expected: Any) -> None:
     model = Stack()
     groups = param_groups(model, 1e-3, weight_decay=weight_decay)
     assert {g["name"]: g["weight_decay"] for g in groups} == expected
@@ -75,7 +76,7 @@ def test_weight_decay_split(weight_decay, expected):
         pytest.param((0.01, 1.0), [0.01, 0.01 ** (2 / 3), 0.01 ** (1 / 3), 1.0], id="slice-pair"),
     ],
 )
-def test_discriminative_learning_rates(lr_mult, expected):
+def test_discriminative_learning_rates(lr_mult: Any, expected: Any) -> None:
     model = Stack()
     groups = param_groups(model, 1.0, lr_mult=lr_mult, groups=["layers.0", "layers.1", "layers.2", ["norm", "head"]])
     lrs = [g["lr"] for g in groups]
@@ -84,13 +85,13 @@ def test_discriminative_learning_rates(lr_mult, expected):
     assert sorted(_ids(groups)) == sorted(id(p) for p in model.parameters())
 
 
-def test_default_layer_groups_with_lr_mult_uses_layer_groups():
+def test_default_layer_groups_with_lr_mult_uses_layer_groups() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
     groups = param_groups(model, 1.0, lr_mult=10.0)
     assert [g["lr"] for g in groups] == pytest.approx([0.01, 0.1, 1.0])
 
 
-def test_uncovered_trainable_parameters_join_last_group():
+def test_uncovered_trainable_parameters_join_last_group() -> None:
     model = Stack()
     groups = param_groups(model, 1.0, groups=["layers.0", "layers.1"])
     assert len(groups) == 2
@@ -99,7 +100,7 @@ def test_uncovered_trainable_parameters_join_last_group():
     assert "head.weight" in last and "layers.2.weight" in last
 
 
-def test_first_group_wins_for_overlapping_selectors_and_empty_groups_are_dropped():
+def test_first_group_wins_for_overlapping_selectors_and_empty_groups_are_dropped() -> None:
     model = Stack()
     groups = param_groups(model, 1.0, lr_mult=2.0, groups=["layers", "layers.1", "head"])
     assert [g["name"] for g in groups] == ["group0", "group2"]
@@ -113,7 +114,7 @@ def test_first_group_wins_for_overlapping_selectors_and_empty_groups_are_dropped
     [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad],
     ids=lambda c: c.__name__,
 )
-def test_groups_work_with_optimizers_and_keep_names(opt_cls):
+def test_groups_work_with_optimizers_and_keep_names(opt_cls: Any) -> None:
     model = Stack()
     freeze(model, "layers.0")
     opt = opt_cls(param_groups(model, 0.01, weight_decay=0.01, lr_mult=2.0, groups=["layers.1", "layers.2", "head"]))
@@ -141,7 +142,7 @@ def test_groups_work_with_optimizers_and_keep_names(opt_cls):
         pytest.param({"lr": 1e-3, "groups": ["layers.9"]}, SelectorError, "layers.9", id="unknown-selector"),
     ],
 )
-def test_bad_input_raises_and_changes_nothing(kwargs, error, match):
+def test_bad_input_raises_and_changes_nothing(kwargs: Any, error: Any, match: Any) -> None:
     model = Stack()
     before = requires_grad_map(model)
     state = copy.deepcopy(model.state_dict())
@@ -151,7 +152,7 @@ def test_bad_input_raises_and_changes_nothing(kwargs, error, match):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
-def test_everything_frozen_is_an_error():
+def test_everything_frozen_is_an_error() -> None:
     with pytest.raises(ArgumentError, match="no trainable parameter"):
         param_groups(freeze(Stack()), 1e-3)
 
@@ -159,7 +160,7 @@ def test_everything_frozen_is_an_error():
 # ------------------------------------------------------------------ add_unfrozen
 
 
-def test_add_unfrozen_matches_by_identity_not_value():
+def test_add_unfrozen_matches_by_identity_not_value() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     for p in model.parameters():
         nn.init.zeros_(p)
@@ -173,7 +174,7 @@ def test_add_unfrozen_matches_by_identity_not_value():
     assert add_unfrozen(model, opt) == []  # idempotent
 
 
-def test_add_unfrozen_lr_default_and_initial_lr():
+def test_add_unfrozen_lr_default_and_initial_lr() -> None:
     model = Stack()
     freeze_to(model, 3)
     opt = torch.optim.AdamW(param_groups(model, 1e-3), lr=5e-4, weight_decay=0.01)
@@ -191,7 +192,7 @@ def test_add_unfrozen_lr_default_and_initial_lr():
     assert check(model, opt) == []
 
 
-def test_add_unfrozen_new_parameters_really_train():
+def test_add_unfrozen_new_parameters_really_train() -> None:
     model = Stack()
     freeze(model, "layers")
     opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
@@ -214,7 +215,7 @@ def test_add_unfrozen_new_parameters_really_train():
         pytest.param(lambda m: "sgd", None, ArgumentTypeError, "Optimizer", id="not-an-optimizer"),
     ],
 )
-def test_add_unfrozen_bad_input_leaves_optimizer_alone(make_opt, lr, error, match):
+def test_add_unfrozen_bad_input_leaves_optimizer_alone(make_opt: Any, lr: Any, error: Any, match: Any) -> None:
     model = Stack()
     opt = make_opt(model)
     groups_before = None if isinstance(opt, str) else [list(g["params"]) for g in opt.param_groups]
@@ -224,7 +225,7 @@ def test_add_unfrozen_bad_input_leaves_optimizer_alone(make_opt, lr, error, matc
         assert [list(g["params"]) for g in opt.param_groups] == groups_before
 
 
-def test_invariant_after_add_unfrozen_optimizer_holds_exactly_trainable_plus_old():
+def test_invariant_after_add_unfrozen_optimizer_holds_exactly_trainable_plus_old() -> None:
     model = Net()
     freeze(model, "backbone")
     opt = torch.optim.Adam(param_groups(model, 1e-3))
@@ -251,7 +252,9 @@ _PARTS = ["layers.0", "layers.1", "layers.2", "norm", "head", "layers.1.bias", "
     weight_decay=st.sampled_from([0.0, 0.1]),
     lr_mult=st.sampled_from([None, 2.0, (0.1, 1.0)]),
 )
-def test_groups_hold_each_trainable_parameter_exactly_once(frozen, groups, weight_decay, lr_mult):
+def test_groups_hold_each_trainable_parameter_exactly_once(
+    frozen: Any, groups: Any, weight_decay: Any, lr_mult: Any
+) -> None:
     model = Stack()
     if frozen:
         freeze(model, *frozen)
@@ -266,9 +269,14 @@ def test_groups_hold_each_trainable_parameter_exactly_once(frozen, groups, weigh
     torch.optim.AdamW(result)  # any optimizer accepts it
 
 
-def test_add_unfrozen_with_the_0_1_argument_order_names_the_swap():
+def test_add_unfrozen_with_the_0_1_argument_order_names_the_swap() -> None:
     model = Stack()
     opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
     with pytest.raises(ArgumentTypeError, match="swapped"):
         add_unfrozen(opt, model)
     assert len(opt.param_groups) == 1
+
+
+def test_param_groups_non_module_is_a_type_error() -> None:
+    with pytest.raises(ArgumentTypeError, match=r"param_groups\(model="):
+        param_groups([nn.Linear(2, 2)], 0.1)  # type: ignore[arg-type]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import inspect
 import itertools
 import warnings
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,7 +41,7 @@ STEPS = 3
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread() -> Any:
     """Tiny models: one thread is faster and immune to contention from parallel jobs."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -118,7 +120,7 @@ if hasattr(torch.optim, "Muon"):
 NOT_APPLICABLE = {"SparseAdam": "needs sparse gradients (nn.Embedding(sparse=True)); no dense model runs it"}
 
 
-def test_matrix_covers_every_torch_optimizer():
+def test_matrix_covers_every_torch_optimizer() -> None:
     classes = {
         name
         for name, obj in vars(torch.optim).items()
@@ -147,12 +149,21 @@ def build_optimizer(name: str, model: nn.Module, *, weight_decay: float, source:
     return cls(groups, **kwargs)
 
 
-def train(model, opt, *, steps=STEPS, set_to_none=True, bf16=False, clip=False, start=0):
+def train(
+    model: Any,
+    opt: Any,
+    *,
+    steps: Any = STEPS,
+    set_to_none: Any = True,
+    bf16: Any = False,
+    clip: Any = False,
+    start: Any = 0,
+) -> Any:
     loss_fn = nn.CrossEntropyLoss()
     for step in range(start, start + steps):
         x, y = batch(step)
 
-        def closure():
+        def closure() -> Any:
             opt.zero_grad(set_to_none=set_to_none)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(model(x).float(), y)
@@ -194,13 +205,13 @@ def pairwise_rows() -> list[tuple[int, ...]]:
     return [tuple(int(r in s) for s in subsets) for r in range(6)]
 
 
-def test_pairwise_rows_cover_every_pair():
+def test_pairwise_rows_cover_every_pair() -> None:
     rows = pairwise_rows()
     for a, b in itertools.combinations(range(len(AXES)), 2):
         assert {(r[a], r[b]) for r in rows} == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
-def _configs():
+def _configs() -> Any:
     full = [(opt, bits) for opt in OPTIMIZERS for bits in itertools.product((0, 1), repeat=len(AXES))]
     pairwise = set(pairwise_rows())
     fast, slow = [], []
@@ -221,7 +232,7 @@ CONFIGS = _configs()
 
 
 @pytest.mark.parametrize("opt_name, knobs", CONFIGS)
-def test_frozen_stays_bit_identical(opt_name, knobs):
+def test_frozen_stays_bit_identical(opt_name: Any, knobs: Any) -> None:
     model = make_model()
     opt = build_optimizer(opt_name, model, weight_decay=knobs["weight_decay"], source=knobs["source"])
     frozen_before, trainable_before = frozen_snapshot(model), trainable_snapshot(model)
@@ -244,7 +255,7 @@ def test_frozen_stays_bit_identical(opt_name, knobs):
         pytest.param("SGD-momentum", "groups", True, id="SGD-momentum-groups-bf16"),
     ],
 )
-def test_torch_compile_keeps_frozen_bit_identical(opt_name, source, bf16):
+def test_torch_compile_keeps_frozen_bit_identical(opt_name: Any, source: Any, bf16: Any) -> None:
     torch._dynamo.reset()
     model = make_model()
     compiled = torch.compile(model, backend="aot_eager")
@@ -280,7 +291,7 @@ class CheckpointedLM(nn.Module):
         return self.head(h.mean(1))
 
 
-def _make_inputs_require_grad(module, inputs, output):
+def _make_inputs_require_grad(module: Any, inputs: Any, output: Any) -> Any:
     """The documented recipe for reentrant checkpointing after a frozen embedding."""
     return output.requires_grad_(True)
 
@@ -293,7 +304,7 @@ def _make_inputs_require_grad(module, inputs, output):
         pytest.param(True, True, True, id="reentrant-with-recipe"),
     ],
 )
-def test_gradient_checkpointing_with_frozen_input_embedding(use_reentrant, recipe, block_learns):
+def test_gradient_checkpointing_with_frozen_input_embedding(use_reentrant: Any, recipe: Any, block_learns: Any) -> None:
     model = freeze(CheckpointedLM(use_reentrant), "embed")
     if recipe:
         model.embed.register_forward_hook(_make_inputs_require_grad)
@@ -318,7 +329,7 @@ STATEFUL_OPTIMIZERS = {"SGD-momentum": True, "Adam": True, "AdamW": True, "RMSpr
 
 @pytest.mark.parametrize("opt_name", list(STATEFUL_OPTIMIZERS))
 @pytest.mark.parametrize("set_to_none", [True, False], ids=["stn1", "stn0"])
-def test_freezing_after_some_training_steps(opt_name, set_to_none):
+def test_freezing_after_some_training_steps(opt_name: Any, set_to_none: Any) -> None:
     model = RelNet().train()
     opt = build_optimizer(opt_name, model, weight_decay=0.1, source="all")
     train(model, opt, steps=2, set_to_none=set_to_none)  # everything trains, optimizer state builds up
@@ -332,7 +343,7 @@ def test_freezing_after_some_training_steps(opt_name, set_to_none):
 
 
 @pytest.mark.parametrize("opt_name", ["SGD-momentum", "AdamW", "RMSprop"])
-def test_unfreezing_mid_run(opt_name):
+def test_unfreezing_mid_run(opt_name: Any) -> None:
     model = make_model()
     opt = build_optimizer(opt_name, model, weight_decay=0.1, source="groups")
     train(model, opt, steps=2)
@@ -350,7 +361,7 @@ def test_unfreezing_mid_run(opt_name):
 
 
 @pytest.mark.parametrize("opt_name", ["SGD-nesterov", "AdamW", "NAdam"])
-def test_resume_from_trainable_checkpoint(opt_name, tmp_path):
+def test_resume_from_trainable_checkpoint(opt_name: Any, tmp_path: Path) -> None:
     ref = make_model()
     ref_opt = build_optimizer(opt_name, ref, weight_decay=0.1, source="groups")
     train(ref, ref_opt, steps=4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from _helpers import requires_grad_map
 from torchfreeze import GradualUnfreezing, check, freeze_state, freeze_to, layer_groups, load_freeze_state, param_groups
-from torchfreeze.errors import ArgumentError, FreezeStateError, SelectorError
+from torchfreeze.errors import ArgumentError, ArgumentTypeError, FreezeStateError, SelectorError
 
 
 class Stack(nn.Module):
@@ -22,7 +23,7 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList([nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6)) for _ in range(3)])
         self.head = nn.Linear(6, 2)
 
-    def forward(self, x):
+    def forward(self, x: Any) -> Any:
         for layer in self.layers:
             x = torch.relu(layer(x))
         return self.head(x)
@@ -44,7 +45,7 @@ SCHEDULES = {
 }
 
 
-def _build(opt_name, schedule, seed=0):
+def _build(opt_name: Any, schedule: Any, seed: Any = 0) -> Any:
     model = Stack(seed)
     freeze_to(model, -1)  # only the head trains at first
     opt = OPTIMIZERS[opt_name](param_groups(model, 1e-2, weight_decay=0.01))
@@ -52,7 +53,7 @@ def _build(opt_name, schedule, seed=0):
     return model, opt, sched
 
 
-def _train(model, opt, sched, units):
+def _train(model: Any, opt: Any, sched: Any, units: Any) -> Any:
     loss_fn = nn.CrossEntropyLoss()
     for unit in units:
         x, y = _data(unit)
@@ -62,14 +63,14 @@ def _train(model, opt, sched, units):
         sched.step()
 
 
-def _groups_structure(model, opt):
+def _groups_structure(model: Any, opt: Any) -> Any:
     names = {id(p): n for n, p in model.named_parameters()}
     return [
         ({k: v for k, v in g.items() if k != "params"}, [names[id(p)] for p in g["params"]]) for g in opt.param_groups
     ]
 
 
-def _roundtrip(obj):
+def _roundtrip(obj: Any) -> Any:
     buf = io.BytesIO()
     torch.save(obj, buf)
     buf.seek(0)
@@ -82,7 +83,7 @@ N_UNITS = 7
 @pytest.mark.parametrize("stop", [1, 2, 3, 5], ids=lambda k: f"stop-at-{k}")
 @pytest.mark.parametrize("schedule", list(SCHEDULES), ids=list(SCHEDULES))
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS), ids=list(OPTIMIZERS))
-def test_resume_is_bit_identical_to_an_uninterrupted_run(opt_name, schedule, stop):
+def test_resume_is_bit_identical_to_an_uninterrupted_run(opt_name: Any, schedule: Any, stop: Any) -> None:
     ref_model, ref_opt, ref_sched = _build(opt_name, SCHEDULES[schedule])
     _train(ref_model, ref_opt, ref_sched, range(N_UNITS))
 
@@ -113,7 +114,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(opt_name, schedule, sto
     assert check(model2, opt2) == []
 
 
-def test_naive_resume_without_scheduler_state_diverges():
+def test_naive_resume_without_scheduler_state_diverges() -> None:
     """The failure the resume test guards against: a fresh setup re-freezes what had been unfrozen."""
     model, opt, sched = _build("adamw", "one_group_per_epoch")
     _train(model, opt, sched, range(3))
@@ -130,7 +131,7 @@ def test_naive_resume_without_scheduler_state_diverges():
         pytest.param({2: "layers.1"}, [1, 1, 1, 1, 1], id="selector-not-contiguous"),
     ],
 )
-def test_schedule_semantics(schedule, expected):
+def test_schedule_semantics(schedule: Any, expected: Any) -> None:
     model = Stack()
     freeze_to(model, -1)
     opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
@@ -143,7 +144,7 @@ def test_schedule_semantics(schedule, expected):
     assert not [p for p in check(model, opt) if p.code == "trainable-not-in-optimizer"]
 
 
-def test_selector_entry_unfreezes_it_and_adds_one_group_per_unfreeze():
+def test_selector_entry_unfreezes_it_and_adds_one_group_per_unfreeze() -> None:
     model = Stack()
     freeze_to(model, -1)
     opt = torch.optim.AdamW(param_groups(model, 1e-3, weight_decay=0.1), weight_decay=0.1)
@@ -156,7 +157,7 @@ def test_selector_entry_unfreezes_it_and_adds_one_group_per_unfreeze():
     assert [g["name"] for g in opt.param_groups][-2:] == ["unfrozen1", "unfrozen1/no_decay"]
 
 
-def test_state_dict_is_plain_data():
+def test_state_dict_is_plain_data() -> None:
     model, opt, sched = _build("adamw", "one_group_per_epoch")
     _train(model, opt, sched, range(2))
     state = _roundtrip(sched.state_dict())
@@ -179,7 +180,7 @@ def test_state_dict_is_plain_data():
         pytest.param({0: 3}, None, ArgumentError, "lr=-1.0", id="bad-lr-with-entry-at-0"),
     ],
 )
-def test_bad_schedule_raises_and_changes_nothing(schedule, groups, error, match):
+def test_bad_schedule_raises_and_changes_nothing(schedule: Any, groups: Any, error: Any, match: Any) -> None:
     model = Stack()
     freeze_to(model, -1)
     opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
@@ -190,7 +191,7 @@ def test_bad_schedule_raises_and_changes_nothing(schedule, groups, error, match)
     assert (requires_grad_map(model), len(opt.param_groups)) == before
 
 
-def test_step_that_the_optimizer_cannot_follow_changes_nothing():
+def test_step_that_the_optimizer_cannot_follow_changes_nothing() -> None:
     model = Stack()
     freeze_to(model, -1)
     opt = torch.optim.LBFGS([p for p in model.parameters() if p.requires_grad])  # cannot take new groups
@@ -201,7 +202,7 @@ def test_step_that_the_optimizer_cannot_follow_changes_nothing():
     assert (requires_grad_map(model), len(opt.param_groups), sched.last, freeze_state(model)) == before
 
 
-def test_layer_groups_of_the_test_model():
+def test_layer_groups_of_the_test_model() -> None:
     assert layer_groups(Stack()) == [["layers.0"], ["layers.1"], ["layers.2"], ["head"]]
 
 
@@ -218,7 +219,7 @@ def test_layer_groups_of_the_test_model():
                      id="malformed-added-groups"),
     ],
 )  # fmt: skip
-def test_bad_scheduler_state_changes_nothing(mutate, error, match):
+def test_bad_scheduler_state_changes_nothing(mutate: Any, error: Any, match: Any) -> None:
     model, opt, sched = _build("adamw", "one_group_per_epoch")
     _train(model, opt, sched, range(2))
     state = _roundtrip(sched.state_dict())
@@ -230,7 +231,7 @@ def test_bad_scheduler_state_changes_nothing(mutate, error, match):
     assert (requires_grad_map(model2), len(opt2.param_groups), sched2.last) == before
 
 
-def test_optimizer_state_must_be_loaded_after_the_scheduler():
+def test_optimizer_state_must_be_loaded_after_the_scheduler() -> None:
     model, opt, sched = _build("adamw", "one_group_per_epoch")
     _train(model, opt, sched, range(2))
     saved = _roundtrip({"opt": opt.state_dict(), "sched": sched.state_dict()})
@@ -241,7 +242,7 @@ def test_optimizer_state_must_be_loaded_after_the_scheduler():
     opt2.load_state_dict(saved["opt"])
 
 
-def test_freeze_state_alone_restores_the_map():
+def test_freeze_state_alone_restores_the_map() -> None:
     model, opt, sched = _build("adamw", 1)
     _train(model, opt, sched, range(2))
     fresh = Stack()
@@ -249,7 +250,7 @@ def test_freeze_state_alone_restores_the_map():
     assert requires_grad_map(fresh) == requires_grad_map(model)
 
 
-def test_tied_model_needs_shared_policy_and_keeps_tie_frozen_until_both_groups_unfreeze():
+def test_tied_model_needs_shared_policy_and_keeps_tie_frozen_until_both_groups_unfreeze() -> None:
     from _helpers import TiedLM
     from torchfreeze.errors import SharedParameterError
 
@@ -265,3 +266,25 @@ def test_tied_model_needs_shared_policy_and_keeps_tie_frozen_until_both_groups_u
     assert all(p.requires_grad for p in model.body.parameters()) and not model.embed.weight.requires_grad
     schedule.step()
     assert model.embed.weight.requires_grad
+
+
+@pytest.mark.parametrize(
+    "model, optimizer, match",
+    [
+        pytest.param(lambda: [nn.Linear(2, 2)], lambda m: "sgd", r"GradualUnfreezing\(model=", id="not-a-module"),
+        pytest.param(Stack, lambda m: "sgd", r"GradualUnfreezing\(optimizer=", id="not-an-optimizer"),
+    ],
+)
+def test_wrong_types_are_type_errors(model: Any, optimizer: Any, match: str) -> None:
+    built = model()
+    with pytest.raises(ArgumentTypeError, match=match):
+        GradualUnfreezing(built, optimizer(built), "one_group_per_epoch")
+
+
+def test_unknown_shared_policy_is_refused_before_anything_changes() -> None:
+    model = freeze_to(Stack(), -1)
+    opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
+    before = requires_grad_map(model)
+    with pytest.raises(ArgumentError, match="shared"):
+        GradualUnfreezing(model, opt, "one_group_per_epoch", shared="share")  # type: ignore[arg-type]
+    assert requires_grad_map(model) == before

@@ -27,7 +27,7 @@ from torchfreeze.errors import ArgumentTypeError, FreezeStateError
 
 
 @pytest.mark.parametrize("setup", list(SETUPS), ids=list(SETUPS))
-def test_freeze_state_round_trips_through_json_onto_a_fresh_model(setup):
+def test_freeze_state_round_trips_through_json_onto_a_fresh_model(setup: Any) -> None:
     model = SETUPS[setup](Model())
     state = json.loads(json.dumps(freeze_state(model)))
     assert state["format"] == "torchfreeze.freeze_state" and state["version"] == 1
@@ -43,7 +43,7 @@ def test_freeze_state_round_trips_through_json_onto_a_fresh_model(setup):
     assert [type(m) for m in fresh.modules()] == [type(m) for m in model.modules()]
 
 
-def test_pin_origins_survive_so_unfreeze_behaves_the_same_after_resume():
+def test_pin_origins_survive_so_unfreeze_behaves_the_same_after_resume() -> None:
     model = pin_mode(freeze(Model(), "backbone", mode="eval"), "drop", mode="eval")
     fresh = load_freeze_state(Model(), freeze_state(model))
     for m in (model, fresh):
@@ -51,7 +51,7 @@ def test_pin_origins_survive_so_unfreeze_behaves_the_same_after_resume():
     assert pinned_modes(fresh) == pinned_modes(model) == {"drop": "eval"}
 
 
-def test_load_freeze_state_replaces_existing_state_exactly():
+def test_load_freeze_state_replaces_existing_state_exactly() -> None:
     target = pin_mode(freeze(Model(), "head"), "backbone", mode="train")
     source = freeze(Model(), "backbone.0")
     load_freeze_state(target, freeze_state(source))
@@ -59,7 +59,7 @@ def test_load_freeze_state_replaces_existing_state_exactly():
     assert pinned_modes(target) == {}
 
 
-def test_tied_parameter_is_one_entry():
+def test_tied_parameter_is_one_entry() -> None:
     lin = nn.Linear(2, 2)
     model = freeze(nn.Sequential(lin, nn.ReLU(), lin), shared="freeze")
     state = freeze_state(model)
@@ -69,7 +69,7 @@ def test_tied_parameter_is_one_entry():
     assert not fresh_lin.weight.requires_grad
 
 
-def test_mismatch_lists_every_problem_and_changes_nothing():
+def test_mismatch_lists_every_problem_and_changes_nothing() -> None:
     state = freeze_state(freeze(Model(), "backbone", mode="eval"))
     other = freeze(Other(), "encoder")
     before = (requires_grad_map(other), pinned_modes(other), training_map(other))
@@ -82,14 +82,14 @@ def test_mismatch_lists_every_problem_and_changes_nothing():
     assert (requires_grad_map(other), pinned_modes(other), training_map(other)) == before
 
 
-def test_missing_frozen_use_is_a_mismatch():
+def test_missing_frozen_use_is_a_mismatch() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     state = freeze_state(nn.Sequential(nn.Linear(2, 2), Frozen(nn.Linear(2, 2))))
     with pytest.raises(FreezeStateError, match="Frozen use '1'"):
         load_freeze_state(model, state)
 
 
-def test_non_strict_applies_what_fits_with_a_warning():
+def test_non_strict_applies_what_fits_with_a_warning() -> None:
     state = freeze_state(freeze(Model(), "backbone"))
     state["frozen"].append("no.such.weight")
     model = Model()
@@ -98,7 +98,7 @@ def test_non_strict_applies_what_fits_with_a_warning():
     assert not model.backbone[0].weight.requires_grad and model.head.weight.requires_grad
 
 
-def test_non_strict_skips_a_converted_norm_that_is_not_a_batchnorm():
+def test_non_strict_skips_a_converted_norm_that_is_not_a_batchnorm() -> None:
     state = freeze_state(freeze_batchnorm(freeze(Model(), "backbone.0"), "backbone", convert=True))
     state["converted_norms"].append("head")
     model = Model()
@@ -107,7 +107,7 @@ def test_non_strict_skips_a_converted_norm_that_is_not_a_batchnorm():
     assert type(model.backbone[1]).__name__ == "FrozenBatchNorm1d" and type(model.head) is nn.Linear
 
 
-def _edit(**changes):
+def _edit(**changes) -> Any:
     state = freeze_state(freeze(Model(), "backbone"))
     state.update(changes)
     return state
@@ -125,7 +125,7 @@ def _edit(**changes):
         pytest.param(_edit(converted_norms=["head"]), "not a BatchNorm", id="convert-non-bn"),
     ],
 )
-def test_malformed_state_raises_and_changes_nothing(state, match):
+def test_malformed_state_raises_and_changes_nothing(state: Any, match: Any) -> None:
     model = Model()
     before = requires_grad_map(model)
     with pytest.raises(FreezeStateError, match=match):
@@ -146,7 +146,7 @@ _PARTS = ["backbone.0", "backbone.1", "backbone.3", "head"]
     ),
     freeze_mode=st.sampled_from([None, "eval", "train"]),
 )
-def test_freeze_state_round_trip_invariant(frozen, pinned, freeze_mode):
+def test_freeze_state_round_trip_invariant(frozen: Any, pinned: Any, freeze_mode: Any) -> None:
     model = Model()
     if frozen:
         freeze(model, *frozen, mode=freeze_mode)
