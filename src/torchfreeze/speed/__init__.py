@@ -1,13 +1,26 @@
-"""Speed: the feature cache and ``explain`` (what freezing saves here, and why not more)."""
+"""Speed: the feature cache and ``explain`` (what freezing saves here, and why not more).
 
-from torchfreeze.speed.cache import CacheStats, FeatureCache, cache_features, cache_refusal_reasons
-from torchfreeze.speed.explain import Explanation, FrozenPart, explain
+Modules: :mod:`~torchfreeze.speed.cache` (``cache_features``, ``FeatureCache``),
+:mod:`~torchfreeze.speed.keys` (fingerprints and content keys),
+:mod:`~torchfreeze.speed.storage` (the in-memory LRU and disk entries, ``CacheStats``),
+:mod:`~torchfreeze.speed.refusal` (what the cache refuses, and why),
+:mod:`~torchfreeze.speed.explain` (``explain``) and :mod:`~torchfreeze.speed.report`
+(``Explanation``, ``FrozenPart``).
+"""
+
+from torchfreeze.speed.cache import FeatureCache, cache_features
+from torchfreeze.speed.explain import explain
+from torchfreeze.speed.keys import module_fingerprint
+from torchfreeze.speed.refusal import cache_refusal_reasons
+from torchfreeze.speed.report import Explanation, FrozenPart
+from torchfreeze.speed.storage import CacheStats
 
 __all__ = [
     "cache_features",
     "FeatureCache",
     "CacheStats",
     "cache_refusal_reasons",
+    "module_fingerprint",
     "explain",
     "Explanation",
     "FrozenPart",
