@@ -207,12 +207,18 @@ def _inspect(args: argparse.Namespace) -> int:
     from torch import nn
 
     import torchfreeze as tf
-    from torchfreeze.hub.registry import known_plans, model_spec
+    from torchfreeze._core.render import Table
+    from torchfreeze.cli.console import Output
+    from torchfreeze.hub import model_spec
+    from torchfreeze.hub.registry import known_plans
 
+    out = Output(progress=False)
     if args.list:
+        rows: list[Sequence[str]] = []
         for name in tf.list_models():
             spec = model_spec(name)
-            print(f"{name:20s} {spec.description}  [plans: {', '.join(known_plans(spec))}]")
+            rows.append((name, spec.description, ", ".join(known_plans(spec))))
+        out.render(Table(("model", "description", "plans"), rows))
         return 0
     if not args.target:
         return _fail("inspect", "missing MODULE:FACTORY (or a registered model name; see --list)", 2)
@@ -246,19 +252,16 @@ def _inspect(args: argparse.Namespace) -> int:
             return _fail("inspect", str(exc), 2)
         try:
             model = factory()
-        except Exception as exc:  # the user's factory failed: say so instead of a traceback
+        # The user's factory is arbitrary code that may raise anything: report any failure of it as
+        # the command's error message (exit 1) instead of a traceback. KeyboardInterrupt and
+        # SystemExit are not Exceptions and still propagate.
+        except Exception as exc:  # noqa: BLE001
             return _fail("inspect", f"{args.target}() raised {type(exc).__name__}: {exc}", 1)
         if not isinstance(model, nn.Module):
             return _fail("inspect", f"{args.target} returned {type(model).__name__}, expected an nn.Module", 2)
     if selectors:
         tf.freeze(model, *selectors, mode=args.mode)
-    report = tf.summary(model, depth=args.depth)
-    try:
-        from rich.console import Console
-
-        Console(highlight=False, width=None if sys.stdout.isatty() else 120).print(report)
-    except ImportError:
-        print(report)
+    out.render(tf.summary(model, depth=args.depth))
     return 0
 
 
