@@ -86,6 +86,12 @@ def test_arguments_of_the_wrong_type(kwargs: dict, match: str) -> None:
         cache_features(frozen_mlp(), **kwargs)
 
 
+def test_train_takes_a_bool_only() -> None:
+    cached = cache_features(frozen_mlp())
+    with pytest.raises(tf.errors.ArgumentTypeError, match="mode"):
+        cached.train("yes")  # type: ignore[arg-type]
+
+
 def test_not_a_module_and_double_wrap() -> None:
     with pytest.raises(tf.errors.ArgumentTypeError, match="nn.Module"):
         cache_features("backbone")  # type: ignore[arg-type]
