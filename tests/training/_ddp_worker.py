@@ -29,7 +29,8 @@ class Model(nn.Module):
         self.head = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.adapter(self.backbone(torch.relu(self.pre(x)))))
+        out: torch.Tensor = self.head(self.adapter(self.backbone(torch.relu(self.pre(x)))))
+        return out
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
     ddp = DDP(model)  # find_unused_parameters=False: would fail on a grad-less requires_grad parameter
     opt = torch.optim.AdamW(torchfreeze.param_groups(model, 1e-2, weight_decay=0.1))
     loss_fn = nn.CrossEntropyLoss()
-    ddp.train()
+    ddp.train()  # type: ignore[no-untyped-call]
     with torchfreeze.guard(model, opt):
         for step in range(3):
             g = torch.Generator().manual_seed(100 * rank + step)  # different data per rank
@@ -72,7 +73,7 @@ def main() -> None:
         "trainable_changed": [
             n for n, _ in torchfreeze.trainable_parameters(model) if not torch.equal(start[n], end[n])
         ],
-        "adapter_requires_grad": model.adapter.module.weight.requires_grad,
+        "adapter_requires_grad": model.get_parameter("adapter.module.weight").requires_grad,
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)

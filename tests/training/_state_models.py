@@ -21,7 +21,8 @@ class Model(nn.Module):
         self.register_buffer("scale", torch.ones(3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(self.proj(self.backbone(x)))) * self.scale
+        out: torch.Tensor = self.head(self.drop(self.proj(self.backbone(x)))) * self.scale
+        return out
 
 
 class Other(nn.Module):

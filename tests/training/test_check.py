@@ -21,7 +21,8 @@ Case = tuple[nn.Module, "torch.optim.Optimizer | None"]
 
 def _frozen_with_grad() -> Any:
     model = freeze(Net(), "backbone", mode="eval")
-    model.backbone[0].weight.grad = torch.zeros_like(model.backbone[0].weight)
+    weight = model.get_parameter("backbone.0.weight")
+    weight.grad = torch.zeros_like(weight)
     return model, None
 
 
@@ -48,7 +49,7 @@ def _shared() -> Any:
 
 def _missing_in_optimizer() -> Any:
     model = freeze(Net(), "backbone", mode="eval")
-    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.get_submodule("head").parameters(), lr=0.1)
     unfreeze(model, "backbone.4")
     return model, opt
 
@@ -68,7 +69,7 @@ def test_every_code_has_a_case() -> None:
 
 
 @pytest.mark.parametrize("code", list(CASES), ids=list(CASES))
-def test_each_trap_is_reported_with_names_and_a_fix(code: Any) -> None:
+def test_each_trap_is_reported_with_names_and_a_fix(code: str) -> None:
     make, names = CASES[code]
     model, opt = make()
     found = [p for p in check(model, opt) if p.code == code]

@@ -60,7 +60,7 @@ def test_fingerprint_streams_large_and_non_contiguous_tensors(monkeypatch: pytes
 # ------------------------------------------------------------------ trainable checkpoints
 
 
-def _trained(seed: Any = 0) -> Any:
+def _trained(seed: int = 0) -> Any:
     model = freeze(Model(seed), "backbone", mode="eval")
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()
@@ -69,7 +69,7 @@ def _trained(seed: Any = 0) -> Any:
         opt.step()
         opt.zero_grad()
     with torch.no_grad():
-        model.scale.mul_(2)
+        model.get_buffer("scale").mul_(2)
     return model
 
 
@@ -122,7 +122,7 @@ def _with_extra_layer() -> Any:
         pytest.param(_with_extra_layer, "neither in the file nor in its frozen base.*extra.weight", id="extra-layer"),
     ],
 )
-def test_model_that_does_not_fit_is_refused_and_nothing_changes(tmp_path: Path, make_target: Any, match: Any) -> None:
+def test_model_that_does_not_fit_is_refused_and_nothing_changes(tmp_path: Path, make_target: Any, match: str) -> None:
     path = save_trainable(_trained(seed=0), tmp_path / "t.safetensors")
     target = make_target()
     before = (tensors_snapshot(target), requires_grad_map(target), pinned_modes(target))
@@ -135,35 +135,35 @@ def test_model_that_does_not_fit_is_refused_and_nothing_changes(tmp_path: Path, 
 def test_loading_onto_a_model_with_converted_batchnorm_restores_the_saved_values(tmp_path: Path) -> None:
     model = freeze(Model(), "backbone.0", "backbone.3")  # the BatchNorm trains: its tensors are in the file
     with torch.no_grad():
-        model.backbone[1].weight.fill_(3.0)
-        model.backbone[1].running_mean.fill_(0.5)
+        model.get_parameter("backbone.1.weight").fill_(3.0)
+        model.get_buffer("backbone.1.running_mean").fill_(0.5)
     path = save_trainable(model, tmp_path / "t.safetensors")
     fresh = freeze_batchnorm(freeze(Model(), "backbone.0", "backbone.3"), "backbone", convert=True)
     load_trainable(fresh, path)  # un-converts the BatchNorm, then copies into the new module's tensors
-    assert type(fresh.backbone[1]) is nn.BatchNorm1d
+    assert type(fresh.get_submodule("backbone.1")) is nn.BatchNorm1d
     assert same_tensors(tensors_snapshot(fresh), tensors_snapshot(model))
 
 
-def _corrupt_data(path: Any) -> Any:
+def _corrupt_data(path: Path) -> Any:
     raw = bytearray(open(path, "rb").read())
     raw[-3] ^= 0xFF  # inside the tensor data
     open(path, "wb").write(bytes(raw))
 
 
-def _truncate(path: Any) -> Any:
+def _truncate(path: Path) -> Any:
     raw = open(path, "rb").read()
     open(path, "wb").write(raw[: len(raw) - 7])
 
 
-def _garbage(path: Any) -> Any:
+def _garbage(path: Path) -> Any:
     open(path, "wb").write(b"\x00\x01 not a safetensors file")
 
 
-def _plain_safetensors(path: Any) -> Any:
+def _plain_safetensors(path: Path) -> Any:
     save_file({"head.weight": torch.zeros(3, 8)}, path)
 
 
-def _other_arch(path: Any) -> Any:
+def _other_arch(path: Path) -> Any:
     save_trainable(freeze(Other(), "encoder"), path)
 
 
@@ -178,7 +178,7 @@ def _other_arch(path: Any) -> Any:
         pytest.param(os.remove, "does not exist", id="missing"),
     ],
 )
-def test_bad_files_raise_checkpoint_error_and_leave_the_model_alone(tmp_path: Path, damage: Any, match: Any) -> None:
+def test_bad_files_raise_checkpoint_error_and_leave_the_model_alone(tmp_path: Path, damage: Any, match: str) -> None:
     path = save_trainable(_trained(), tmp_path / "t.safetensors")
     damage(path)
     model = Model(0)
@@ -200,7 +200,7 @@ def test_failed_write_removes_temporary_and_keeps_previous_file(tmp_path: Path) 
     target = tmp_path / "x.bin"
     target.write_bytes(b"previous")
 
-    def fail(tmp: Any) -> Any:
+    def fail(tmp: str) -> Any:
         open(tmp, "wb").write(b"partial")
         raise RuntimeError("disk full")
 
@@ -217,7 +217,7 @@ _CHILD = textwrap.dedent(
     path, mode = sys.argv[1], sys.argv[2]
     if mode == "half":
         data = safetensors.torch.save({"w": torch.full((1 << 20,), 7.0)})
-        def write(tmp: Any) -> Any:
+        def write(tmp):
             with open(tmp, "wb") as f:
                 f.write(data[: len(data) // 2]); f.flush(); os_fsync = __import__("os").fsync(f.fileno())
                 print("HALF", flush=True)
@@ -241,7 +241,7 @@ _CHILD = textwrap.dedent(
 def _previous(tmp_path: Path) -> Any:
     torch.manual_seed(0)
     model = freeze(nn.Sequential(nn.Linear(4, 4), nn.Linear(1024, 4096)), "0")
-    nn.init.constant_(model[1].weight, -1.0)
+    nn.init.constant_(model.get_parameter("1.weight"), -1.0)
     return model, save_trainable(model, tmp_path / "t.safetensors")
 
 
@@ -251,7 +251,7 @@ def test_process_killed_mid_write_leaves_previous_file_intact(tmp_path: Path) ->
     before = open(path, "rb").read()
     child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), "half"], stdout=subprocess.PIPE, text=True)
     try:
-        assert child.stdout.readline().strip() == "HALF"
+        assert child.stdout is not None and child.stdout.readline().strip() == "HALF"
         tmp_files = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
         assert tmp_files, "the child should be writing a temporary file"
         child.send_signal(signal.SIGKILL)

@@ -33,7 +33,7 @@ def test_ddp_two_processes_frozen_bit_identical_and_trainable_in_sync(tmp_path: 
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired as e:  # pragma: no cover - a hang is a failure, with its output
-        pytest.fail(f"torchrun did not finish in 180 s:\n{e.stdout}\n{e.stderr}")
+        pytest.fail(f"torchrun did not finish in 180 s:\n{e.stdout!r}\n{e.stderr!r}")
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for report in reports:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ STEPS = 3
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
+def _one_thread() -> Iterator[None]:
     """Tiny models: one thread is faster and immune to contention from parallel jobs."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -61,15 +62,17 @@ class RelNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.pre(x))
         h = self.adapter(self.backbone(h))
-        return self.head(h)
+        out: torch.Tensor = self.head(h)
+        return out
 
 
 def make_model(seed: int = 0) -> RelNet:
-    model = freeze(RelNet(seed), "backbone", mode="eval")  # BatchNorm pinned eval
+    model = RelNet(seed)
+    freeze(model, "backbone", mode="eval")  # BatchNorm pinned eval
     # give the pinned BatchNorm non-trivial statistics so a change would show
     with torch.no_grad():
-        model.backbone[1].running_mean.uniform_(-1, 1)
-        model.backbone[1].running_var.uniform_(0.5, 2)
+        model.get_buffer("backbone.1.running_mean").uniform_(-1, 1)
+        model.get_buffer("backbone.1.running_var").uniform_(0.5, 2)
     return model.train()
 
 
@@ -94,7 +97,7 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------- optimizers
 
 #: name -> (constructor, kwargs). Weight decay is added when the constructor accepts it.
-OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict]] = {
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "SGD": (torch.optim.SGD, {"lr": 0.1}),
     "SGD-momentum": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
     "SGD-nesterov": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
@@ -145,19 +148,19 @@ def build_optimizer(name: str, model: nn.Module, *, weight_decay: float, source:
         return cls(model.parameters(), **kwargs)
     groups = param_groups(model, kwargs.pop("lr"), weight_decay=weight_decay)
     if name == "LBFGS":  # one group only
-        return cls([p for g in groups for p in g["params"]], lr=0.5, max_iter=3)
+        return torch.optim.LBFGS([p for g in groups for p in g["params"]], lr=0.5, max_iter=3)
     return cls(groups, **kwargs)
 
 
 def train(
-    model: Any,
-    opt: Any,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
     *,
-    steps: Any = STEPS,
-    set_to_none: Any = True,
-    bf16: Any = False,
-    clip: Any = False,
-    start: Any = 0,
+    steps: int = STEPS,
+    set_to_none: bool = True,
+    bf16: bool = False,
+    clip: bool = False,
+    start: int = 0,
 ) -> Any:
     loss_fn = nn.CrossEntropyLoss()
     for step in range(start, start + steps):
@@ -173,13 +176,19 @@ def train(
             return loss
 
         if isinstance(opt, torch.optim.LBFGS):
-            opt.step(closure)
+            opt.step(closure)  # type: ignore[no-untyped-call]
         else:
             closure()
             opt.step()
 
 
-def assert_frozen_and_learned(model, frozen_before, trainable_before, *, learned=("pre.weight", "head.2.weight")):
+def assert_frozen_and_learned(
+    model: nn.Module,
+    frozen_before: dict[str, torch.Tensor],
+    trainable_before: dict[str, torch.Tensor],
+    *,
+    learned: tuple[str, ...] = ("pre.weight", "head.2.weight"),
+) -> None:
     after = frozen_snapshot(model)
     changed = [k for k in frozen_before if not torch.equal(frozen_before[k], after[k])]
     assert not changed, f"frozen tensors moved: {changed}"
@@ -191,7 +200,7 @@ def assert_frozen_and_learned(model, frozen_before, trainable_before, *, learned
 # ---------------------------------------------------------------------------- the matrix
 
 AXES = ("weight_decay", "set_to_none", "bf16", "clip", "source")
-_VALUES = {"weight_decay": (0.0, 0.1), "set_to_none": (True, False), "bf16": (False, True),
+_VALUES: dict[str, tuple[Any, Any]] = {"weight_decay": (0.0, 0.1), "set_to_none": (True, False), "bf16": (False, True),
            "clip": (False, True), "source": ("groups", "all")}  # fmt: skip
 
 
@@ -232,7 +241,7 @@ CONFIGS = _configs()
 
 
 @pytest.mark.parametrize("opt_name, knobs", CONFIGS)
-def test_frozen_stays_bit_identical(opt_name: Any, knobs: Any) -> None:
+def test_frozen_stays_bit_identical(opt_name: str, knobs: dict[str, Any]) -> None:
     model = make_model()
     opt = build_optimizer(opt_name, model, weight_decay=knobs["weight_decay"], source=knobs["source"])
     frozen_before, trainable_before = frozen_snapshot(model), trainable_snapshot(model)
@@ -255,7 +264,7 @@ def test_frozen_stays_bit_identical(opt_name: Any, knobs: Any) -> None:
         pytest.param("SGD-momentum", "groups", True, id="SGD-momentum-groups-bf16"),
     ],
 )
-def test_torch_compile_keeps_frozen_bit_identical(opt_name: Any, source: Any, bf16: Any) -> None:
+def test_torch_compile_keeps_frozen_bit_identical(opt_name: str, source: str, bf16: bool) -> None:
     torch._dynamo.reset()
     model = make_model()
     compiled = torch.compile(model, backend="aot_eager")
@@ -288,10 +297,11 @@ class CheckpointedLM(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens)
         h = ckpt.checkpoint(self.block, h, use_reentrant=self.use_reentrant)
-        return self.head(h.mean(1))
+        out: torch.Tensor = self.head(h.mean(1))
+        return out
 
 
-def _make_inputs_require_grad(module: Any, inputs: Any, output: Any) -> Any:
+def _make_inputs_require_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
     """The documented recipe for reentrant checkpointing after a frozen embedding."""
     return output.requires_grad_(True)
 
@@ -304,12 +314,15 @@ def _make_inputs_require_grad(module: Any, inputs: Any, output: Any) -> Any:
         pytest.param(True, True, True, id="reentrant-with-recipe"),
     ],
 )
-def test_gradient_checkpointing_with_frozen_input_embedding(use_reentrant: Any, recipe: Any, block_learns: Any) -> None:
+def test_gradient_checkpointing_with_frozen_input_embedding(
+    use_reentrant: bool, recipe: bool, block_learns: bool
+) -> None:
     model = freeze(CheckpointedLM(use_reentrant), "embed")
     if recipe:
-        model.embed.register_forward_hook(_make_inputs_require_grad)
+        model.get_submodule("embed").register_forward_hook(_make_inputs_require_grad)
     opt = torch.optim.AdamW(param_groups(model, 0.05, weight_decay=0.1))
-    embed, block = model.embed.weight.detach().clone(), model.block[0].weight.detach().clone()
+    embed_weight, block_weight = model.get_parameter("embed.weight"), model.get_parameter("block.0.weight")
+    embed, block = embed_weight.detach().clone(), block_weight.detach().clone()
     tokens = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(0))
     with guard(model, opt), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -317,8 +330,8 @@ def test_gradient_checkpointing_with_frozen_input_embedding(use_reentrant: Any, 
             opt.zero_grad()
             model(tokens).sum().backward()
             opt.step()
-    assert torch.equal(embed, model.embed.weight) and model.embed.weight.grad is None
-    assert (not torch.equal(block, model.block[0].weight)) is block_learns
+    assert torch.equal(embed, embed_weight) and embed_weight.grad is None
+    assert (not torch.equal(block, block_weight)) is block_learns
     if not block_learns:  # torch says so; the docs explain the trap and the recipe
         assert any("requires_grad" in str(w.message) for w in caught)
 
@@ -329,7 +342,7 @@ STATEFUL_OPTIMIZERS = {"SGD-momentum": True, "Adam": True, "AdamW": True, "RMSpr
 
 @pytest.mark.parametrize("opt_name", list(STATEFUL_OPTIMIZERS))
 @pytest.mark.parametrize("set_to_none", [True, False], ids=["stn1", "stn0"])
-def test_freezing_after_some_training_steps(opt_name: Any, set_to_none: Any) -> None:
+def test_freezing_after_some_training_steps(opt_name: str, set_to_none: bool) -> None:
     model = RelNet().train()
     opt = build_optimizer(opt_name, model, weight_decay=0.1, source="all")
     train(model, opt, steps=2, set_to_none=set_to_none)  # everything trains, optimizer state builds up
@@ -343,25 +356,25 @@ def test_freezing_after_some_training_steps(opt_name: Any, set_to_none: Any) -> 
 
 
 @pytest.mark.parametrize("opt_name", ["SGD-momentum", "AdamW", "RMSprop"])
-def test_unfreezing_mid_run(opt_name: Any) -> None:
+def test_unfreezing_mid_run(opt_name: str) -> None:
     model = make_model()
     opt = build_optimizer(opt_name, model, weight_decay=0.1, source="groups")
     train(model, opt, steps=2)
     unfreeze(model, "backbone.3")
     assert add_unfrozen(model, opt) == ["backbone.3.weight", "backbone.3.bias"]
     still_frozen = {k: v for k, v in frozen_snapshot(model).items() if not k.startswith("backbone.3")}
-    unfrozen_before = model.backbone[3].weight.detach().clone()
+    unfrozen_before = model.get_parameter("backbone.3.weight").detach().clone()
     trainable_before = trainable_snapshot(model)
     with guard(model, opt):
         train(model, opt, steps=STEPS, start=2)
     after = frozen_snapshot(model)
     assert all(torch.equal(v, after[k]) for k, v in still_frozen.items())
-    assert not torch.equal(unfrozen_before, model.backbone[3].weight)
+    assert not torch.equal(unfrozen_before, model.get_parameter("backbone.3.weight"))
     assert_frozen_and_learned(model, still_frozen, trainable_before)
 
 
 @pytest.mark.parametrize("opt_name", ["SGD-nesterov", "AdamW", "NAdam"])
-def test_resume_from_trainable_checkpoint(opt_name: Any, tmp_path: Path) -> None:
+def test_resume_from_trainable_checkpoint(opt_name: str, tmp_path: Path) -> None:
     ref = make_model()
     ref_opt = build_optimizer(opt_name, ref, weight_decay=0.1, source="groups")
     train(ref, ref_opt, steps=4)
@@ -374,8 +387,8 @@ def test_resume_from_trainable_checkpoint(opt_name: Any, tmp_path: Path) -> None
 
     fresh = RelNet(seed=0)  # the same pretrained base, nothing frozen yet
     with torch.no_grad():
-        fresh.backbone[1].running_mean.copy_(ref.backbone[1].running_mean)
-        fresh.backbone[1].running_var.copy_(ref.backbone[1].running_var)
+        for name in ("backbone.1.running_mean", "backbone.1.running_var"):
+            fresh.get_buffer(name).copy_(ref.get_buffer(name))
     load_trainable(fresh, path)  # restores the freeze state (pins included) and the trained part
     fresh.train()
     opt2 = build_optimizer(opt_name, fresh, weight_decay=0.1, source="groups")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList([nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6)) for _ in range(3)])
         self.head = nn.Linear(6, 2)
 
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: torch.Tensor) -> Any:
         for layer in self.layers:
             x = torch.relu(layer(x))
         return self.head(x)
@@ -34,7 +35,7 @@ def _data(unit: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 6, generator=g), torch.randint(0, 2, (16,), generator=g)
 
 
-OPTIMIZERS = {
+OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]]], torch.optim.Optimizer]] = {
     "adamw": lambda groups: torch.optim.AdamW(groups, weight_decay=0.01),
     "sgd-momentum": lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9, weight_decay=0.01),
 }
@@ -45,7 +46,7 @@ SCHEDULES = {
 }
 
 
-def _build(opt_name: Any, schedule: Any, seed: Any = 0) -> Any:
+def _build(opt_name: str, schedule: Any, seed: int = 0) -> Any:
     model = Stack(seed)
     freeze_to(model, -1)  # only the head trains at first
     opt = OPTIMIZERS[opt_name](param_groups(model, 1e-2, weight_decay=0.01))
@@ -53,7 +54,7 @@ def _build(opt_name: Any, schedule: Any, seed: Any = 0) -> Any:
     return model, opt, sched
 
 
-def _train(model: Any, opt: Any, sched: Any, units: Any) -> Any:
+def _train(model: nn.Module, opt: torch.optim.Optimizer, sched: GradualUnfreezing, units: Iterable[int]) -> Any:
     loss_fn = nn.CrossEntropyLoss()
     for unit in units:
         x, y = _data(unit)
@@ -63,7 +64,7 @@ def _train(model: Any, opt: Any, sched: Any, units: Any) -> Any:
         sched.step()
 
 
-def _groups_structure(model: Any, opt: Any) -> Any:
+def _groups_structure(model: nn.Module, opt: torch.optim.Optimizer) -> Any:
     names = {id(p): n for n, p in model.named_parameters()}
     return [
         ({k: v for k, v in g.items() if k != "params"}, [names[id(p)] for p in g["params"]]) for g in opt.param_groups
@@ -83,7 +84,7 @@ N_UNITS = 7
 @pytest.mark.parametrize("stop", [1, 2, 3, 5], ids=lambda k: f"stop-at-{k}")
 @pytest.mark.parametrize("schedule", list(SCHEDULES), ids=list(SCHEDULES))
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS), ids=list(OPTIMIZERS))
-def test_resume_is_bit_identical_to_an_uninterrupted_run(opt_name: Any, schedule: Any, stop: Any) -> None:
+def test_resume_is_bit_identical_to_an_uninterrupted_run(opt_name: str, schedule: Any, stop: Any) -> None:
     ref_model, ref_opt, ref_sched = _build(opt_name, SCHEDULES[schedule])
     _train(ref_model, ref_opt, ref_sched, range(N_UNITS))
 
@@ -150,7 +151,8 @@ def test_selector_entry_unfreezes_it_and_adds_one_group_per_unfreeze() -> None:
     opt = torch.optim.AdamW(param_groups(model, 1e-3, weight_decay=0.1), weight_decay=0.1)
     sched = GradualUnfreezing(model, opt, {1: "layers.1", 2: "layers.2"}, lr=1e-4)
     sched.step()
-    assert model.layers[1][0].weight.requires_grad and not model.layers[2][0].weight.requires_grad
+    assert model.get_parameter("layers.1.0.weight").requires_grad
+    assert not model.get_parameter("layers.2.0.weight").requires_grad
     assert [g["name"] for g in opt.param_groups] == ["group0", "group0/no_decay", "unfrozen0", "unfrozen0/no_decay"]
     assert opt.param_groups[-1]["lr"] == 1e-4
     sched.step()
@@ -180,7 +182,9 @@ def test_state_dict_is_plain_data() -> None:
         pytest.param({0: 3}, None, ArgumentError, "lr=-1.0", id="bad-lr-with-entry-at-0"),
     ],
 )
-def test_bad_schedule_raises_and_changes_nothing(schedule: Any, groups: Any, error: Any, match: Any) -> None:
+def test_bad_schedule_raises_and_changes_nothing(
+    schedule: Any, groups: Any, error: type[Exception], match: str
+) -> None:
     model = Stack()
     freeze_to(model, -1)
     opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
@@ -219,7 +223,7 @@ def test_layer_groups_of_the_test_model() -> None:
                      id="malformed-added-groups"),
     ],
 )  # fmt: skip
-def test_bad_scheduler_state_changes_nothing(mutate: Any, error: Any, match: Any) -> None:
+def test_bad_scheduler_state_changes_nothing(mutate: Any, error: Any, match: str) -> None:
     model, opt, sched = _build("adamw", "one_group_per_epoch")
     _train(model, opt, sched, range(2))
     state = _roundtrip(sched.state_dict())
@@ -275,7 +279,7 @@ def test_tied_model_needs_shared_policy_and_keeps_tie_frozen_until_both_groups_u
         pytest.param(Stack, lambda m: "sgd", r"GradualUnfreezing\(optimizer=", id="not-an-optimizer"),
     ],
 )
-def test_wrong_types_are_type_errors(model: Any, optimizer: Any, match: str) -> None:
+def test_wrong_types_are_type_errors(model: nn.Module, optimizer: Any, match: str) -> None:
     built = model()
     with pytest.raises(ArgumentTypeError, match=match):
         GradualUnfreezing(built, optimizer(built), "one_group_per_epoch")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -107,7 +107,7 @@ def test_non_strict_skips_a_converted_norm_that_is_not_a_batchnorm() -> None:
     assert type(model.backbone[1]).__name__ == "FrozenBatchNorm1d" and type(model.head) is nn.Linear
 
 
-def _edit(**changes) -> Any:
+def _edit(**changes: Any) -> dict[str, Any]:
     state = freeze_state(freeze(Model(), "backbone"))
     state.update(changes)
     return state
@@ -125,7 +125,7 @@ def _edit(**changes) -> Any:
         pytest.param(_edit(converted_norms=["head"]), "not a BatchNorm", id="convert-non-bn"),
     ],
 )
-def test_malformed_state_raises_and_changes_nothing(state: Any, match: Any) -> None:
+def test_malformed_state_raises_and_changes_nothing(state: Any, match: str) -> None:
     model = Model()
     before = requires_grad_map(model)
     with pytest.raises(FreezeStateError, match=match):
@@ -146,7 +146,9 @@ _PARTS = ["backbone.0", "backbone.1", "backbone.3", "head"]
     ),
     freeze_mode=st.sampled_from([None, "eval", "train"]),
 )
-def test_freeze_state_round_trip_invariant(frozen: Any, pinned: Any, freeze_mode: Any) -> None:
+def test_freeze_state_round_trip_invariant(
+    frozen: list[str], pinned: dict[str, Literal["train", "eval"]], freeze_mode: Literal["train", "eval"] | None
+) -> None:
     model = Model()
     if frozen:
         freeze(model, *frozen, mode=freeze_mode)
