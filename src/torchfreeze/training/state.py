@@ -16,7 +16,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from torchfreeze._core.checks import require_bool, require_module
-from torchfreeze._core.files import atomic_write  # re-exported: cli.demo imports it from here
 from torchfreeze._core.mode import get_pin, pinned_modes, set_pin, unpin_modules
 from torchfreeze._core.mode import pins as module_pins
 from torchfreeze._core.uses import parameter_uses, set_requires_grad
@@ -25,7 +24,7 @@ from torchfreeze.nn import Frozen
 from torchfreeze.nn.batchnorm import freeze_batchnorm, unconvert_batchnorm
 from torchfreeze.training._watch import is_frozen_batchnorm
 
-__all__ = ["freeze_state", "load_freeze_state", "atomic_write"]
+__all__ = ["freeze_state", "load_freeze_state"]
 
 STATE_FORMAT = "torchfreeze.freeze_state"
 STATE_VERSION = 1
