@@ -74,7 +74,15 @@ class CacheRefusedError(ArgumentError):
 
 
 class FrozenTensorChangedError(TorchFreezeError, RuntimeError):
-    """A tensor that must stay fixed changed or was replaced during training (raised by ``guard``)."""
+    """A tensor that must stay fixed changed or was replaced during training (raised by ``guard``).
+
+    Attributes:
+        changes: each changed tensor's qualified name -> its largest absolute change.
+    """
+
+    def __init__(self, message: str, changes: dict[str, float] | None = None) -> None:
+        super().__init__(message)
+        self.changes: dict[str, float] = dict(changes or {})
 
 
 # Aliases from 0.1: each was told apart from its target only by name.

@@ -197,9 +197,9 @@ def _changed_error(model: nn.Module, changes: dict[str, float], where: str) -> F
             "torchfreeze.freeze_batchnorm(model, ...) or freeze(model, ..., mode='eval')"
         )
     err = FrozenTensorChangedError(
-        f"{len(changes)} frozen tensor(s) changed {where}:\n" + "\n".join(lines) + "\nFix: " + "; ".join(hints) + "."
+        f"{len(changes)} frozen tensor(s) changed {where}:\n" + "\n".join(lines) + "\nFix: " + "; ".join(hints) + ".",
+        changes,
     )
-    err.changes = dict(changes)  # type: ignore[attr-defined]
     return err
 
 
