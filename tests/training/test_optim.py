@@ -174,18 +174,105 @@ def test_add_unfrozen_matches_by_identity_not_value() -> None:
     assert add_unfrozen(model, opt) == []  # idempotent
 
 
-def test_add_unfrozen_lr_default_and_initial_lr() -> None:
+def test_add_unfrozen_takes_the_ladder_not_the_constructor_defaults() -> None:
+    """Issue 10.2: AdamW(param_groups(m, 0.1)) then unfreeze: lr 0.1 and the no-decay rule, not 1e-3/0.01."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    freeze(model, "0")
+    opt = torch.optim.AdamW(param_groups(model, 0.1))
+    assert opt.defaults["lr"] == 1e-3 and opt.defaults["weight_decay"] == 0.01  # what must NOT leak
+    unfreeze(model, "0")
+    assert add_unfrozen(model, opt) == ["0.weight", "0.bias"]
+    new = opt.param_groups[-1]
+    assert new["name"] == "unfrozen0" and new["lr"] == 0.1 and new["weight_decay"] == 0.0
+
+
+def test_add_unfrozen_keeps_the_lr_mult_spread_and_the_decay_split() -> None:
+    model = Stack()
+    freeze_to(model, 2)  # layers.0, layers.1 frozen; layers.2 and head (norm+head) train
+    groups = ["layers.0", "layers.1", "layers.2", ["norm", "head"]]
+    opt = torch.optim.AdamW(param_groups(model, 0.8, weight_decay=0.05, lr_mult=2.0, groups=groups))
+    reference = {
+        g["name"]: g["lr"] for g in param_groups(unfreeze(copy.deepcopy(model)), 0.8, lr_mult=2.0, groups=groups)
+    }
+    unfreeze(model)
+    added = add_unfrozen(model, opt, groups=groups)
+    assert added == ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
+    new = {g["name"]: (g["lr"], g["weight_decay"]) for g in opt.param_groups[-4:]}
+    assert new == {
+        "unfrozen0/group0": (reference["group0"], 0.05),
+        "unfrozen0/group0/no_decay": (reference["group0"], 0.0),
+        "unfrozen0/group1": (reference["group1"], 0.05),
+        "unfrozen0/group1/no_decay": (reference["group1"], 0.0),
+    }
+    assert reference["group0"] == 0.1 and reference["group1"] == 0.2  # 0.8 / 2**3, 0.8 / 2**2
+
+
+def test_add_unfrozen_ladder_needs_matching_groups() -> None:
+    model = Stack()
+    freeze_to(model, 2)
+    opt = torch.optim.SGD(param_groups(model, 0.8, lr_mult=2.0, groups=["layers.0", "layers.1", "layers"]), lr=0.1)
+    before = [list(g["params"]) for g in opt.param_groups]
+    unfreeze(model)
+    with pytest.raises(ArgumentError, match="groups="):
+        add_unfrozen(model, opt)  # layer_groups(model) has another length
+    assert [list(g["params"]) for g in opt.param_groups] == before
+
+
+class WithEma(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+        self.head = nn.Linear(3, 2)
+        self.ema = copy.deepcopy(self.head)  # frozen copy registered after the head
+
+
+def test_frozen_group_after_the_head_takes_no_rung() -> None:
+    """Issue 10.2: a frozen EMA copy after the head must not shift the ladder (head gets lr)."""
+    model = freeze(WithEma(), "ema")
+    groups = param_groups(model, 1.0, lr_mult=2.0, groups=["blocks.0", "blocks.1", "head", "ema"])
+    assert {g["name"]: g["lr"] for g in groups} == {"group0": 0.25, "group1": 0.5, "group2": 1.0}
+    groups = param_groups(model, 1.0, lr_mult=(0.01, 1.0), groups=["blocks.0", "blocks.1", "head", "ema"])
+    assert {g["name"]: g["lr"] for g in groups}["group2"] == 1.0
+
+
+def test_added_group_starts_at_the_current_lr_after_decay() -> None:
+    """Issue 15.2: after a StepLR decay the new backbone group must not train 3x faster than the head."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    freeze(model, "0")
+    opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
+    s = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.7)
+    for _ in range(3):
+        opt.step()
+        s.step()
+    unfreeze(model, "0")
+    add_unfrozen(model, opt, scheduler=s)
+    head, backbone = (g["lr"] for g in opt.param_groups)
+    assert backbone == head == pytest.approx(0.1 * 0.7**3)
+    assert opt.param_groups[1]["initial_lr"] == 0.1
+    opt.step()
+    s.step()
+    assert s.get_last_lr()[1] == pytest.approx(0.1 * 0.7**4)
+
+
+def test_add_unfrozen_warns_when_a_scheduler_is_attached_but_not_passed() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    freeze(model, "0")
+    opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, 1)
+    unfreeze(model, "0")
+    with pytest.warns(UserWarning, match="scheduler="):
+        add_unfrozen(model, opt)
+
+
+def test_add_unfrozen_lr_is_exact_and_without_param_groups_copies_the_groups() -> None:
     model = Stack()
     freeze_to(model, 3)
-    opt = torch.optim.AdamW(param_groups(model, 1e-3), lr=5e-4, weight_decay=0.01)
-    torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # sets initial_lr on the groups
+    opt = torch.optim.AdamW([{"params": list(model.head.parameters()), "lr": 0.3, "weight_decay": 0.02}])
     unfreeze(model, "layers.2")
-    added = add_unfrozen(model, opt)
-    assert added == ["layers.2.weight", "layers.2.bias"]
+    add_unfrozen(model, opt)
     new = opt.param_groups[-2:]
     assert [g["name"] for g in new] == ["unfrozen0", "unfrozen0/no_decay"]
-    assert [g["lr"] for g in new] == [5e-4, 5e-4] and [g["initial_lr"] for g in new] == [5e-4, 5e-4]
-    assert [g["weight_decay"] for g in new] == [0.01, 0.0]
+    assert [g["lr"] for g in new] == [0.3, 0.3] and [g["weight_decay"] for g in new] == [0.02, 0.0]
     unfreeze(model, "layers.1")
     add_unfrozen(model, opt, lr=1e-5)
     assert opt.param_groups[-1]["name"] == "unfrozen1/no_decay" and opt.param_groups[-1]["lr"] == 1e-5
