@@ -54,6 +54,35 @@ def _missing_in_optimizer() -> Any:
     return model, opt
 
 
+def _ddp_of(model: nn.Module) -> nn.Module:
+    """A live DDP over ``model`` in a world of one (the group is gone again when it returns)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        return nn.parallel.DistributedDataParallel(model)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_not_reducing() -> Any:
+    model = freeze(Net(), "backbone", mode="eval")
+    ddp = _ddp_of(model)
+    model.get_parameter("backbone.4.weight").requires_grad = True  # behind torchfreeze's back
+    return ddp, None
+
+
+def _ddp_reducing_frozen() -> Any:
+    model = Net()
+    ddp = _ddp_of(model)
+    model.get_parameter("backbone.0.weight").requires_grad = False  # behind torchfreeze's back
+    return ddp, None
+
+
+def _frozen_use_requiring_grad() -> Any:
+    return _ddp_of(nn.Sequential(nn.Linear(4, 4), Frozen(nn.Linear(4, 4)))), None
+
+
 CASES = {
     "frozen-grad-not-none": (_frozen_with_grad, ("backbone.0.weight",)),
     "frozen-param-has-optimizer-state": (_frozen_with_state, ("backbone.0.weight", "backbone.4.bias")),
@@ -61,6 +90,9 @@ CASES = {
     "train-mode-in-frozen-subtree": (_dropout_live, ("backbone", "backbone.3")),
     "shared-frozen-and-trainable": (_shared, ("0.weight", "2.module.weight")),
     "trainable-not-in-optimizer": (_missing_in_optimizer, ("backbone.4.weight", "backbone.4.bias")),
+    "ddp-trainable-not-reduced": (_ddp_not_reducing, ("backbone.4.weight",)),
+    "ddp-frozen-reduced": (_ddp_reducing_frozen, ("backbone.0.weight",)),
+    "frozen-use-requires-grad": (_frozen_use_requiring_grad, ("1.module.weight", "1.module.bias")),
 }
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from torchfreeze._core.checks import require_module
 from torchfreeze._core.select import Selector, resolve
+from torchfreeze._core.wrappers import unwrap
 from torchfreeze.errors import ModeError
 
 __all__ = [
@@ -140,6 +141,7 @@ def pin_mode(model: nn.Module, *selectors: Selector, mode: Mode = "eval") -> nn.
         False
     """
     require_module(model, "pin_mode")
+    model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
     check_mode(mode)
     selection = resolve(model, *selectors)
     for module in selection.unique_modules().values():
@@ -169,6 +171,7 @@ def unpin_mode(model: nn.Module, *selectors: Selector) -> nn.Module:
         True
     """
     require_module(model, "unpin_mode")
+    model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
     selection = resolve(model, *selectors)
     unpin_modules(model, selection.unique_modules().values(), origins=None)
     return model
@@ -216,6 +219,7 @@ def pinned_modes(model: nn.Module) -> dict[str, str]:
         {'1': 'train'}
     """
     require_module(model, "pinned_modes")
+    model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
     return {name: pin.mode for name, pin in pins(model).items()}
 
 

@@ -17,6 +17,7 @@ from typing import Any, Union
 from torch import nn
 
 from torchfreeze._core.checks import require_module
+from torchfreeze._core.wrappers import unwrap
 from torchfreeze.errors import SelectorError, SelectorTypeError
 
 __all__ = ["Selector", "Selection", "resolve", "select", "parameter_paths", "glob_to_regex"]
@@ -142,7 +143,7 @@ def parameter_paths(model: nn.Module) -> dict[int, list[str]]:
         ['0.weight', '1.weight']
     """
     paths: dict[int, list[str]] = {}
-    for name, param in _parameter_items(model):
+    for name, param in _parameter_items(unwrap(model)):
         paths.setdefault(id(param), []).append(name)
     return paths
 
@@ -292,6 +293,7 @@ def resolve(model: nn.Module, *selectors: Selector, allow_empty: bool = False) -
         (['1'], ['1'], ['1.weight', '1.bias'])
     """
     require_module(model, "resolve")
+    model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
     module_paths = _module_paths(model)
     param_items = _parameter_items(model)
     flat = _flatten(selectors) if selectors else [""]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from torchfreeze._core.wrappers import guard_requires_grad_change, unwrap
+
 __all__ = [
     "FrozenUse",
     "ParameterUses",
@@ -75,6 +77,7 @@ def parameter_uses(model: nn.Module) -> dict[int, ParameterUses]:
         >>> uses.trainable_paths, uses.frozen_use_paths
         (['0.weight'], ['1.module.weight'])
     """
+    model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
     inside_frozen: dict[str, bool] = {}  # module path -> lies in (or is) a frozen use
     for name, module in model.named_modules(remove_duplicate=False):
         parent_inside = bool(name) and inside_frozen[name.rpartition(".")[0]]
@@ -125,6 +128,11 @@ def set_requires_grad(parameters: Iterable[nn.Parameter], flag: bool) -> None:
     ``requires_grad_()``: it also works on lazy (uninitialised) and meta
     parameters, and survives a lazy parameter's materialisation.
 
+    Under a live ``DistributedDataParallel`` the change is refused (an
+    ``ArgumentError`` naming the supported path) unless a
+    ``torchfreeze.distributed.wrap`` handle owns the DDP; the handle then
+    re-wraps after the change (see ``_core.wrappers``).
+
     Args:
         parameters: the parameters to change.
         flag: ``True`` makes them trainable, ``False`` freezes them (``.grad = None``).
@@ -134,7 +142,11 @@ def set_requires_grad(parameters: Iterable[nn.Parameter], flag: bool) -> None:
     >>> lazy.weight.requires_grad
     False
     """
-    for param in parameters:
+    params = list(parameters)
+    rewraps = guard_requires_grad_change(params, flag)  # refuses a change under a live raw DDP
+    for param in params:
         param.requires_grad = flag
         if not flag:
             param.grad = None
+    for rewrap in rewraps:  # a torchfreeze.distributed.wrap handle re-wraps its DDP
+        rewrap()

@@ -11,6 +11,7 @@ from torchfreeze._core.checks import require_module
 from torchfreeze._core.mode import get_pin
 from torchfreeze._core.render import plain_table
 from torchfreeze._core.uses import parameter_uses
+from torchfreeze._core.wrappers import unwrap
 from torchfreeze.errors import ArgumentError
 from torchfreeze.nn.frozen import Frozen
 
@@ -148,6 +149,7 @@ def summary(model: nn.Module, *, depth: int | None = None) -> Summary:
         (9, 3, 6)
     """
     require_module(model, "summary")
+    model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 0):
         raise ArgumentError(f"depth={depth!r} must be None or an int >= 0 (0 shows only the model row).")
     uses = parameter_uses(model)

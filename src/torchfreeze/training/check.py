@@ -12,6 +12,7 @@ from torchfreeze._core.behaviour import nondeterministic_modules
 from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.mode import pinned_modes
 from torchfreeze._core.uses import frozen_map, parameter_uses, trainable_map
+from torchfreeze._core.wrappers import ddp_reduced_ids, live_ddp, unwrap
 from torchfreeze.errors import ArgumentTypeError
 from torchfreeze.training._watch import eval_pinned_ids, stats_update_while_frozen
 
@@ -51,6 +52,9 @@ CODES: dict[str, str] = {
     "train-mode-in-frozen-subtree": "unpinned dropout (modules, attention, RNN) or BatchNorm in train mode inside a frozen subtree",
     "shared-frozen-and-trainable": "a parameter used through Frozen is also trained through another use",
     "trainable-not-in-optimizer": "a trainable parameter that the optimizer does not hold",
+    "ddp-trainable-not-reduced": "a trainable parameter that the live DistributedDataParallel does not all-reduce",
+    "ddp-frozen-reduced": "a frozen parameter that the live DistributedDataParallel still all-reduces (wasted bytes)",
+    "frozen-use-requires-grad": "a parameter used only through Frozen still requires grad under torch.distributed",
 }
 
 
@@ -71,7 +75,10 @@ def check(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> l
     Codes (stable strings, see ``CODES``): ``frozen-grad-not-none``,
     ``frozen-param-has-optimizer-state``, ``bn-stats-update-while-frozen``,
     ``train-mode-in-frozen-subtree``, ``shared-frozen-and-trainable``,
-    ``trainable-not-in-optimizer`` (the last two optimizer codes need ``optimizer``).
+    ``trainable-not-in-optimizer`` (the last two optimizer codes need ``optimizer``), and
+    under torch.distributed ``ddp-trainable-not-reduced``, ``ddp-frozen-reduced``
+    (against a live DDP that torchfreeze has seen: passed as ``model`` or built by
+    ``torchfreeze.distributed.wrap``) and ``frozen-use-requires-grad``.
 
     Args:
         model: the model.
@@ -94,6 +101,7 @@ def check(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> l
         []
     """
     require_module(model, "check")
+    model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise ArgumentTypeError(
             f"check(optimizer={short_repr(optimizer)}): expected a torch.optim.Optimizer or None, got "
@@ -206,7 +214,63 @@ def check(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> l
                     "torchfreeze.add_unfrozen(model, optimizer).",
                 )
             )
+
+    # 7-9. torch.distributed: what a live DDP reduces against what trains (names, not DDP's indices)
+    problems.extend(_distributed_problems(model))
     return problems
+
+
+def _distributed_problems(model: nn.Module) -> list[Problem]:
+    uses = parameter_uses(model)
+    ddps = live_ddp(model)
+    distributed = bool(ddps) or (torch.distributed.is_available() and torch.distributed.is_initialized())
+    out: list[Problem] = []
+    reduced: set[int] = set()
+    for ddp in ddps:
+        reduced |= ddp_reduced_ids(ddp) or set()
+    if ddps:
+        missing = [e.name for key, e in uses.items() if e.trainable and key not in reduced]
+        if missing:
+            out.append(
+                Problem(
+                    "ddp-trainable-not-reduced",
+                    tuple(missing),
+                    f"{len(missing)} trainable parameter(s) are not all-reduced by the live DistributedDataParallel "
+                    f"({_short(missing)}): requires_grad changed after DDP was built, so the replicas drift apart.",
+                    "wrap with torchfreeze.distributed.wrap(model) (re-wraps after each change), or rebuild the DDP.",
+                )
+            )
+        wasted = [(e.name, e.parameter) for key, e in uses.items() if not e.parameter.requires_grad and key in reduced]
+        if wasted:
+            names = [n for n, _ in wasted]
+            size = sum(p.numel() * p.element_size() for _, p in wasted)
+            out.append(
+                Problem(
+                    "ddp-frozen-reduced",
+                    tuple(names),
+                    f"{len(names)} frozen parameter(s) are still all-reduced by the live DistributedDataParallel "
+                    f"({_short(names)}): {size} bytes per step for nothing (and DDP waits for their gradients).",
+                    "freeze before wrapping, or wrap with torchfreeze.distributed.wrap(model) (re-wraps).",
+                )
+            )
+    if distributed:
+        # under a DDP only those it reduces matter (torchfreeze.distributed.wrap leaves them out)
+        idle = [
+            e.name
+            for key, e in uses.items()
+            if e.parameter.requires_grad and not e.trainable_paths and (not ddps or key in reduced)
+        ]
+        if idle:
+            out.append(
+                Problem(
+                    "frozen-use-requires-grad",
+                    tuple(idle),
+                    f"{len(idle)} parameter(s) used only through Frozen still require grad ({_short(idle)}): they "
+                    "never get a gradient, so DDP (find_unused_parameters=False) fails, or reduces them for nothing.",
+                    "torchfreeze.prepare_for_distributed(model) before wrapping, or torchfreeze.distributed.wrap(model).",
+                )
+            )
+    return out
 
 
 def _frozen_subtrees(model: nn.Module, frozen_ids: set[int]) -> list[tuple[str, nn.Module]]:

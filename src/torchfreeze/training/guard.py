@@ -12,6 +12,7 @@ from torch.utils.hooks import RemovableHandle
 
 from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.uses import frozen_map
+from torchfreeze._core.wrappers import unwrap
 from torchfreeze.errors import ArgumentTypeError, FrozenTensorChangedError
 from torchfreeze.training._watch import materialised, watched_norms
 
@@ -238,6 +239,7 @@ def guard(
         2
     """
     require_module(model, "guard")
+    model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
     if optimizer is None:
         opts: list[torch.optim.Optimizer] = []
     elif isinstance(optimizer, torch.optim.Optimizer):
