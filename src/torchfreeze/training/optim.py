@@ -17,7 +17,7 @@ from torchfreeze._core.uses import trainable_map
 from torchfreeze._core.wrappers import unwrap
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.nn import is_norm, layer_groups
-from torchfreeze.training.schedulers import check_scheduler, join, joined_options
+from torchfreeze.training.schedulers import _like, check_scheduler, join, joined_options
 
 __all__ = ["param_groups", "add_unfrozen"]
 
@@ -246,7 +246,9 @@ def _new_groups(
             }
             if isinstance(meta, dict):
                 options[LADDER] = {"layer_group": j, "ladder": list(ladder), "weight_decay": wd}
-            scale = lr / base_ref if lr is not None else ladder[j] / ref_rung
+            # lr= is in the ladder's units (what param_groups would have been given), so that a
+            # scheduler that rewrote the lrs (OneCycleLR starts at max_lr / 25) scales it too
+            scale = lr / (ref_rung if isinstance(meta, dict) else base_ref) if lr is not None else ladder[j] / ref_rung
             out.append(Planned(names, options, ref, scale, lr))
     return out
 
@@ -282,12 +284,10 @@ def _add_groups(
     out = []
     for item in planned:
         options = {**item.options, **joined_options(optimizer, scheduler, item.ref, item.scale)}
-        rg = optimizer.param_groups[item.ref]
-        if item.base is not None:  # exactly lr=, not lr_ref * (lr / lr_ref)
-            if "initial_lr" in options:
-                options["initial_lr"] = item.base
-            if float(rg["lr"]) == float(rg.get("initial_lr", rg["lr"])) and "max_lr" not in rg:
-                options["lr"] = item.base
+        if item.base is not None:  # exactly lr=, not lr_ref * (lr / lr_ref) one ulp away
+            for key in ("lr", "initial_lr"):
+                if key in options and math.isclose(float(options[key]), item.base, rel_tol=1e-12):
+                    options[key] = _like(options[key], item.base)
         optimizer.add_param_group({"params": [by_name[n] for n in item.names], **options})
         join(optimizer, scheduler, item.ref, item.scale)
         out.append(options)

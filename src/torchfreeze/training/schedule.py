@@ -10,16 +10,19 @@ from torch import nn
 
 from torchfreeze._core.checks import require_choice, require_module, short_repr
 from torchfreeze._core.select import Selector, resolve
+from torchfreeze._core.wrappers import require_no_raw_ddp, unwrap
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.nn import freeze_to, is_frozen, layer_groups, unfreeze
 from torchfreeze.nn.freezing import Shared
-from torchfreeze.training.optim import _add_groups, _held_ids, _new_groups, _positive
+from torchfreeze.training.optim import _add_groups, _held_ids, _new_groups, _positive, _warn_unjoined
+from torchfreeze.training.schedulers import _like, check_scheduler, join, lr_slots, sync_last_lr
 from torchfreeze.training.state import _validate_freeze_state, freeze_state, load_freeze_state
 
-__all__ = ["GradualUnfreezing", "Preset"]
+__all__ = ["GradualUnfreezing", "Preset", "WarmupCurve"]
 
 _FORMAT = "torchfreeze.gradual_unfreezing"
 Preset = Literal["one_group_per_epoch", "one_group_per_step"]
+WarmupCurve = Literal["linear", "geometric"]
 _PRESETS: dict[str, int] = {"one_group_per_epoch": 1, "one_group_per_step": 1}
 
 
@@ -43,7 +46,8 @@ class GradualUnfreezing:
     Entries at ``0`` apply when the scheduler is created; ``step()`` advances the count by one
     and applies the entry for the new count. After any change, parameters that became
     trainable are added to the optimizer (:func:`torchfreeze.add_unfrozen`, one new group per
-    unfreeze, learning rate ``lr`` or the optimizer's default).
+    unfreeze and layer group, with the lr the :func:`torchfreeze.param_groups` ladder gives its
+    layer group where the schedule is now, or ``lr``).
 
     Resuming: save ``scheduler.state_dict()`` with the model and optimizer state; in the new
     process build model, optimizer and scheduler the same way, then call
@@ -57,14 +61,26 @@ class GradualUnfreezing:
         schedule: a dict ``{count: selector | group count}``, a preset name, or an int period.
         groups: layer groups (selectors, input side first) for int entries and presets;
             default :func:`torchfreeze.layer_groups`.
-        lr: learning rate of the groups added to the optimizer; default the optimizer's.
+        lr: base learning rate of the groups added to the optimizer; default the ladder of
+            :func:`torchfreeze.param_groups` at the current lr (:func:`torchfreeze.add_unfrozen`).
         shared: tied parameters across groups, as for :func:`torchfreeze.freeze`: ``"error"``
             refuses a tie between the frozen and trainable sides; ``"freeze"`` keeps a tied
             parameter frozen until every group that uses it is unfrozen.
+        scheduler: the ``torch.optim.lr_scheduler`` scheduler driving ``optimizer``: each new
+            group joins it, following the same curve scaled to its own base lr.
+        warmup: warm up each newly unfrozen group over this many units of :meth:`step`
+            (0: none). Its lr starts at ``warmup_start`` times the lr its layer group should have
+            and reaches it after ``warmup`` units; with a scheduler, its base/peak lrs are scaled
+            the same way, so chainable and closed-form schedulers both carry the factor. Lightning's
+            ``BackboneFinetuning`` (backbone at 0.1x the head's current lr, raised each epoch) is
+            ``warmup_start=0.1, warmup_curve="geometric"``.
+        warmup_start: the starting ratio, in (0, 1].
+        warmup_curve: ``"linear"`` (``start + (1 - start) * t / warmup``) or ``"geometric"``
+            (``start ** (1 - t / warmup)``: the same factor every unit).
 
     Raises:
         ArgumentError: a malformed schedule (negative key, group count out of range, unknown
-            preset), or a bad ``lr``.
+            preset), a bad ``lr`` or warm-up, a scheduler torchfreeze cannot extend.
         SelectorError: a selector in the schedule matches nothing.
 
     Nothing changes when the constructor raises: everything is validated first.
@@ -90,8 +106,14 @@ class GradualUnfreezing:
         groups: Sequence[Selector] | None = None,
         lr: float | None = None,
         shared: Shared = "error",
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        warmup: int = 0,
+        warmup_start: float = 0.1,
+        warmup_curve: WarmupCurve = "linear",
     ) -> None:
         require_module(model, "GradualUnfreezing")
+        model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
+        require_no_raw_ddp(model, "GradualUnfreezing")  # it will change requires_grad: refuse a raw live DDP now
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ArgumentTypeError(
                 f"GradualUnfreezing(optimizer={short_repr(optimizer)}): expected a torch.optim.Optimizer, got "
@@ -100,6 +122,20 @@ class GradualUnfreezing:
         if lr is not None:
             _positive(lr, "lr")  # validated before anything changes
         require_choice(shared, ("error", "freeze"), "GradualUnfreezing", "shared")
+        check_scheduler(scheduler, optimizer, "GradualUnfreezing")
+        if not _is_count(warmup) or warmup < 0:
+            raise ArgumentError(f"warmup={warmup!r} must be an int >= 0 (units of step() to reach the full lr).")
+        start_ok = isinstance(warmup_start, (int, float)) and not isinstance(warmup_start, bool)
+        if not start_ok or not 0 < warmup_start <= 1:
+            raise ArgumentError(
+                f"warmup_start={warmup_start!r} must be a ratio in (0, 1]: the share of its lr a newly "
+                "unfrozen group starts with, e.g. warmup_start=0.1 (Lightning's BackboneFinetuning)."
+            )
+        require_choice(warmup_curve, ("linear", "geometric"), "GradualUnfreezing", "warmup_curve")
+        self.scheduler = scheduler
+        self.warmup = warmup
+        self.warmup_start = float(warmup_start)
+        self.warmup_curve: WarmupCurve = warmup_curve
         self.model = model
         self.optimizer = optimizer
         self.lr = lr
@@ -162,14 +198,62 @@ class GradualUnfreezing:
                 freeze_to(self.model, len(self.groups) - value, groups=self.groups, shared=self.shared)
             else:
                 unfreeze(self.model, cast(Selector, value), shared=self.shared)
-            planned = _new_groups(self.optimizer, self.model, self.lr)
+            check_scheduler(self.scheduler, self.optimizer, "GradualUnfreezing.step")
+            planned = _new_groups(self.optimizer, self.model, self.lr, groups=self.groups, exclude=self._warming(count))
         except BaseException:
             # e.g. an LBFGS optimizer that cannot take the new group: the model goes back as it was
             load_freeze_state(self.model, before)
             raise
-        _add_groups(self.optimizer, self.model, planned)
-        for names, options in planned:
-            self._added.append({"params": list(names), "options": _plain(options)})
+        if planned:
+            _warn_unjoined(self.optimizer, self.scheduler, "GradualUnfreezing")
+        first = len(self.optimizer.param_groups)
+        added = _add_groups(self.optimizer, self.model, planned, self.scheduler)
+        for k, (item, options) in enumerate(zip(planned, added)):
+            entry: dict[str, Any] = {
+                "params": list(item.names),
+                "options": _plain(options),
+                "ref": item.ref,
+                "scale": item.scale,
+                "index": first + k,
+                "born": count,
+            }
+            if self.warmup:
+                group = self.optimizer.param_groups[first + k]
+                entry["orig"] = [float(c[key]) for c, key in lr_slots(self.optimizer, self.scheduler, first + k)]
+                entry["lr0"] = float(group["lr"])
+                self._set_warm(entry, self._factor(0), 1.0)
+            self._added.append(entry)
+
+    # ----------------------------------------------------------------------------- warm-up
+
+    def _factor(self, t: int) -> float:
+        """Warm-up factor ``t`` units after a group was added: from ``warmup_start`` up to 1 at ``warmup``."""
+        if t >= self.warmup:
+            return 1.0
+        if self.warmup_curve == "linear":
+            return self.warmup_start + (1.0 - self.warmup_start) * t / self.warmup
+        return float(self.warmup_start ** (1.0 - t / self.warmup))
+
+    def _warming(self, count: int) -> set[int]:
+        """Optimizer groups still warming up at ``count`` (never the reference of a new group)."""
+        return {int(e["index"]) for e in self._added if "orig" in e and count - int(e["born"]) < self.warmup}
+
+    def _set_warm(self, entry: Mapping[str, Any], new: float, old: float) -> None:
+        """Scale a group's lr and its scheduler's base/peak/floor lrs from factor ``old`` to ``new``.
+
+        The base values are set from the ones saved when the group was added (exact at the end of
+        the warm-up); the lr itself is rescaled by ``new / old`` when a scheduler drives it (it
+        evolves), else set to the added lr times ``new``.
+        """
+        index = int(entry["index"])
+        group = self.optimizer.param_groups[index]
+        for (container, key), orig in zip(lr_slots(self.optimizer, self.scheduler, index), entry["orig"]):
+            container[key] = _like(container[key], orig * new)
+        if self.scheduler is None:
+            group["lr"] = _like(group["lr"], entry["lr0"] * new)
+        else:
+            group["lr"] = _like(group["lr"], group["lr"] * (new / old))
+        sync_last_lr(self.optimizer, self.scheduler, index)
 
     def step(self) -> None:
         """Advance one unit (call once per epoch, or once per step) and apply the schedule.
@@ -185,8 +269,13 @@ class GradualUnfreezing:
             >>> sched.step(); sched.last, m[0].weight.requires_grad
             (1, True)
         """
-        self._apply(self.last + 1)
-        self.last += 1
+        count = self.last + 1
+        self._apply(count)
+        for entry in self._added:
+            t = count - int(entry["born"])
+            if "orig" in entry and 0 < t <= self.warmup:
+                self._set_warm(entry, self._factor(t), self._factor(t - 1))
+        self.last = count
 
     @property
     def trainable_groups(self) -> int:
@@ -211,16 +300,16 @@ class GradualUnfreezing:
             >>> m = torchfreeze.freeze_to(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)), -1)
             >>> sched = GradualUnfreezing(m, torch.optim.SGD(m[1].parameters(), lr=0.1), {1: "0"})
             >>> sched.step()
-            >>> sched.state_dict()["added_groups"]
-            [{'params': ['0.weight', '0.bias'], 'options': {'name': 'unfrozen0', 'lr': 0.1}}]
+            >>> [(g["params"], g["options"]["lr"]) for g in sched.state_dict()["added_groups"]]
+            [(['0.weight', '0.bias'], 0.1)]
         """
         return {
             "format": _FORMAT,
-            "version": 1,
+            "version": 2,
             "last": self.last,
             "schedule_keys": sorted(self.schedule),
             "freeze_state": freeze_state(self.model),
-            "added_groups": [{"params": list(g["params"]), "options": dict(g["options"])} for g in self._added],
+            "added_groups": [_copy_entry(g) for g in self._added],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -290,15 +379,33 @@ class GradualUnfreezing:
                     f"the optimizer already holds some but not all parameters of a saved group ({inside[:3]}); "
                     "build the optimizer exactly as in the interrupted run before resuming."
                 )
+            ref, scale = g.get("ref", 0), g.get("scale", 1.0)
+            if not _is_count(ref) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
+                raise ArgumentError(
+                    f"state['added_groups'] has ref={ref!r}, scale={scale!r}; expected an int and a float."
+                )
             if not inside:
-                todo.append((names, dict(g["options"])))
+                if ref >= len(self.optimizer.param_groups) + len(todo):
+                    raise ArgumentError(f"state['added_groups'] refers to optimizer group {ref}, which does not exist.")
+                todo.append((names, dict(g["options"]), ref, float(scale)))
+        if todo:
+            check_scheduler(self.scheduler, self.optimizer, "GradualUnfreezing.load_state_dict")
         load_freeze_state(self.model, state["freeze_state"])
-        _add_groups(self.optimizer, self.model, todo)
+        for names, options, ref, scale in todo:  # the saved options; optimizer/scheduler state overwrite them next
+            self.optimizer.add_param_group({"params": [by_name[n] for n in names], **options})
+            join(self.optimizer, self.scheduler, ref, scale)
         self.last = last
-        self._added = [{"params": list(g["params"]), "options": dict(g["options"])} for g in added]
+        self._added = [_copy_entry(g) for g in added]
 
     def __repr__(self) -> str:
         return f"GradualUnfreezing(last={self.last}, schedule={self.schedule!r})"
+
+
+def _copy_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved group entry as plain values (lists copied)."""
+    out = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in entry.items()}
+    out["options"] = dict(entry["options"])
+    return out
 
 
 def _plain(options: Mapping[str, Any]) -> dict[str, Any]:
