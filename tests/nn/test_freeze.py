@@ -323,7 +323,7 @@ GROUPS = [
     ),
     ("single-child-descends", nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))), [["0.0"], ["0.1"]]),
     ("custom-method", CustomGroups(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)), [["0", "1"], ["2"]]),
-    ("net", Net(), [["backbone.0"], ["backbone.1"], ["backbone.4"], ["head"]]),
+    ("net", Net(), [["backbone.0", "backbone.1"], ["backbone.4"], ["head"]]),  # a norm stays with its layer
     (
         "submodule-named-layer_groups",
         nn.ModuleDict({"layer_groups": nn.Linear(2, 2), "head": nn.Linear(2, 1)}),

@@ -21,7 +21,7 @@ from torch import nn
 from torchfreeze._core.checks import require_module
 from torchfreeze._core.select import Selector
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
-from torchfreeze.nn.freezing import layer_groups
+from torchfreeze.nn.groups import layer_groups
 
 __all__ = ["ModuleBackbone", "HFEncoder", "Pool", "call_module"]
 

@@ -14,12 +14,12 @@ from torchfreeze.nn.freezing import (
     freeze_to,
     frozen_parameters,
     is_frozen,
-    layer_groups,
     prepare_for_distributed,
     trainable_parameters,
     unfreeze,
 )
 from torchfreeze.nn.frozen import Frozen
+from torchfreeze.nn.groups import layer_groups
 from torchfreeze.nn.summary import Summary, SummaryRow, summary
 
 __all__ = [

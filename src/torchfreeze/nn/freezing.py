@@ -13,6 +13,7 @@ from torchfreeze._core.select import Selection, Selector, resolve
 from torchfreeze._core.uses import parameter_uses, set_requires_grad
 from torchfreeze.errors import ArgumentError, SharedParameterError
 from torchfreeze.nn.batchnorm import _FrozenBatchNorm, is_norm, unconvert_batchnorm
+from torchfreeze.nn.groups import layer_groups
 
 __all__ = [
     "freeze",
@@ -273,70 +274,6 @@ def prepare_for_distributed(model: nn.Module) -> nn.Module:
     unused = [e.parameter for e in uses if e.parameter.requires_grad and not e.trainable_paths]
     set_requires_grad(unused, False)
     return model
-
-
-def _expand(prefix: str, module: nn.Module) -> list[str]:
-    """Names of the blocks in ``module``: the items of a ModuleList/Sequential, else itself."""
-    if isinstance(module, (nn.ModuleList, nn.Sequential)):
-        return [f"{prefix}.{n}" for n, child in module.named_children() if _has_parameters(child)]
-    with_params = [(n, c) for n, c in module.named_children() if _has_parameters(c)]
-    if len(with_params) == 1 and not list(module.parameters(recurse=False)):
-        name, child = with_params[0]
-        if isinstance(child, (nn.ModuleList, nn.Sequential)):
-            return _expand(f"{prefix}.{name}", child)
-    return [prefix]
-
-
-def _has_parameters(module: nn.Module) -> bool:
-    return next(module.parameters(), None) is not None
-
-
-def layer_groups(model: nn.Module) -> list[list[str]]:
-    """The model's layer groups, input side first, each a list of qualified names.
-
-    A model that defines a method ``layer_groups(self)`` returning a list of
-    selectors decides for itself. Otherwise: descend through modules that have a
-    single child with parameters; then each child with parameters is a group,
-    and a child that is (or only wraps) a ``ModuleList``/``Sequential`` of
-    blocks contributes one group per block. Parameters owned directly by that
-    module come first, as one group.
-
-    Args:
-        model: any ``nn.Module``.
-
-    Returns:
-        The groups, each a list of qualified names (``[]`` for a model without parameters).
-
-    Raises:
-        SelectorError: a selector from the model's own ``layer_groups()`` matched nothing.
-
-    Example:
-        >>> from torch import nn
-        >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
-        >>> layer_groups(model)
-        [['0'], ['2']]
-    """
-    require_module(model, "layer_groups")
-    custom = getattr(model, "layer_groups", None)
-    if callable(custom) and not isinstance(custom, nn.Module):  # a submodule may be named layer_groups
-        return [resolve(model, selector).matched for selector in custom()]
-    prefix, module = "", model
-    while True:
-        direct = [n for n, _ in module.named_parameters(recurse=False)]
-        with_params = [(n, c) for n, c in module.named_children() if _has_parameters(c)]
-        if not direct and len(with_params) == 1 and not isinstance(module, (nn.ModuleList, nn.Sequential)):
-            name, module = with_params[0]
-            prefix = f"{prefix}.{name}" if prefix else name
-            continue
-        break
-    join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
-    groups: list[list[str]] = []
-    if direct:
-        groups.append([join(n) for n in direct])
-    for name, child in with_params:
-        for block in _expand(join(name), child):
-            groups.append([block])
-    return groups
 
 
 def freeze_to(
