@@ -367,7 +367,7 @@ class GradualUnfreezing:
             )
         by_name = dict(self.model.named_parameters(remove_duplicate=False))
         held = _held_ids(self.optimizer)
-        todo = []
+        todo: list[tuple[list[str], dict[str, Any], int, float]] = []
         for g in added:
             names = list(g["params"])
             unknown = [n for n in names if n not in by_name]
