@@ -325,3 +325,118 @@ def test_lazy_model_is_refused_with_the_fix(tmp_path: Path, verb: Any) -> None:
     lazy = freeze(nn.Sequential(nn.LazyLinear(2), nn.Linear(2, 1)), "0")
     with pytest.raises(ArgumentError, match="forward pass"):
         verb(lazy, path)
+
+
+# ------------------------------------------------------------------ wrappers of torchfreeze's own (issue 11, item 1)
+
+
+def _wrapped(kind: str, seed: int = 0) -> nn.Module:
+    from torchfreeze.nn.fold import fold_batchnorm
+    from torchfreeze.speed import cache_features
+
+    model = Model(seed)
+    if kind == "cache":
+        freeze(model, "backbone", mode="eval")
+        model.backbone = cache_features(model.backbone)
+    elif kind == "converted":
+        freeze_batchnorm(freeze(model, "backbone"), "backbone", convert=True)
+    elif kind == "folded":
+        freeze(model, "backbone", mode="eval")
+        model.backbone = fold_batchnorm(model.backbone)
+    else:
+        freeze(model, "backbone", mode="eval")
+    return model
+
+
+@pytest.mark.parametrize("kind", ["cache", "converted", "folded", "plain"])
+def test_checkpoint_round_trips_through_torchfreeze_wrappers(tmp_path: Path, kind: str) -> None:
+    model = _wrapped(kind)
+    model(torch.randn(4, 4))
+    with torch.no_grad():
+        model.get_parameter("head.weight").add_(1.0)
+    path = save_trainable(model, tmp_path / "t.safetensors")
+    assert not any(".module." in k for k in load_file(path))  # state_dict names, no wrapper level
+    same = _wrapped(kind)
+    load_trainable(same, path)
+    assert torch.equal(same.get_parameter("head.weight"), model.get_parameter("head.weight"))
+    if kind == "cache":  # and the uncached model takes it too, with the same freeze state
+        plain = Model(0)
+        load_trainable(plain, path)
+        assert torch.equal(plain.head.weight, model.get_parameter("head.weight"))
+        assert requires_grad_map(plain) == {
+            n.replace("backbone.module.", "backbone."): v for n, v in requires_grad_map(model).items()
+        }
+
+
+# ------------------------------------------------------------------ buffers a frozen module rewrites (item 3)
+
+
+def test_spectral_norm_vectors_of_a_frozen_layer_travel_with_the_trainable_part(tmp_path: Path) -> None:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 4)), nn.Linear(4, 2))
+
+    model = freeze(build(), "0")
+    model.train()
+    model(torch.randn(3, 4))  # the power iteration rewrites weight_u / weight_v
+    path = save_trainable(model, tmp_path / "t.safetensors")
+    assert {"0.weight_u", "0.weight_v"} <= set(load_file(path))
+    fresh = freeze(build(), "0")
+    load_trainable(fresh, path)
+    assert torch.equal(fresh[0].weight_u, model[0].weight_u)
+
+
+# ------------------------------------------------------------------ metadata that contradicts itself (item 4)
+
+
+def _rewrite_meta(path: Path, **changes: str) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(changes)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _state_with(**changes: Any) -> str:
+    import json
+
+    state = json.loads(json.dumps(torchfreeze_state()))
+    state.update(changes)
+    return json.dumps(state)
+
+
+def torchfreeze_state() -> dict[str, Any]:
+    from torchfreeze import freeze_state
+
+    return freeze_state(freeze(Model(0), "backbone", mode="eval"))
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        pytest.param({"freeze_state": _state_with(frozen=[])}, "makes trainable", id="frozen-empty-base-listed"),
+        pytest.param({"frozen_tensors": "5"}, "list of tensor names", id="frozen-tensors-int"),
+        pytest.param({"frozen_tensors": "null"}, "list of tensor names", id="frozen-tensors-null"),
+        pytest.param({"frozen_tensors": '[["a"]]'}, "list of tensor names", id="frozen-tensors-nested"),
+        pytest.param({"frozen_tensors": "[" * 100_000 + "]" * 100_000}, "damaged", id="deep-array"),
+        pytest.param({"freeze_state": "[" * 100_000 + "]" * 100_000}, "damaged", id="deep-state"),
+        pytest.param({"freeze_state": "5"}, "must be a dict", id="state-int"),
+        pytest.param({"freeze_state": _state_with(frozen=5)}, "list of names", id="state-frozen-int"),
+        pytest.param(
+            {"frozen_tensors": '["head.weight"]'}, "both in the file and in its frozen base", id="file-and-base"
+        ),
+    ],
+)
+def test_contradicting_metadata_is_refused_and_nothing_changes(
+    tmp_path: Path, changes: dict[str, str], match: str
+) -> None:
+    path = save_trainable(_trained(0), tmp_path / "t.safetensors")
+    _rewrite_meta(path, **changes)
+    target = freeze(Model(0), "backbone", mode="eval")
+    before = (tensors_snapshot(target), requires_grad_map(target), pinned_modes(target))
+    with pytest.raises(CheckpointError, match=match):
+        load_trainable(target, path)
+    assert same_tensors(tensors_snapshot(target), before[0])
+    assert (requires_grad_map(target), pinned_modes(target)) == before[1:]

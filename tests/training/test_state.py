@@ -123,6 +123,9 @@ def _edit(**changes: Any) -> dict[str, Any]:
         pytest.param(_edit(frozen="backbone"), "frozen", id="frozen-not-list"),
         pytest.param(_edit(pins={"head": "sleep"}), "pins", id="bad-pin-mode"),
         pytest.param(_edit(converted_norms=["head"]), "not a BatchNorm", id="convert-non-bn"),
+        pytest.param(_edit(pin_origins={"backbone": "anything"}), "pin_origins", id="pin-origin-unknown"),
+        pytest.param(_edit(parameters={"head.weight": "big"}), "parameters", id="shapes-not-lists"),
+        pytest.param(_edit(parameters={"head.weight": [-1]}), "parameters", id="negative-shape"),
     ],
 )
 def test_malformed_state_raises_and_changes_nothing(state: Any, match: str) -> None:
@@ -180,6 +183,8 @@ def test_strict_must_be_a_bool() -> None:
     model = Model()
     with pytest.raises(ArgumentTypeError, match="strict"):
         load_freeze_state(model, freeze_state(model), strict="no")  # type: ignore[arg-type]
+    with pytest.raises(ArgumentTypeError, match="strict"):
+        load_freeze_state(model, freeze_state(model), strict=None)  # type: ignore[arg-type]
 
 
 def test_lazy_model_takes_the_state_and_keeps_it_after_materialising() -> None:
@@ -190,4 +195,80 @@ def test_lazy_model_takes_the_state_and_keeps_it_after_materialising() -> None:
     fresh(torch.ones(1, 3))  # materialises the parameters
     assert fresh[0].weight.shape == (2, 3)
     assert requires_grad_map(fresh) == {"0.weight": False, "0.bias": False}
-    assert freeze_state(fresh) == state
+    after = freeze_state(fresh)
+    assert state["parameters"] == {"0.weight": None, "0.bias": None}  # lazy: shape not known yet
+    assert after.pop("parameters") == {"0.weight": [2, 3], "0.bias": [2]}
+    assert after == {k: v for k, v in state.items() if k != "parameters"}
+
+
+# ------------------------------------------------------------------ shapes and extra parameters (issue 10, item 5)
+
+
+def _shape_state() -> dict[str, Any]:
+    return freeze_state(freeze(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)), "0"))
+
+
+def _narrow_plus_extra() -> nn.Module:
+    model = nn.Sequential(nn.Linear(8, 3), nn.ReLU(), nn.Linear(16, 2))
+    model.extra = nn.Linear(2, 2)
+    return model
+
+
+def test_strict_refuses_other_shapes_and_extra_parameters_listing_each() -> None:
+    model = _narrow_plus_extra()
+    before = requires_grad_map(model)
+    with pytest.raises(FreezeStateError) as info:
+        load_freeze_state(model, _shape_state())
+    message = str(info.value)
+    assert "'0.weight' has shape (3, 8)" in message and "'0.bias' has shape (3,)" in message
+    assert "'extra.weight' that the state never saw" in message
+    assert requires_grad_map(model) == before
+
+
+def test_non_strict_loads_what_matches_and_names_what_it_skipped() -> None:
+    model = _narrow_plus_extra()
+    model.extra.weight.requires_grad_(False)  # skipped parameters keep their own flag
+    with pytest.warns(UserWarning, match="extra.weight") as record:
+        load_freeze_state(model, _shape_state(), strict=False)
+    assert "'0.weight' has shape" in str(record[0].message)
+    assert requires_grad_map(model) == {
+        "0.weight": True,  # another shape: skipped, left as it was
+        "0.bias": True,
+        "2.weight": True,
+        "2.bias": True,
+        "extra.weight": False,
+        "extra.bias": True,
+    }
+
+
+def test_state_without_recorded_shapes_still_loads() -> None:
+    state = _shape_state()
+    del state["parameters"]  # written by an older torchfreeze
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    load_freeze_state(model, state)
+    assert not model[0].weight.requires_grad and model[2].weight.requires_grad
+
+
+# ------------------------------------------------------------------ validate first, then change (issue 11, item 14)
+
+
+def test_pin_on_the_second_path_of_a_shared_module_is_applied() -> None:
+    shared = nn.Dropout(0.1)
+    model = nn.Sequential(nn.Linear(2, 2), shared, nn.Sequential(shared))
+    state = freeze_state(model)
+    state["pins"] = {"2.0": "train"}
+    state["pin_origins"] = {"2.0": "user"}
+    model.eval()
+    load_freeze_state(model, state)
+    assert pinned_modes(model) == {"1": "train"} and shared.training
+
+
+def test_converted_norm_naming_a_lazy_batchnorm_is_refused_before_anything_changes() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.LazyBatchNorm1d(), nn.BatchNorm1d(2))
+    freeze_batchnorm(model, "2", convert=True)
+    state = freeze_state(model)
+    state["converted_norms"] = ["1"]
+    del state["parameters"]
+    with pytest.raises(FreezeStateError, match="'1' is not initialised yet"):
+        load_freeze_state(model, state)
+    assert type(model[2]).__name__ == "FrozenBatchNorm1d"  # not swapped back

@@ -82,6 +82,9 @@ class FeatureCache(nn.Module):
     #: it computes misses under ``no_grad`` and refuses inputs that require grad, so a
     #: ``Composite`` need not check its parameters on every call
     manages_autograd = True
+    #: ``state_dict`` keys do not show the ``module`` level: freeze states and trainable checkpoints
+    #: name tensors and modules the same with or without the cache (``training._watch.canonical_modules``)
+    state_dict_transparent_child = "module"
 
     def __init__(
         self,

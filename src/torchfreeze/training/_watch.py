@@ -25,7 +25,15 @@ __all__ = [
     "stats_update_while_frozen",
     "watched_norms",
     "materialised",
+    "canonical_modules",
+    "canonical_parameter_names",
+    "mutating_buffers",
 ]
+
+#: the class attribute naming the child of a wrapper whose ``state_dict`` keys do not show the
+#: wrapper's level (``FeatureCache`` sets it to ``"module"``): checkpoints and freeze states use
+#: the names ``state_dict`` gives, so a model saves and loads the same with or without the wrapper
+TRANSPARENT_CHILD = "state_dict_transparent_child"
 
 
 def frozen_ids(model: nn.Module) -> set[int]:
@@ -75,3 +83,60 @@ def watched_norms(model: nn.Module, frozen: set[int]) -> list[tuple[str, nn.Modu
 def materialised(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors that hold values: lazy (uninitialised) parameters and buffers left out."""
     return {name: t for name, t in tensors.items() if not is_lazy(t)}
+
+
+def canonical_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """``(path, canonical path, module)`` for every module at every path (``remove_duplicate=False`` order).
+
+    The canonical path is the one ``state_dict`` keys use: the level of a wrapper that hides
+    itself from ``state_dict`` (see :data:`TRANSPARENT_CHILD`) is left out, so
+    ``backbone.module.0`` of a cached backbone is ``backbone.0``, as in the uncached model.
+    """
+    out: list[tuple[str, str, nn.Module]] = []
+    stack: list[tuple[str, str, nn.Module]] = [("", "", model)]
+    while stack:
+        raw, canon, module = stack.pop()
+        out.append((raw, canon, module))
+        hidden = getattr(type(module), TRANSPARENT_CHILD, None)
+        children = []
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            child_raw = f"{raw}.{name}" if raw else name
+            child_canon = canon if name == hidden else (f"{canon}.{name}" if canon else name)
+            children.append((child_raw, child_canon, child))
+        stack.extend(reversed(children))
+    return out
+
+
+def canonical_parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter id -> its canonical names (every path, model order; see :func:`canonical_modules`)."""
+    names: dict[int, list[str]] = {}
+    for _, canon, module in canonical_modules(model):
+        prefix = f"{canon}." if canon else ""
+        for pname, p in module._parameters.items():
+            if p is not None:
+                names.setdefault(id(p), []).append(prefix + pname)
+    return names
+
+
+def mutating_buffers(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own buffers that its forward pass rewrites in train mode, besides BatchNorm.
+
+    The power-iteration vectors of spectral normalisation: the legacy
+    ``torch.nn.utils.spectral_norm`` hook (``<name>_u``, ``<name>_v``) and the
+    ``torch.nn.utils.parametrizations.spectral_norm`` parametrisation (``_u``, ``_v``). Their module's
+    parameters may all be frozen, yet the buffers change on every training forward pass.
+
+    >>> lin = torch.nn.utils.spectral_norm(torch.nn.Linear(2, 2))
+    >>> mutating_buffers(lin)
+    ['weight_u', 'weight_v']
+    """
+    found: list[str] = []
+    for hook in module._forward_pre_hooks.values():
+        if type(hook).__name__ == "SpectralNorm" and type(hook).__module__.startswith("torch.nn.utils"):
+            name = getattr(hook, "name", "weight")
+            found += [f"{name}_u", f"{name}_v"]
+    if type(module).__name__ == "_SpectralNorm" and type(module).__module__.startswith("torch.nn.utils"):
+        found += ["_u", "_v"]
+    return [n for n in found if module._buffers.get(n) is not None]

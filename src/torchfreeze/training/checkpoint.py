@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,20 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from torchfreeze._core.behaviour import is_normalization, tracks_running_stats
-from torchfreeze._core.checks import require_module
-from torchfreeze._core.files import atomic_write
+from torchfreeze._core.checks import require_module, short_repr
+from torchfreeze._core.files import read_regular_file, reason, require_path, write_bytes_atomic
 from torchfreeze._core.fingerprint import fingerprint
+from torchfreeze._core.uses import parameter_uses
+from torchfreeze._core.wrappers import copy_full_into, full_tensors, sharded, unwrap
 from torchfreeze.errors import ArgumentError, CheckpointError, FreezeStateError
-from torchfreeze.training._watch import eval_pinned_ids, frozen_ids, is_frozen_batchnorm, owns_only_frozen
+from torchfreeze.training._watch import (
+    canonical_parameter_names,
+    eval_pinned_ids,
+    frozen_ids,
+    is_frozen_batchnorm,
+    mutating_buffers,
+    owns_only_frozen,
+)
 from torchfreeze.training.state import _validate_freeze_state, freeze_state, load_freeze_state
 
 __all__ = ["save_trainable", "load_trainable"]
@@ -31,61 +41,68 @@ CHECKPOINT_FORMAT = "torchfreeze.trainable"
 CHECKPOINT_VERSION = 1
 
 
-def _persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
-    skip: set[str] = getattr(module, "_non_persistent_buffers_set", set())
-    return {n: b for n, b in module._buffers.items() if b is not None and n not in skip}
-
-
 def _partition(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Split the model's persistent tensors into (trainable part, frozen base), unique, primary names.
+    """Split the model's ``state_dict`` tensors into (trainable part, frozen base), each tensor once.
 
-    The frozen base holds the frozen parameters and the persistent buffers of modules that training
-    cannot change: a module whose own parameters are all frozen (a normalisation layer that tracks
-    running statistics only when it is also pinned eval), and ``FrozenBatchNorm`` layers. Everything
-    else in ``state_dict`` (trainable parameters, buffers of modules that train or whose statistics
-    still update) is the trainable part.
+    Names are ``state_dict``'s (the first name of a tied tensor), so a wrapper that hides its level
+    from ``state_dict`` (the feature cache) changes nothing. The frozen base holds the frozen
+    parameters and the persistent buffers of modules that training cannot change: a module whose
+    own parameters are all frozen (a normalisation layer that tracks running statistics only when
+    it is also pinned eval), and ``FrozenBatchNorm`` layers. Buffers that a frozen module rewrites
+    in train mode (spectral normalisation's ``weight_u``/``weight_v``, see
+    :func:`~torchfreeze.training._watch.mutating_buffers`) go with the trainable part unless the
+    module is pinned eval. Everything else (trainable parameters, buffers of modules that train or
+    whose statistics still update) is the trainable part.
     """
     frozen_params = frozen_ids(model)
     eval_ids = eval_pinned_ids(model)
+    owners: dict[int, tuple[nn.Module, str]] = {}
+    for m in model.modules():
+        for bname, b in m._buffers.items():
+            if b is not None:
+                owners.setdefault(id(b), (m, bname))
     trainable: dict[str, torch.Tensor] = {}
     frozen: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for mname, m in model.named_modules():
-        prefix = f"{mname}." if mname else ""
-        for pname, p in m._parameters.items():
-            if p is None or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (frozen if id(p) in frozen_params else trainable)[prefix + pname] = p
-        bufs = _persistent_buffers(m)
-        if not bufs:
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor) or id(t) in seen:
             continue
+        seen.add(id(t))
+        if id(t) not in owners:  # a parameter
+            (frozen if id(t) in frozen_params else trainable)[name] = t
+            continue
+        m, bname = owners[id(t)]
         if is_frozen_batchnorm(m):
             base = True
         elif owns_only_frozen(m, frozen_params):
             base = not (is_normalization(m) and tracks_running_stats(m)) or id(m) in eval_ids
+            if bname in mutating_buffers(m) and id(m) not in eval_ids:
+                base = False
         else:
             base = False
-        for bname, b in bufs.items():
-            if id(b) in seen:
-                continue
-            seen.add(id(b))
-            (frozen if base else trainable)[prefix + bname] = b
+        (frozen if base else trainable)[name] = t
     return trainable, frozen
 
 
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every name in ``state_dict`` (all paths of tied tensors) -> the live tensor."""
-    return dict(model.state_dict(keep_vars=True))
+    return {n: t for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
 
 
 def _require_materialised(model: nn.Module, verb: str) -> None:
-    """Refuse a model with lazy (uninitialised) tensors: they have no shape or values to save or fill."""
-    lazy = [n for n, t in model.state_dict(keep_vars=True).items() if is_lazy(t)]
+    """Refuse a model with lazy (uninitialised) or meta-device tensors: they have no values to save or fill."""
+    tensors = model.state_dict(keep_vars=True).items()
+    lazy = [n for n, t in tensors if isinstance(t, torch.Tensor) and is_lazy(t)]
     if lazy:
         raise ArgumentError(
             f"{verb}(model=...): {len(lazy)} tensor(s) are not initialised yet (lazy modules: {lazy[:5]}). "
             "Fix: run one forward pass on a sample batch first, so that they get their shapes."
+        )
+    meta = [n for n, t in tensors if isinstance(t, torch.Tensor) and t.device.type == "meta"]
+    if meta:
+        raise ArgumentError(
+            f"{verb}(model=...): {len(meta)} tensor(s) are on the meta device and hold no values ({meta[:5]}). "
+            "Fix: materialise the model first (model.to_empty(device='cpu') and load its weights)."
         )
 
 
@@ -133,8 +150,10 @@ def save_trainable(model: nn.Module, path: str | os.PathLike[str]) -> Path:
 
     Raises:
         ArgumentTypeError: ``model`` is not an ``nn.Module``.
-        ArgumentError: the model still has lazy (uninitialised) tensors.
-        CheckpointError: the directory does not exist.
+        ArgumentTypeError: ``path`` is not a ``str`` / ``os.PathLike``.
+        ArgumentError: the model still has lazy (uninitialised) or meta-device tensors.
+        CheckpointError: the directory does not exist, is read-only, or the disk is full; the
+            previous file (if any) is left as it was and no temporary file remains.
 
     Example:
         >>> import os, tempfile, torch, torchfreeze
@@ -144,9 +163,13 @@ def save_trainable(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         ['1.bias', '1.weight']
     """
     require_module(model, "save_trainable")
+    require_path(path, "save_trainable")
+    model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
     _require_materialised(model, "save_trainable")
     st = _safetensors()
     trainable, frozen = _partition(model)
+    collective = sharded([*trainable.values(), *frozen.values()])  # FSDP2: every rank calls, rank 0 writes
+    trainable, frozen = full_tensors(trainable), full_tensors(frozen)
     tensors = _detach_for_save(trainable)
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -157,43 +180,121 @@ def save_trainable(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "content_sha256": fingerprint(tensors),
         "torch_version": torch.__version__,
     }
-    return atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata=meta))
+    if collective and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()  # the file exists when every rank returns
+        return Path(os.fspath(path))
+    data: bytes = st.save(tensors, metadata=meta)  # serialised here: safetensors' own temporary files never appear
+    written = write_bytes_atomic(path, data, verb="save_trainable")
+    if collective:
+        torch.distributed.barrier()
+    return written
 
 
-def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    _safetensors()  # a clear ImportError when the package is missing
-    p = Path(os.fspath(path))
-    if not p.is_file():
-        where = "is a directory" if p.is_dir() else "does not exist"
-        raise CheckpointError(f"path={str(p)!r} {where}; pass the file written by torchfreeze.save_trainable.")
-    from safetensors import SafetensorError, safe_open
-
+def _header_metadata(data: bytes, where: str) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (bounded: the header lies inside ``data``)."""
     try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
-    except (SafetensorError, OSError, ValueError) as e:  # what safetensors raises for a bad file
+        (size,) = struct.unpack_from("<Q", data, 0)
+        if size > len(data) - 8:
+            raise ValueError("header length past the end of the file")
+        header = json.loads(data[8 : 8 + size])
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise ValueError("metadata is not a map of strings")
+    except (struct.error, ValueError, RecursionError, AttributeError) as e:
         raise CheckpointError(
-            f"path={str(p)!r} is not a readable safetensors file (truncated or corrupted?): {e}. "
+            f"{where} is not a readable safetensors file (truncated or corrupted?): {short_repr(str(e))}. "
+            "Save it again with torchfreeze.save_trainable."
+        ) from e
+    return meta
+
+
+def _read_checkpoint(path: str | os.PathLike[str], verb: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    st = _safetensors()  # a clear ImportError when the package is missing
+    p = require_path(path, verb)
+    where = f"{verb}(path={short_repr(str(p))})"
+    try:  # one bounded read of a regular file; no memory map, so a concurrent writer cannot crash us
+        data = read_regular_file(p)
+    except OSError as e:
+        raise CheckpointError(
+            f"{where}: the path {reason(e)}; pass the file written by torchfreeze.save_trainable."
+        ) from e
+    from safetensors import SafetensorError
+
+    meta = _header_metadata(data, where)
+    try:
+        tensors: dict[str, torch.Tensor] = st.load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:  # what safetensors raises for a bad file
+        raise CheckpointError(
+            f"{where} is not a readable safetensors file (truncated or corrupted?): {short_repr(str(e))}. "
             "Save it again with torchfreeze.save_trainable."
         ) from e
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
-            f"path={str(p)!r} is a safetensors file but not a torchfreeze trainable checkpoint "
-            f"(metadata format={meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}); load a full "
+            f"{where} is a safetensors file but not a torchfreeze trainable checkpoint "
+            f"(metadata format={short_repr(meta.get('format'))}, expected {CHECKPOINT_FORMAT!r}); load a full "
             "state_dict with safetensors.torch.load_file + model.load_state_dict instead."
         )
     if meta.get("version") != str(CHECKPOINT_VERSION):
         raise CheckpointError(
-            f"path={str(p)!r} has checkpoint version {meta.get('version')!r}; this torchfreeze reads "
+            f"{where} has checkpoint version {short_repr(meta.get('version'))}; this torchfreeze reads "
             f"version {CHECKPOINT_VERSION}. Upgrade torchfreeze."
         )
     if fingerprint(tensors) != meta.get("content_sha256"):
         raise CheckpointError(
-            f"path={str(p)!r} is corrupted: its tensors do not match the checksum stored when it was "
+            f"{where} is corrupted: its tensors do not match the checksum stored when it was "
             "saved. Use another copy or save it again."
         )
     return meta, tensors
+
+
+def _metadata(meta: Mapping[str, str], where: str) -> tuple[dict[str, Any], list[str]]:
+    """The freeze state and frozen-base names of the metadata, with their JSON types checked."""
+    try:
+        state = json.loads(meta["freeze_state"])
+        frozen_names = json.loads(meta["frozen_tensors"])
+    except (KeyError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{where}: metadata is damaged ({short_repr(str(e))}); save the checkpoint again.") from e
+    if not isinstance(frozen_names, list) or not all(isinstance(n, str) for n in frozen_names):
+        raise CheckpointError(
+            f"{where}: metadata 'frozen_tensors' must be a list of tensor names, got {short_repr(frozen_names)}; "
+            "save the checkpoint again."
+        )
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: metadata 'freeze_state' must be a dict, got {short_repr(state)}.")
+    return state, frozen_names
+
+
+def _contradictions(
+    model: nn.Module, state: Mapping[str, Any], frozen_names: list[str], tensors: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """Metadata fields that disagree with each other or with the file's tensors (checked on ``model``'s names)."""
+    problems = []
+    both = sorted(set(frozen_names) & set(tensors))
+    if both:
+        problems.append(f"tensors listed both in the file and in its frozen base: {both[:10]}")
+    if len(set(frozen_names)) != len(frozen_names):
+        problems.append("the frozen-base list names a tensor twice")
+    names = canonical_parameter_names(model)
+    by_name = {n: pid for pid, ns in names.items() for n in ns}
+    state_frozen = {by_name[n] for n in state.get("frozen", []) if n in by_name}
+    converted = tuple(f"{n}." for n in state.get("converted_norms", []))
+    only_frozen_uses = {pid for pid, e in parameter_uses(model).items() if not e.trainable_paths and e.frozen_use_paths}
+    base_trains = [
+        n
+        for n in frozen_names
+        if n in by_name
+        and by_name[n] not in state_frozen
+        and by_name[n] not in only_frozen_uses
+        and not n.startswith(converted)
+    ]
+    if base_trains:
+        problems.append(f"the frozen base lists parameters that its freeze state makes trainable: {base_trains[:10]}")
+    file_frozen = [n for n in tensors if n in by_name and by_name[n] in state_frozen]
+    if file_frozen:
+        problems.append(
+            f"the file holds trained values for parameters that its freeze state freezes: {file_frozen[:10]}"
+        )
+    return problems
 
 
 def load_trainable(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
@@ -214,8 +315,10 @@ def load_trainable(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
 
     Raises:
         ArgumentTypeError: ``model`` is not an ``nn.Module``.
-        ArgumentError: the model still has lazy (uninitialised) tensors.
-        CheckpointError: missing, truncated or corrupted file; another architecture; another
+        ArgumentTypeError: ``path`` is not a ``str`` / ``os.PathLike``.
+        ArgumentError: the model still has lazy (uninitialised) or meta-device tensors.
+        CheckpointError: missing, unreadable, truncated or corrupted file, or not a regular file
+            (a FIFO, a device); metadata that contradicts itself; another architecture; another
             frozen base. The model is unchanged.
 
     Example:
@@ -230,20 +333,17 @@ def load_trainable(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """
     require_module(model, "load_trainable")
     _require_materialised(model, "load_trainable")
-    meta, tensors = _read_checkpoint(path)
-    where = f"path={os.fspath(path)!r}"
+    meta, tensors = _read_checkpoint(path, "load_trainable")
+    where = f"load_trainable(path={short_repr(os.fspath(path))})"
+    state, frozen_names = _metadata(meta, where)
     try:
-        state = json.loads(meta["freeze_state"])
-        frozen_names = json.loads(meta["frozen_tensors"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{where}: metadata is damaged ({e}); save the checkpoint again.") from e
-    try:
-        _validate_freeze_state(model, state, strict=True, arg="the checkpoint's freeze state")
+        problems = _validate_freeze_state(model, state, strict=False, arg="the checkpoint's freeze state")
     except FreezeStateError as e:
-        raise CheckpointError(f"{where} was saved from another architecture: {e}") from e
+        raise CheckpointError(f"{where}: metadata is damaged: {e}") from e
+    other = " (it was saved from another architecture)" if problems else ""
+    problems += _contradictions(model, state, frozen_names, tensors)
 
     live = _state_tensors(model)
-    problems = []
     missing_base = [n for n in frozen_names if n not in live]
     if missing_base:
         problems.append(f"frozen-base tensors missing from the model: {missing_base[:10]}")
@@ -256,18 +356,20 @@ def load_trainable(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             )
     # every tensor of the model must be either in the file or in the frozen base (tied names count once)
     covered = {id(live[n]) for n in (*tensors, *frozen_names) if n in live}
-    uncovered = [n for n, t in live.items() if isinstance(t, torch.Tensor) and id(t) not in covered]
+    uncovered = [n for n, t in live.items() if id(t) not in covered]
     if uncovered:
         problems.append(
             f"the model has {len(uncovered)} tensor(s) that are neither in the file nor in its frozen base: "
             f"{uncovered[:10]}"
         )
     if problems:
-        listing = "\n  - ".join(problems)
-        raise CheckpointError(
-            f"{where} does not fit this model ({len(problems)} mismatch(es)); nothing was changed:\n  - {listing}"
+        listing = "\n  - ".join(problems[:20]) + (
+            f"\n  - ... ({len(problems) - 20} more)" if len(problems) > 20 else ""
         )
-    base = fingerprint({n: live[n] for n in frozen_names})
+        raise CheckpointError(
+            f"{where} does not fit this model{other} ({len(problems)} mismatch(es)); nothing was changed:\n  - {listing}"
+        )
+    base = fingerprint(full_tensors({n: live[n] for n in frozen_names}))  # FSDP2: gathered on every rank
     if base != meta.get("base_fingerprint"):
         raise CheckpointError(
             f"{where} was saved on a different frozen base: the frozen weights of this model have "
@@ -278,7 +380,6 @@ def load_trainable(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     load_freeze_state(model, state)
     # restoring the state may swap BatchNorm <-> FrozenBatchNorm modules: copy into the current tensors
     live = _state_tensors(model)
-    with torch.no_grad():
-        for n, t in tensors.items():
-            live[n].copy_(t)
+    for n, t in tensors.items():
+        copy_full_into(live[n], t)  # a DTensor (FSDP2) takes this rank's part
     return model
