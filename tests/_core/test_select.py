@@ -75,10 +75,59 @@ NO_MATCH = [
 
 @pytest.mark.parametrize("selector,closest", [c[1:] for c in NO_MATCH], ids=[c[0] for c in NO_MATCH])
 def test_no_match_lists_closest_names(selector, closest):
-    with pytest.raises(SelectorError, match="closest qualified names") as info:
+    with pytest.raises(SelectorError, match="use one of these selectors, which match") as info:
         select(model(), selector)
     assert repr(closest) in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def _suggested(message: str) -> list[str]:
+    """The quoted selectors after 'which match:' in a no-match message."""
+    return re.findall(r"'([^']*)'", message.split("which match:", 1)[1].split(";", 1)[0])
+
+
+def deep_model() -> nn.Module:
+    m = nn.ModuleDict({"bert": nn.ModuleDict({"encoder": nn.Sequential(nn.Linear(2, 2)), "pooler": nn.Linear(2, 2)})})
+    m["bert"]["encoder"].add_module("a[1]", nn.Linear(2, 2))  # a name with glob characters
+    return m
+
+
+SUGGESTION_CASES = [
+    ("name-deeper-in-the-model", "encoder", "**.encoder"),
+    ("glob-deeper-in-the-model", "encoder.*", "**.encoder.*"),
+    ("typo", "bert.encodr", "bert.encoder"),
+    ("typo-in-a-parameter", "bert.pooler.wieght", "bert.pooler.weight"),
+    ("regex", re.compile("pool"), "bert.pooler"),
+    ("type", nn.Conv2d, None),
+    ("name-with-glob-characters", "encoder.a[1]", "bert.encoder.a[1]"),
+]
+
+
+@pytest.mark.parametrize("selector,expected", [c[1:] for c in SUGGESTION_CASES], ids=[c[0] for c in SUGGESTION_CASES])
+def test_every_suggested_selector_matches(selector, expected):
+    """Issue 9: 'encoder' suggested the glob 'encoder.*', which failed with the same message."""
+    m = deep_model()
+    with pytest.raises(SelectorError) as info:
+        select(m, selector)
+    suggestions = _suggested(str(info.value))
+    assert suggestions
+    if expected is not None:
+        assert expected in suggestions
+    for suggestion in suggestions:
+        assert select(m, suggestion)  # resolves, does not raise
+
+
+@pytest.mark.parametrize("selectors", [("",), (["head", ""],)], ids=["empty", "empty-in-a-list"])
+def test_empty_string_is_a_selector_error(selectors):
+    """Issue 9: freeze(m, "") froze the whole model."""
+    from torchfreeze import freeze
+
+    m = model()
+    with pytest.raises(SelectorError, match="empty string"):
+        select(m, *selectors)
+    with pytest.raises(SelectorError, match="empty string"):
+        freeze(m, *selectors)
+    assert all(p.requires_grad for p in m.parameters())
 
 
 @pytest.mark.parametrize(

@@ -166,19 +166,40 @@ def _closest(target: str, names: Iterable[str], count: int = 5) -> list[str]:
     return names[:count]
 
 
-def _no_match(selector: Any, names: list[str]) -> SelectorError:
+def _suggestions(
+    target: str, module_paths: list[tuple[str, nn.Module]], param_items: list[tuple[str, nn.Parameter]]
+) -> list[str]:
+    """Selectors that match, closest to ``target`` first: ``'**.<target>'`` when that glob matches
+    (the name is deeper in the model), then the closest qualified names (each matches itself)."""
+    names = [n for n, _ in module_paths if n] + [n for n, _ in param_items]
+    out: list[str] = []
+    if target and not target.startswith("**"):
+        deeper = f"**.{target}"
+        try:
+            if _match_one(deeper, module_paths, param_items):
+                out.append(deeper)
+        except SelectorError:  # target is not a valid glob: no glob suggestion
+            pass
+    for name in _closest(target, names):
+        if name not in out and _match_one(name, module_paths, param_items):
+            out.append(name)
+    return out
+
+
+def _no_match(
+    selector: Any, module_paths: list[tuple[str, nn.Module]], param_items: list[tuple[str, nn.Parameter]]
+) -> SelectorError:
     if isinstance(selector, str):
         target = selector
     elif isinstance(selector, re.Pattern):
         target = selector.pattern
     else:
         target = _describe(selector)
-    suggestions = ", ".join(repr(n) for n in _closest(target, names))
+    suggestions = ", ".join(repr(n) for n in _suggestions(target, module_paths, param_items))
     return SelectorError(
-        f"selector {_describe(selector)} matched no module or parameter of the model; "
-        f"closest qualified names: {suggestions or '(the model has no named parts)'}. "
-        "Fix: use one of these names, a glob such as 'encoder.*', or call "
-        "torchfreeze.select(model, ...) to see what a selector matches."
+        f"selector {_describe(selector)} matched no module or parameter of the model. "
+        + (f"Fix: use one of these selectors, which match: {suggestions}; " if suggestions else "Fix: ")
+        + "call torchfreeze.select(model, ...) to see what a selector matches."
     )
 
 
@@ -190,7 +211,10 @@ def _match_one(
     """Return the qualified names (modules and parameters) one selector matches."""
     if isinstance(selector, str):
         if not selector:
-            return [""]
+            raise SelectorError(
+                "selector '' (an empty string) names nothing; expected a dotted name or glob such as "
+                "'encoder' or '**.bias'. Fix: pass no selector at all to mean the whole model."
+            )
         exact = [n for n, _ in module_paths if n == selector] + [n for n, _ in param_items if n == selector]
         if exact or not _GLOB_CHARS & set(selector):  # a real name wins, even one like "a[1]"
             return exact
@@ -296,12 +320,13 @@ def resolve(model: nn.Module, *selectors: Selector, allow_empty: bool = False) -
     model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
     module_paths = _module_paths(model)
     param_items = _parameter_items(model)
-    flat = _flatten(selectors) if selectors else [""]
     matched: dict[str, None] = {}  # ordered set
-    for selector in flat:
+    if not selectors:
+        matched[""] = None  # no selector: the whole model
+    for selector in _flatten(selectors):
         names = _match_one(selector, module_paths, param_items)
         if not names and not allow_empty:
-            raise _no_match(selector, [n for n, _ in module_paths] + [n for n, _ in param_items])
+            raise _no_match(selector, module_paths, param_items)
         matched.update(dict.fromkeys(names))
 
     module_names = {n for n, _ in module_paths}
