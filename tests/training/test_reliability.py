@@ -399,3 +399,69 @@ def test_resume_from_trainable_checkpoint(opt_name: str, tmp_path: Path) -> None
     assert all(torch.equal(v, frozen_snapshot(fresh)[k]) for k, v in frozen_before.items())
     for (k, a), (_, b) in zip(ref.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+# ---------------------------------------------------------------------------- issue 10.3 / 10.4
+
+
+def test_check_reports_an_optimizer_that_holds_nothing_trainable() -> None:
+    """Everything frozen + GradScaler: torch asserts 'No inf checks were recorded'; check says so first."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before everything was frozen
+    assert "optimizer-holds-nothing-trainable" not in [p.code for p in check(model, opt)]
+    freeze(model)
+    assert "optimizer-holds-nothing-trainable" in [p.code for p in check(model, opt)]
+
+
+class _Replace:
+    """Ways to swap a frozen tensor for another object (issue 10.4)."""
+
+    @staticmethod
+    def reassign_module(model: RelNet) -> None:
+        model.backbone[0] = nn.Linear(8, 8)  # what older resize_token_embeddings did
+
+    @staticmethod
+    def load_assign(model: RelNet) -> None:
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(sd, assign=True)
+
+    @staticmethod
+    def replace_buffer(model: RelNet) -> None:
+        model.backbone[1].running_mean = torch.zeros(8)
+
+
+@pytest.mark.parametrize("how", ["reassign_module", "load_assign", "replace_buffer"])
+def test_guard_reports_a_replaced_frozen_tensor(how: str) -> None:
+    from torchfreeze.errors import FrozenTensorChangedError
+
+    model = make_model()
+    with pytest.raises(FrozenTensorChangedError, match="replaced") as info:
+        with guard(model):
+            getattr(_Replace, how)(model)
+    name = {
+        "reassign_module": "backbone.0.weight",
+        "load_assign": "backbone.0.weight",
+        "replace_buffer": "backbone.1.running_mean",
+    }[how]
+    assert name in info.value.changes and name in str(info.value)
+
+
+def test_guard_does_not_report_an_unfreeze_as_replaced() -> None:
+    model = make_model()
+    with guard(model) as g:
+        unfreeze(model, "backbone.0")
+        g.verify()
+    assert "backbone.0.weight" not in g.names
+
+
+def test_check_reports_recorded_frozen_parameters_that_require_grad() -> None:
+    from torchfreeze import freeze_state
+
+    model = make_model()
+    state = freeze_state(model)
+    assert "requires-grad-but-recorded-frozen" not in [p.code for p in check(model, state=state)]
+    model.backbone[0] = nn.Linear(8, 8)  # the new layer trains silently
+    found = [p for p in check(model, state=state) if p.code == "requires-grad-but-recorded-frozen"]
+    assert found and set(found[0].names) == {"backbone.0.weight", "backbone.0.bias"}
+    with pytest.raises(TypeError, match="state="):
+        check(model, state=[1, 2])  # type: ignore[arg-type]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,6 +56,8 @@ CODES: dict[str, str] = {
     "ddp-trainable-not-reduced": "a trainable parameter that the live DistributedDataParallel does not all-reduce",
     "ddp-frozen-reduced": "a frozen parameter that the live DistributedDataParallel still all-reduces (wasted bytes)",
     "frozen-use-requires-grad": "a parameter used only through Frozen still requires grad under torch.distributed",
+    "optimizer-holds-nothing-trainable": "the optimizer holds no trainable parameter (GradScaler: 'No inf checks were recorded')",
+    "requires-grad-but-recorded-frozen": "a parameter requires grad although the recorded freeze state says frozen (replaced?)",
 }
 
 
@@ -69,7 +72,9 @@ def _short(names: Sequence[str], k: int = 3) -> str:
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
-def check(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[Problem]:
+def check(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, state: Mapping[str, Any] | None = None
+) -> list[Problem]:
     """Static lint of the known traps around frozen parameters; changes nothing.
 
     Codes (stable strings, see ``CODES``): ``frozen-grad-not-none``,
@@ -80,15 +85,23 @@ def check(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> l
     (against a live DDP that torchfreeze has seen: passed as ``model`` or built by
     ``torchfreeze.distributed.wrap``) and ``frozen-use-requires-grad``.
 
+    ``optimizer-holds-nothing-trainable`` (with ``optimizer``: everything it holds is frozen, so
+    ``GradScaler.step`` asserts "No inf checks were recorded") and
+    ``requires-grad-but-recorded-frozen`` (with ``state``: a parameter the freeze state lists as
+    frozen requires grad, e.g. because ``m[0] = new_layer`` or ``load_state_dict(assign=True)``
+    replaced it) come from issue 10.3 and 10.4.
+
     Args:
         model: the model.
         optimizer: the optimizer that will train it, if any.
+        state: the freeze state recorded earlier (:func:`torchfreeze.freeze_state`, e.g. from the
+            checkpoint), to compare the model against.
 
     Returns:
         The problems found, in the order of ``CODES``; an empty list when all is well.
 
     Raises:
-        ArgumentTypeError: ``model`` / ``optimizer`` of the wrong type.
+        ArgumentTypeError: ``model`` / ``optimizer`` / ``state`` of the wrong type.
 
     Example:
         >>> import torch, torchfreeze
@@ -106,6 +119,11 @@ def check(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> l
         raise ArgumentTypeError(
             f"check(optimizer={short_repr(optimizer)}): expected a torch.optim.Optimizer or None, got "
             f"{type(optimizer).__name__}. Fix: pass the optimizer that trains the model."
+        )
+    if state is not None and not (isinstance(state, Mapping) and isinstance(state.get("frozen"), (list, tuple))):
+        raise ArgumentTypeError(
+            f"check(state={short_repr(state)}): expected a freeze state dict from torchfreeze.freeze_state(model), "
+            f"got {type(state).__name__}. Fix: pass the dict freeze_state returned (or None)."
         )
     problems: list[Problem] = []
     frozen = frozen_map(model)
@@ -217,7 +235,46 @@ def check(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> l
 
     # 7-9. torch.distributed: what a live DDP reduces against what trains (names, not DDP's indices)
     problems.extend(_distributed_problems(model))
+    problems.extend(_recorded_problems(model, optimizer, state))
     return problems
+
+
+def _recorded_problems(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, state: Mapping[str, Any] | None
+) -> list[Problem]:
+    """Issue 10.3: an optimizer over frozen parameters only; 10.4: recorded-frozen parameters that require grad."""
+    out: list[Problem] = []
+    if optimizer is not None:
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        trainable = {id(p) for p in trainable_map(model).values()}
+        in_model = {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
+        if held and not any(id(p) in trainable or (id(p) not in in_model and p.requires_grad) for p in held):
+            out.append(
+                Problem(
+                    "optimizer-holds-nothing-trainable",
+                    (),
+                    f"the optimizer holds {len(held)} parameter(s), none of them trainable: its steps do nothing and "
+                    "torch.amp.GradScaler.step fails with 'No inf checks were recorded for this optimizer'.",
+                    "skip the optimizer (and the scaler) while everything is frozen, or unfreeze something and "
+                    "build it from torchfreeze.param_groups(model, lr).",
+                )
+            )
+    if state is not None:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        wrong = [n for n in state["frozen"] if isinstance(n, str) and n in params and params[n].requires_grad]
+        if wrong:
+            out.append(
+                Problem(
+                    "requires-grad-but-recorded-frozen",
+                    tuple(wrong),
+                    f"{len(wrong)} parameter(s) the recorded freeze state lists as frozen require grad "
+                    f"({_short(wrong)}): a module or tensor was replaced (m[0] = new_layer, "
+                    "load_state_dict(assign=True), resize_token_embeddings) and the new one trains.",
+                    "torchfreeze.load_freeze_state(model, state) (or freeze them again), then "
+                    "torchfreeze.add_unfrozen / rebuild the optimizer.",
+                )
+            )
+    return out
 
 
 def _distributed_problems(model: nn.Module) -> list[Problem]:

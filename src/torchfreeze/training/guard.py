@@ -12,7 +12,7 @@ from torch.utils.hooks import RemovableHandle
 
 from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.uses import frozen_map
-from torchfreeze._core.wrappers import unwrap
+from torchfreeze._core.wrappers import local_tensor, unwrap
 from torchfreeze.errors import ArgumentTypeError, FrozenTensorChangedError
 from torchfreeze.training._watch import materialised, watched_norms
 
@@ -38,6 +38,7 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     On CPU the comparison goes through numpy when it is installed: a single-threaded memory
     scan that is about 3x faster than ``torch.equal`` and does not wait on busy OpenMP threads.
     """
+    a, b = local_tensor(a), local_tensor(b)  # a DTensor (FSDP2) compares this rank's shard
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     a, b = a.detach(), b.detach()
@@ -50,6 +51,7 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _max_change(before: torch.Tensor, after: torch.Tensor) -> float:
+    before, after = local_tensor(before), local_tensor(after)  # this rank's shard of a DTensor
     if before.shape != after.shape:
         return float("inf")
     diff = after.detach().to(torch.float64) - before.to(torch.float64)
@@ -146,7 +148,17 @@ class Guard:
         watch = _watch_set(self.model)
         by_id = {id(t): n for n, t in watch.items()}
         changes: dict[str, float] = {}
+        # a frozen tensor swapped for another object (m[0] = new_layer, load_state_dict(assign=True))
+        # trains silently through the new one: report it as replaced (issue 10.4)
+        current: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
+        current.update(self.model.named_buffers(remove_duplicate=False))
+        replaced: set[str] = set()
         for name, (live, snap) in self._snapshot.items():
+            now = current.get(name)
+            if now is not live:
+                replaced.add(name)
+                changes[name] = float("inf") if now is None else _max_change(snap, now.detach())
+                continue
             if id(live) not in by_id:
                 continue  # unfrozen since: it may train now
             if not _bit_equal(live.detach(), snap):
@@ -157,7 +169,7 @@ class Guard:
             n: old[id(t)] if id(t) in old and n not in changes else (t, t.detach().clone()) for n, t in watch.items()
         }
         if changes:
-            raise _changed_error(self.model, changes, where)
+            raise _changed_error(self.model, changes, where, replaced)
 
     def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.verify(f"after optimizer step (check {self.checks + 1})")
@@ -179,20 +191,33 @@ class Guard:
         self._snapshot = {}
 
 
-def _changed_error(model: nn.Module, changes: dict[str, float], where: str) -> FrozenTensorChangedError:
+def _changed_error(
+    model: nn.Module, changes: dict[str, float], where: str, replaced: set[str] | None = None
+) -> FrozenTensorChangedError:
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    replaced = replaced or set()
     lines = []
     for name, delta in changes.items():
         kind = "parameter" if name in params else "buffer"
-        lines.append(f"  - {kind} {name!r}: largest absolute change {delta:.6g}")
+        if name in replaced:
+            lines.append(f"  - {kind} {name!r}: replaced by another tensor (largest absolute change {delta:.6g})")
+        else:
+            lines.append(f"  - {kind} {name!r}: largest absolute change {delta:.6g}")
     hints = []
-    if any(n in params for n in changes):
+    if replaced:
+        hints.append(
+            "a frozen tensor was replaced (module reassigned, load_state_dict(..., assign=True), resized "
+            "embeddings): the new tensor is not frozen and may train; re-apply torchfreeze.freeze(model, ...) "
+            "after the swap, outside the guarded block, or load with assign=False"
+        )
+    moved = [n for n in changes if n not in replaced]
+    if any(n in params for n in moved):
         hints.append(
             "a frozen parameter moved: build the optimizer with torchfreeze.param_groups(model, lr) and "
             "run torchfreeze.check(model, optimizer) to find the cause (non-None .grad, optimizer state, "
             "or code that writes to the weights)"
         )
-    if any(n not in params for n in changes):
+    if any(n not in params for n in moved):
         hints.append(
             "normalisation statistics moved: the layer ran in train mode; use "
             "torchfreeze.freeze_batchnorm(model, ...) or freeze(model, ..., mode='eval')"
