@@ -83,6 +83,21 @@ def _frozen_use_requiring_grad() -> Any:
     return _ddp_of(nn.Sequential(nn.Linear(4, 4), Frozen(nn.Linear(4, 4)))), None
 
 
+def _optimizer_nothing_trainable() -> Any:
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before everything was frozen
+    return freeze(model), opt
+
+
+def _replaced_after_recording() -> Any:
+    from torchfreeze import freeze_state
+
+    model = freeze(Net(), "backbone", mode="eval")
+    state = freeze_state(model)
+    model.get_submodule("backbone")[0] = nn.Linear(4, 8)  # m[0] = new_layer: the new one trains
+    return model, None, {"state": state}
+
+
 CASES = {
     "frozen-grad-not-none": (_frozen_with_grad, ("backbone.0.weight",)),
     "frozen-param-has-optimizer-state": (_frozen_with_state, ("backbone.0.weight", "backbone.4.bias")),
@@ -93,6 +108,8 @@ CASES = {
     "ddp-trainable-not-reduced": (_ddp_not_reducing, ("backbone.4.weight",)),
     "ddp-frozen-reduced": (_ddp_reducing_frozen, ("backbone.0.weight",)),
     "frozen-use-requires-grad": (_frozen_use_requiring_grad, ("1.module.weight", "1.module.bias")),
+    "optimizer-holds-nothing-trainable": (_optimizer_nothing_trainable, ()),
+    "requires-grad-but-recorded-frozen": (_replaced_after_recording, ("backbone.0.weight", "backbone.0.bias")),
 }
 
 
@@ -103,9 +120,10 @@ def test_every_code_has_a_case() -> None:
 @pytest.mark.parametrize("code", list(CASES), ids=list(CASES))
 def test_each_trap_is_reported_with_names_and_a_fix(code: str) -> None:
     make, names = CASES[code]
-    model, opt = make()
-    found = [p for p in check(model, opt) if p.code == code]
-    assert len(found) == 1, check(model, opt)
+    model, opt, *extra = make()
+    kwargs = extra[0] if extra else {}  # e.g. the recorded freeze state
+    found = [p for p in check(model, opt, **kwargs) if p.code == code]
+    assert len(found) == 1, check(model, opt, **kwargs)
     problem = found[0]
     assert set(names) <= set(problem.names)
     assert problem.fix and "\n" not in problem.fix and problem.message
