@@ -25,6 +25,12 @@ def not_a_model():
     return 42
 
 
+def tied():
+    model = nn.ModuleDict({"encoder": nn.ModuleDict({"wte": nn.Embedding(5, 4)}), "lm_head": nn.Linear(4, 5, bias=False)})
+    model["lm_head"].weight = model["encoder"]["wte"].weight
+    return model
+
+
 def needs_arguments(width):
     return nn.Linear(width, width)
 
@@ -196,3 +202,64 @@ def test_python_dash_m_runs_the_same_command():
     )
     assert result.returncode == 0
     assert "demo" in result.stdout and "inspect" in result.stdout and "bench" in result.stdout
+
+
+# ------------------------------------------------------- inspect: every fix it suggests can be applied
+def _fixed(argv: list[str], err: str) -> list[list[str]]:
+    """``argv`` with each fix an inspect error suggests applied (a selector replaced, or an option added)."""
+    import re
+
+    out = []
+    if "which match:" in err:
+        bad = argv.index("--freeze") + 1
+        for name in re.findall(r"'([^']*)'", err.split("which match:", 1)[1].split(";", 1)[0]):
+            out.append([*argv[:bad], name, *argv[bad + 1 :]])
+    out += [[*argv, "--freeze", name] for name in re.findall(r"add --freeze '([^']*)'", err)]
+    if "--shared freeze" in err:
+        out.append([*argv, "--shared", "freeze"])
+    return out
+
+
+def _settles(argv: list[str], capsys: pytest.CaptureFixture[str], depth: int = 2) -> bool:
+    """True when ``argv`` succeeds, or fails with exit 2 and every fix it suggests settles in turn."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    if code == 0:
+        return True
+    fixes = _fixed(argv, err)
+    return code == 2 and depth > 0 and bool(fixes) and all(_settles(f, capsys, depth - 1) for f in fixes)
+
+
+@pytest.mark.parametrize(
+    ("selector", "suggested"),
+    [
+        pytest.param("wte", "'**.wte'", id="name-deeper-in-the-model"),
+        pytest.param("encoder.wte", "--shared freeze", id="tied-parameter"),
+    ],
+)
+def test_inspect_can_apply_every_fix_it_suggests(
+    selector: str, suggested: str, factory_module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 9: inspect suggested shared='freeze', which it could not take, and a glob that failed."""
+    argv = ["inspect", f"{factory_module}:tied", "--freeze", selector]
+    assert main(argv) == 2
+    assert suggested in capsys.readouterr().err
+    assert _settles(argv, capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["inspect", "{mod}:build", "--freeze", ""], id="empty-selector"),
+        pytest.param(["inspect", "{mod}:tied", "--freeze", "encoder", "--shared", "sometimes"], id="bad-shared"),
+        pytest.param(["inspect", "--list", "{mod}:build"], id="list-with-a-target"),
+        pytest.param(["inspect", "{mod}:tied", "--freeze", "encoder"], id="tied-parameter"),
+        pytest.param(["inspect", "tf_cli_broken_module_xyz:build"], id="module-that-fails-to-import"),
+    ],
+)
+def test_inspect_usage_errors_exit_2(
+    argv: list[str], factory_module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "tf_cli_broken_module_xyz.py").write_text("this is not python\n")
+    assert main([a.replace("{mod}", factory_module) for a in argv]) == 2
+    assert "error" in capsys.readouterr().err

@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also pin this mode on the frozen modules (default: leave modes alone)",
     )
+    inspect.add_argument(
+        "--shared",
+        choices=["error", "freeze"],
+        default="error",
+        help="a frozen parameter tied to one outside the selection: 'error' refuses (default), "
+        "'freeze' freezes every use (freeze(..., shared='freeze'))",
+    )
     inspect.add_argument("--depth", type=_non_negative_int, default=None, help="deepest row shown")
     inspect.add_argument("--list", action="store_true", help="list the registered models and exit")
 
@@ -189,8 +196,10 @@ def _load_factory(target: str) -> Any:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r}: {exc}") from exc
+    # Importing the user's module runs arbitrary code: an ImportError, a SyntaxError or anything its
+    # top level raises means the MODULE part of the argument is unusable (a usage error, exit 2).
+    except Exception as exc:
+        raise ValueError(f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -209,10 +218,13 @@ def _inspect(args: argparse.Namespace) -> int:
     import torchfreeze as tf
     from torchfreeze._core.render import Table
     from torchfreeze.cli.console import Output
+    from torchfreeze.errors import SharedParameterError
     from torchfreeze.hub import model_spec
     from torchfreeze.hub.registry import known_plans
 
     out = Output(progress=False)
+    if args.list and (args.target or args.freeze or args.mode is not None or args.shared != "error"):
+        return _fail("inspect", "--list takes no MODULE:FACTORY, --freeze, --mode or --shared; run it alone", 2)
     if args.list:
         rows: list[Sequence[str]] = []
         for name in tf.list_models():
@@ -260,7 +272,11 @@ def _inspect(args: argparse.Namespace) -> int:
         if not isinstance(model, nn.Module):
             return _fail("inspect", f"{args.target} returned {type(model).__name__}, expected an nn.Module", 2)
     if selectors:
-        tf.freeze(model, *selectors, mode=args.mode)
+        try:
+            tf.freeze(model, *selectors, mode=args.mode, shared=args.shared)
+        except SharedParameterError as exc:  # the fix, in the words of the command line
+            message = str(exc).replace("pass shared='freeze'", "pass --shared freeze")
+            return _fail("inspect", message.replace("Fix: add ", "Fix: add --freeze ", 1), 2)
     out.render(tf.summary(model, depth=args.depth))
     return 0
 
