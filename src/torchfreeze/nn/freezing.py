@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
+import torch
 from torch import nn
 
 from torchfreeze._core.checks import require_module
@@ -28,6 +29,24 @@ __all__ = [
 
 Shared = Literal["error", "freeze"]
 _SHARED_POLICIES = ("error", "freeze")
+
+#: Attribute a module stored in low precision carries (set by
+#: ``torchfreeze.compose.store_frozen_backbone``): the dtype it is stored in.
+STORAGE_ATTR = "_torchfreeze_storage_dtype"
+
+
+def _restore_full_precision(model: nn.Module, params: Sequence[nn.Parameter]) -> None:
+    """A module stored in fp16/bf16 goes back to float32 before any of its parameters trains (issue 10.3).
+
+    ``Module.to`` swaps ``.data``, so parameter identity (what optimizers hold) is kept.
+    """
+    ids = {id(p) for p in params}
+    if not ids:
+        return
+    for module in model.modules():
+        if module.__dict__.get(STORAGE_ATTR) is not None and any(id(p) in ids for p in module.parameters()):
+            module.to(torch.float32)
+            del module.__dict__[STORAGE_ATTR]
 
 
 def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -206,6 +225,7 @@ def unfreeze(model: nn.Module, *selectors: Selector, shared: Shared = "error") -
     require_module(model, "unfreeze")
     selection = resolve(model, *selectors)
     params, _ = _plan(model, selection, requires_grad=True, train_bn=False, shared=shared, verb="unfreeze")
+    _restore_full_precision(model, params)
     set_requires_grad(params, True)
     _release(model, selection)
     return model
@@ -324,6 +344,8 @@ def freeze_to(
                 model, selections[requires_grad], requires_grad=requires_grad, train_bn=False, shared=shared, verb=verb
             )
     # unfreeze first, then freeze: with shared="freeze" a parameter tied across the two sides stays frozen
+    if True in selections:
+        _restore_full_precision(model, [p for p in selections[True].parameters.values() if not p.requires_grad])
     for requires_grad in (True, False):
         if requires_grad in selections:
             set_requires_grad(selections[requires_grad].parameters.values(), requires_grad)
