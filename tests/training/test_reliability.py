@@ -465,3 +465,58 @@ def test_check_reports_recorded_frozen_parameters_that_require_grad() -> None:
     assert found and set(found[0].names) == {"backbone.0.weight", "backbone.0.bias"}
     with pytest.raises(TypeError, match="state="):
         check(model, state=[1, 2])  # type: ignore[arg-type]
+
+
+def _stored_fp16() -> Any:
+    from torchfreeze.compose import Composite, store_frozen_backbone
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+    model = freeze(Composite(backbone, nn.Linear(8, 2)), "backbone")
+    return store_frozen_backbone(model, torch.float16)
+
+
+def _scaler_steps(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    scaler = torch.amp.GradScaler("cpu")
+    for i in range(2):
+        loss = model(torch.randn(3, 4, generator=torch.Generator().manual_seed(i))).pow(2).sum()
+        scaler.scale(loss).backward()
+        scaler.step(opt)  # fp16 gradients: "Attempting to unscale FP16 gradients"
+        scaler.update()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("how", ["unfreeze", "freeze_to", "gradual"])
+def test_unfreezing_a_backbone_stored_in_fp16_restores_float32(how: str) -> None:
+    """Issue 10.3: the unfrozen part trains in float32 and the optimizer holds the restored parameters."""
+    from torchfreeze import GradualUnfreezing, freeze_to
+
+    model = _stored_fp16()
+    weight = model.get_parameter("backbone.2.weight")
+    rounded = weight.detach().clone()
+    opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
+    if how == "unfreeze":
+        unfreeze(model, "backbone.2")
+        add_unfrozen(model, opt)
+    elif how == "freeze_to":
+        freeze_to(model, 1, groups=["backbone.0", "backbone.2", "head"])
+        add_unfrozen(model, opt, groups=["backbone.0", "backbone.2", "head"])
+    else:
+        GradualUnfreezing(model, opt, {1: "backbone.2"}).step()
+    assert model.get_parameter("backbone.2.weight") is weight  # identity kept: the optimizer holds it
+    assert all(t.dtype == torch.float32 for t in model.backbone.parameters())
+    assert torch.equal(weight.detach(), rounded.float())  # the values it was stored with
+    assert model.frozen_storage_dtype is None
+    assert any(p is weight for g in opt.param_groups for p in g["params"])
+    _scaler_steps(model, opt)
+    assert not torch.equal(weight.detach(), rounded.float())  # it trained
+
+
+def test_unfreeze_that_fails_leaves_the_fp16_backbone_alone() -> None:
+    from torchfreeze.errors import SelectorError
+
+    model = _stored_fp16()
+    with pytest.raises(SelectorError):
+        unfreeze(model, "backbone.2", "bakbone.9")
+    assert model.get_parameter("backbone.2.weight").dtype == torch.float16
+    assert model.frozen_storage_dtype == torch.float16

@@ -22,7 +22,7 @@ from torchfreeze._core.select import Selector
 from torchfreeze._core.tree import map_tensors, tensor_leaves
 from torchfreeze.compose.adapters import HFEncoder, ModuleBackbone, call_module
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
-from torchfreeze.nn.freezing import layer_groups
+from torchfreeze.nn.freezing import STORAGE_ATTR, layer_groups
 
 # ModuleBackbone and HFEncoder live in compose.adapters; re-exported for the 0.2 import path.
 __all__ = ["Backbone", "Composite", "store_frozen_backbone", "ModuleBackbone", "HFEncoder"]
@@ -78,8 +78,16 @@ class Composite(nn.Module):
         self.backbone = backbone
         self.neck = neck
         self.head = head
-        #: set by :func:`store_frozen_backbone`: the dtype the frozen backbone is stored in
-        self.frozen_storage_dtype: torch.dtype | None = None
+
+    @property
+    def frozen_storage_dtype(self) -> torch.dtype | None:
+        """The dtype :func:`store_frozen_backbone` stores the frozen backbone in (``None``: float32).
+
+        Unfreezing any backbone parameter (``unfreeze``, ``freeze_to``, ``GradualUnfreezing``)
+        first restores the backbone to float32 and this goes back to ``None`` (issue 10.3).
+        """
+        dtype = self.backbone.__dict__.get(STORAGE_ATTR)
+        return dtype if isinstance(dtype, torch.dtype) else None
 
     @property
     def feature_dim(self) -> int | None:
@@ -160,7 +168,11 @@ def store_frozen_backbone(model: Composite, dtype: torch.dtype | None) -> Compos
     to ``dtype`` on the way in and the features back to float32 on the way out,
     so the neck and head keep training in float32. ``dtype=None`` is the
     inverse: the backbone goes back to float32 (the values keep the precision
-    they were rounded to). Do this before unfreezing a backbone stored in bf16.
+    they were rounded to). Unfreezing any part of the backbone later does that
+    by itself before the part becomes trainable (``unfreeze``, ``freeze_to``,
+    ``GradualUnfreezing``), so nothing trains in fp16/bf16 and
+    ``GradScaler.unscale_`` never sees fp16 gradients; parameter identity is
+    kept, so ``add_unfrozen`` hands the optimizer the float32 parameters.
 
     Args:
         model: a :class:`Composite` whose backbone has no parameter that requires grad.
@@ -205,5 +217,8 @@ def store_frozen_backbone(model: Composite, dtype: torch.dtype | None) -> Compos
             "freeze(model, 'backbone') first."
         )
     model.backbone.to(torch.float32 if dtype is None else dtype)
-    model.frozen_storage_dtype = dtype
+    if dtype is None:
+        model.backbone.__dict__.pop(STORAGE_ATTR, None)
+    else:
+        model.backbone.__dict__[STORAGE_ATTR] = dtype  # read by unfreeze (nn layer) to restore float32
     return model
