@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -14,10 +15,12 @@ from torchfreeze import (
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
     freeze_batchnorm,
+    freeze_to,
     pinned_modes,
     unfreeze,
 )
-from torchfreeze.errors import ArgumentError
+from torchfreeze.errors import ArgumentError, ArgumentTypeError, SharedParameterError
+from torchfreeze.nn.batchnorm import is_converted_batchnorm
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -120,7 +123,7 @@ def test_convert_without_running_stats_changes_nothing():
 
 
 def test_convert_must_be_bool():
-    with pytest.raises(ArgumentError, match="convert="):
+    with pytest.raises(ArgumentTypeError, match="convert="):
         freeze_batchnorm(nn.Sequential(nn.BatchNorm1d(2)), convert="yes")  # type: ignore[arg-type]
 
 
@@ -193,3 +196,288 @@ def test_pinned_freeze_of_an_uninitialised_lazy_batchnorm():
     model.train()(torch.randn(4, 3))  # materialises in eval: statistics untouched
     assert not model[0].weight.requires_grad
     assert torch.equal(model[0].running_mean, torch.zeros(3))
+
+
+# --- BatchNorm subclasses (issue 15.1): conversion never changes what the model computes ---------
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """BatchNorm + activation in one module, calling BatchNorm's forward."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+class BatchNormDrop2d(nn.BatchNorm2d):
+    """BatchNorm + dropout."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(super().forward(x))
+
+
+class ScaledBatchNorm2d(nn.BatchNorm2d):
+    """An extra buffer used by the forward."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.register_buffer("gain", torch.linspace(0.5, 2.0, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.gain.view(1, -1, 1, 1)
+
+
+class TimmBatchNormAct2d(nn.BatchNorm2d):
+    """timm's layout: a custom __init__ signature, F.batch_norm called directly, then drop and act."""
+
+    def __init__(self, num_features: int, *, apply_act: bool = True, drop_rate: float = 0.0) -> None:
+        super().__init__(num_features, eps=1e-3, momentum=0.05)
+        self.drop = nn.Dropout(drop_rate) if drop_rate else nn.Identity()
+        self.act = nn.SiLU() if apply_act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = self.training or self.running_mean is None
+        x = nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, training, self.momentum or 0.0, self.eps
+        )
+        return self.act(self.drop(x))
+
+
+class RenamedBatchNorm2d(nn.BatchNorm2d):
+    """Only the constructor changes (a signature BatchNorm2d's arguments do not fit): computes plain BatchNorm."""
+
+    def __init__(self, channels: int, *, tag: str) -> None:
+        super().__init__(channels, eps=1e-4)
+        self.tag = tag
+
+
+def _hooked(n: int) -> nn.Module:
+    bn = nn.BatchNorm2d(n)
+    bn.register_forward_hook(lambda module, args, out: out * 2)
+    return bn
+
+
+SUBCLASSES = [  # (id, build, converted in place?, stochastic in train mode?)
+    ("activation", lambda: BatchNormAct2d(4), True, False),
+    ("dropout", lambda: BatchNormDrop2d(4), True, True),
+    ("extra-buffer", lambda: ScaledBatchNorm2d(4), True, False),
+    ("timm-custom-init", lambda: TimmBatchNormAct2d(4, drop_rate=0.2), True, True),
+    ("forward-hook", lambda: _hooked(4), True, False),
+    ("custom-init-only", lambda: RenamedBatchNorm2d(4, tag="stem"), False, False),
+]
+
+
+def _subclass_model(build: object) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), build())  # type: ignore[operator]
+    model.train()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        for _ in range(3):
+            model(torch.randn(4, 3, 5, 5) * 2 + 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("build,in_place,stochastic", [c[1:] for c in SUBCLASSES], ids=[c[0] for c in SUBCLASSES])
+def test_convert_a_subclass_keeps_outputs_keys_and_the_original_layer(build, in_place, stochastic):
+    model = _subclass_model(build)
+    layer, cls = model[1], type(model[1])
+    params = dict(layer.named_parameters(recurse=False))
+    x = torch.randn(2, 3, 5, 5)
+    reference = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tf_freeze_all(model)
+    freeze_batchnorm(model, convert=True)
+    assert (model[1] is layer) == in_place and is_converted_batchnorm(model[1])
+    assert list(model[1].parameters(recurse=False)) == []
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), reference)
+    if not stochastic:  # frozen statistics: train mode computes what eval mode did
+        assert torch.equal(model.train()(x), reference)
+    model.eval()
+    unfreeze(model)
+    assert model[1] is layer and type(model[1]) is cls  # the very object: no constructor called
+    assert dict(model[1].named_parameters(recurse=False)) == params  # the same parameter objects
+    assert all(p.requires_grad for p in model.parameters())
+    assert list(model.state_dict()) == list(state) and pinned_modes(model) == {}
+    assert torch.equal(model(x), reference)
+    assert model.train()[1].training  # follows its parent again
+
+
+def tf_freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+@pytest.mark.parametrize("build,in_place,_", [c[1:] for c in SUBCLASSES], ids=[c[0] for c in SUBCLASSES])
+def test_converted_subclass_loads_a_checkpoint_and_converts_back_with_its_values(build, in_place, _):
+    model = _subclass_model(build)
+    freeze_batchnorm(model, convert=True)
+    other = _subclass_model(build)
+    with torch.no_grad():
+        other[1].running_mean.add_(1.0)
+        other[1].weight.mul_(2.0)
+    model.load_state_dict(other.state_dict())
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(model.eval()(x), other(x))
+    unfreeze(model)
+    for k, v in other.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_converted_subclass_survives_deepcopy_and_pickle():
+    model = _subclass_model(lambda: BatchNormAct2d(4))
+    freeze_batchnorm(model, convert=True)
+    x = torch.randn(2, 3, 5, 5)
+    reference = model(x)
+    for copy_of in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))):
+        twin = copy_of(model)
+        assert is_converted_batchnorm(twin[1]) and torch.equal(twin(x), reference)
+        unfreeze(twin)
+        assert type(twin[1]) is BatchNormAct2d and twin[1].weight.requires_grad
+        assert twin[1].weight is not model[1].running_mean  # the copy's own tensors
+        assert torch.equal(twin(x), reference)
+    assert is_converted_batchnorm(model[1])  # the original is untouched
+
+
+def test_the_issue_example_keeps_the_relu_and_unfreezes():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4)).eval()
+    x = torch.randn(2, 3, 5, 5)
+    ref = m(x)
+    freeze_batchnorm(m, convert=True)
+    assert torch.equal(m(x), ref) and (m(x) >= 0).all()
+    unfreeze(m)
+    assert type(m[1]) is BatchNormAct2d and torch.equal(m(x), ref)
+
+
+def test_unfreeze_that_fails_validation_leaves_converted_layers_and_flags_alone():
+    model = nn.Sequential(nn.Linear(3, 4), TimmBatchNormAct1d(4), nn.Linear(4, 4))
+    model[2].weight = model[0].weight = nn.Parameter(torch.randn(4, 4))  # tied across the selection
+    freeze_batchnorm(model, convert=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(SharedParameterError):
+        unfreeze(model, "0", "1")
+    assert is_converted_batchnorm(model[1]) and not any(p.requires_grad for p in model.parameters())
+    assert pinned_modes(model) == {"1": "eval"}
+
+
+class TimmBatchNormAct1d(nn.BatchNorm1d):
+    def __init__(self, n: int, *, act: bool = True) -> None:
+        super().__init__(n)
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+def test_a_subclass_can_be_the_model_itself():
+    layer = BatchNormAct2d(3).eval()
+    x = torch.randn(2, 3, 4, 4)
+    reference = layer(x)
+    freeze_batchnorm(layer, convert=True)
+    assert torch.equal(layer.train()(x), reference) and list(layer.parameters(recurse=False)) == []
+    unfreeze(layer)
+    assert layer.weight.requires_grad and layer.train().training  # the pin is gone
+
+
+def test_plain_batchnorm_converts_back_to_the_same_object_and_parameters():
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    bn, weight = model[0], model[0].weight
+    bn.extra_note = "kept"  # an attribute the constructor knows nothing about
+    freeze_batchnorm(model, convert=True)
+    assert type(model[0]) is FrozenBatchNorm2d
+    with torch.no_grad():
+        model[0].running_var.fill_(4.0)
+    unfreeze(model)
+    assert model[0] is bn and model[0].weight is weight and bn.extra_note == "kept"
+    assert torch.equal(bn.running_var, torch.full((3,), 4.0)) and weight.requires_grad
+
+
+# --- drop-in compatibility with torchvision / detectron2 (issue 15.4) -------------------------------
+
+
+def test_repr_matches_torchvision():
+    assert repr(FrozenBatchNorm2d(32)) == "FrozenBatchNorm2d(32, eps=1e-05)"
+    model = freeze_batchnorm(nn.Sequential(nn.BatchNorm2d(8, eps=1e-3)), convert=True)
+    assert repr(model[0]) == "FrozenBatchNorm2d(8, eps=0.001)"
+    assert repr(FrozenBatchNorm1d(2, affine=False)) == "FrozenBatchNorm1d(2, eps=1e-05, affine=False)"
+
+
+def _torchvision_state(n: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """What torchvision.ops.misc.FrozenBatchNorm2d (and detectron2's) state_dict holds: four buffers."""
+    g = torch.Generator().manual_seed(3)
+    return {
+        prefix + "weight": torch.rand(n, generator=g) + 0.5,
+        prefix + "bias": torch.randn(n, generator=g),
+        prefix + "running_mean": torch.randn(n, generator=g),
+        prefix + "running_var": torch.rand(n, generator=g) + 0.5,
+    }
+
+
+def test_a_torchvision_frozen_batchnorm_state_dict_loads():
+    state = _torchvision_state(5, "1.")
+    model = nn.Sequential(nn.Conv2d(2, 5, 1), FrozenBatchNorm2d(5))
+    model[1].num_batches_tracked.fill_(7)
+    model.load_state_dict({**nn.Conv2d(2, 5, 1).state_dict(prefix="0."), **state})  # strict
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(model[1], name), state["1." + name])
+    assert int(model[1].num_batches_tracked) == 7  # not in torchvision's format: kept
+    # torchvision's forward: x * (w * rsqrt(rv + eps)) + (b - rm * scale)
+    x = torch.randn(2, 5, 3, 3)
+    scale = state["1.weight"] * (state["1.running_var"] + 1e-5).rsqrt()
+    shift = state["1.bias"] - state["1.running_mean"] * scale
+    torch.testing.assert_close(model[1](x), x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+
+
+def test_a_state_dict_missing_statistics_is_still_refused():
+    with pytest.raises(RuntimeError, match="running_var"):
+        FrozenBatchNorm2d(3).load_state_dict({"weight": torch.ones(3), "bias": torch.zeros(3)})
+
+
+# --- freeze_to(train_bn=...) (issue 15.4) -----------------------------------------------------------
+
+
+def _grouped_cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)),
+        nn.Flatten(),
+        nn.LazyLinear(2),
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,bn_trains",
+    [({}, False), ({"train_bn": False}, False), ({"train_bn": True}, True)],
+    ids=["default", "train_bn-false", "train_bn-true"],
+)
+def test_freeze_to_train_bn(kwargs, bn_trains):
+    model = _grouped_cnn()
+    model(torch.randn(1, 3, 2, 2))
+    freeze_to(model, 2, groups=["0", "1", "3"], **kwargs)
+    flags = requires_grad_map(model)
+    assert not flags["0.0.weight"] and not flags["1.0.bias"] and flags["3.weight"]
+    assert flags["0.1.weight"] is bn_trains and flags["1.1.bias"] is bn_trains
+
+
+def test_freeze_to_train_bn_converts_frozen_groups_norms_back_and_checks_its_type():
+    model = _grouped_cnn()
+    model(torch.randn(1, 3, 2, 2))
+    freeze_batchnorm(model, convert=True)
+    before = requires_grad_map(model)
+    with pytest.raises(ArgumentTypeError, match="train_bn"):
+        freeze_to(model, 1, groups=["0", "1", "3"], train_bn="yes")  # type: ignore[arg-type]
+    assert requires_grad_map(model) == before and isinstance(model[0][1], FrozenBatchNorm2d)
+    freeze_to(model, 1, groups=["0", "1", "3"], train_bn=True)
+    assert type(model[0][1]) is nn.BatchNorm2d and model[0][1].weight.requires_grad
+    assert not model[0][0].weight.requires_grad and model[1][0].weight.requires_grad

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from _resnet import TinyResNet, trained_resnet
 from torch import nn
 
 import torchfreeze as tf
@@ -281,3 +282,88 @@ def test_bad_argument_types_change_nothing(call: object, match: str) -> None:
     assert folded_batchnorms(model) == {}
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
+
+
+# --- composes with freeze_batchnorm(convert=...) on a ResNet-style model (issue 9.4) ----------------
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["pinned", "converted"])
+def test_every_pair_of_a_resnet_folds_converted_or_not(convert: bool) -> None:
+    model = trained_resnet()
+    tf.freeze(model, "conv1", "bn1", "layer1", "layer2")
+    tf.freeze_batchnorm(model, convert=convert)
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+    state = copy.deepcopy(model.state_dict())
+    bn_objects = {n: m for n, m in model.named_modules() if "bn" in n or n.endswith("downsample.1")}
+    pairs = foldable_pairs(model)
+    assert len(pairs) == TinyResNet.PAIRS and all(reason is None for _, _, reason in pairs)
+    assert ("layer1.0.conv1", "layer1.0.bn1", None) in pairs and (
+        "layer2.0.downsample.0",
+        "layer2.0.downsample.1",
+        None,
+    ) in pairs
+    fold_batchnorm(model, strict=True)
+    assert sorted(folded_batchnorms(model)) == sorted(bn_objects)
+    model.train()  # the head trains; the folded backbone computes what it did
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    unfold_batchnorm(model)
+    assert {n: m for n, m in model.named_modules() if n in bn_objects} == bn_objects  # the same objects
+    assert list(model.state_dict()) == list(state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert torch.equal(model.eval()(x), before)
+
+
+class AddThenNorm(nn.Module):
+    """A frozen BatchNorm fed by an addition: no Conv/Linear whose output goes only to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.bn = nn.BatchNorm2d(2)
+        self.stem = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.bn(self.conv(x) + x)
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["pinned", "converted"])
+def test_strict_raises_for_a_frozen_batchnorm_left_unfolded_without_suggesting_what_was_done(convert: bool) -> None:
+    model = tf.freeze_batchnorm(tf.freeze(AddThenNorm()), convert=convert)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(tf.errors.FreezeStateError, match="'bn': no Conv/Linear") as caught:
+        fold_batchnorm(model, strict=True)
+    assert "freeze_batchnorm" not in str(caught.value) and "stem" not in str(caught.value)
+    assert folded_batchnorms(model) == {}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    fold_batchnorm(model)  # not strict: folds the stem, leaves 'bn'
+    assert folded_batchnorms(model) == {"stem.1": "stem.0"}
+    with pytest.raises(tf.errors.ArgumentError, match="nothing to fold") as caught:
+        fold_batchnorm(model, "bn")
+    assert "freeze_batchnorm" not in str(caught.value) and "pairs=" in str(caught.value)
+
+
+def test_nothing_to_fold_suggests_freezing_only_when_nothing_is_frozen() -> None:
+    with pytest.raises(tf.errors.ArgumentError, match="nothing to fold") as caught:
+        fold_batchnorm(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    assert "freeze_batchnorm" in str(caught.value)
+
+
+def test_a_batchnorm_subclass_with_an_activation_is_never_folded() -> None:
+    class NormAct(nn.BatchNorm2d):
+        def __init__(self, n: int) -> None:
+            super().__init__(n)
+            self.act = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(super().forward(x))
+
+    for convert in (False, True):
+        model = tf.freeze_batchnorm(tf.freeze(nn.Sequential(nn.Conv2d(2, 3, 1), NormAct(3))), convert=convert)
+        [(_, _, reason)] = foldable_pairs(model)
+        assert reason is not None and "NormAct" in reason and "does more than BatchNorm" in reason
+        with pytest.raises(tf.errors.FreezeStateError, match="does more than BatchNorm"):
+            fold_batchnorm(model, strict=True)

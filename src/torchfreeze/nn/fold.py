@@ -39,7 +39,7 @@ from torchfreeze._core.checks import require_bool, require_module
 from torchfreeze._core.fingerprint import fingerprint
 from torchfreeze._core.select import Selector, resolve
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, FreezeStateError
-from torchfreeze.nn.foldable import Linear, Norm, foldable_pairs, why_not
+from torchfreeze.nn.foldable import Linear, Norm, foldable_pairs, frozen_norms, why_not
 
 __all__ = ["fold_batchnorm", "unfold_batchnorm", "folded_batchnorms", "foldable_pairs", "FoldedBatchNorm"]
 
@@ -164,8 +164,10 @@ def fold_batchnorm(
         pairs: explicit ``(conv_name, bn_name)`` pairs, for models whose forward
             does not trace with ``torch.fx`` and is not a plain ``nn.Sequential``.
             You vouch that the conv's output goes only into the BatchNorm.
-        strict: raise when a pair found in the selection cannot be folded
-            (default: fold what can be folded and leave the rest as it is).
+        strict: raise when a pair found in the selection cannot be folded, or a
+            frozen BatchNorm in it (converted, or frozen and pinned eval) is in no
+            pair that can be folded (default: fold what can be folded and leave the
+            rest as it is).
 
     Returns:
         The model, changed in place.
@@ -175,8 +177,8 @@ def fold_batchnorm(
             not a list of name pairs; nothing is changed.
         ArgumentError: nothing foldable in the selection (the message lists each
             candidate and why), a name in ``pairs`` that is no submodule; nothing is changed.
-        FreezeStateError: with ``strict=True``, a pair that cannot be folded;
-            nothing is changed.
+        FreezeStateError: with ``strict=True``, a pair that cannot be folded or a
+            frozen BatchNorm left unfolded (each named with its reason); nothing is changed.
 
     >>> from torchfreeze import freeze, freeze_batchnorm
     >>> m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
@@ -190,26 +192,25 @@ def fold_batchnorm(
     require_module(model, "fold_batchnorm")
     require_bool(strict, "fold_batchnorm", "strict")
     found = foldable_pairs(model) if pairs is None else _explicit_pairs(model, pairs)
-    if selectors:
-        selected = set(resolve(model, *selectors).modules)
-        found = [f for f in found if f[1] in selected]
+    scope = set(resolve(model, *selectors).modules) if selectors else None
+    if scope is not None:
+        found = [f for f in found if f[1] in scope]
     bad = [f for f in found if f[2] is not None]
     good = [(c, b) for c, b, reason in found if reason is None]
-    if strict and bad:
+    paired = {b for _, b, _ in found}
+    # frozen BatchNorm layers that no found pair feeds (its input is not a Conv/Linear used only by it,
+    # or the pair was not visible to the trace)
+    lone = [b for b in frozen_norms(model) if b not in paired and (scope is None or b in scope)]
+    problems = [f"'{b}' into '{c}': {r}" for c, b, r in bad] + [f"'{b}': {_LONE}" for b in lone]
+    if strict and problems:
         raise FreezeStateError(
-            "fold_batchnorm: cannot fold "
-            + "; ".join(f"'{b}' into '{c}': {r}" for c, b, r in bad)
-            + ". Fix those layers, or call without strict=True to fold only the others."
+            f"fold_batchnorm(strict=True): {len(problems)} frozen or candidate BatchNorm layer(s) would stay "
+            f"unfolded: {_bounded(problems)}. Fix: the reason given for each; or call without strict=True "
+            "to fold only the others."
         )
     if not good:
-        detail = "; ".join(f"'{b}' into '{c}': {r}" for c, b, r in bad) or (
-            "no Conv/Linear directly followed by a BatchNorm was found"
-        )
-        raise ArgumentError(
-            f"fold_batchnorm: nothing to fold ({detail}). Fix: freeze the layers and pin the BatchNorm "
-            "layers to eval (freeze(model, ...); freeze_batchnorm(model, ...)), or pass pairs=[(conv, bn)] "
-            "for a model that is not an nn.Sequential and does not trace with torch.fx."
-        )
+        detail = _bounded(problems) if problems else "no Conv/Linear followed by a BatchNorm was found"
+        raise ArgumentError(f"fold_batchnorm: nothing to fold ({detail}). Fix: {_fix_for(bad, lone)}")
     plan: list[tuple[str, str, Linear, Norm, torch.Tensor, torch.Tensor]] = []
     for conv_name, bn_name in good:  # why_not() checked both types
         conv = cast(Linear, model.get_submodule(conv_name))
@@ -239,6 +240,30 @@ def fold_batchnorm(
         holder.train(bn.training)
         _set_submodule(model, bn_name, holder)
     return model
+
+
+_LONE = (
+    "no Conv/Linear whose output goes only to it was found before it (looked for in the torch.fx trace of "
+    "the model or its submodules, and between neighbours in an nn.Sequential); if there is one, name the "
+    "pair with pairs=[(conv_name, bn_name)]"
+)
+
+
+def _bounded(problems: list[str], limit: int = 5) -> str:
+    shown = "; ".join(problems[:limit])
+    return shown + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
+
+
+def _fix_for(bad: list[tuple[str, str, str | None]], lone: list[str]) -> str:
+    """The fix that applies, never a step the model shows was already taken."""
+    if bad:
+        return "the reason given for each pair says what to change."
+    if lone:
+        return "pass pairs=[(conv_name, bn_name)] for the pairs the search cannot see."
+    return (
+        "select a part where a frozen Conv/Linear feeds a BatchNorm (freeze(model, ...) then "
+        "freeze_batchnorm(model, ...)), or pass pairs=[(conv_name, bn_name)]."
+    )
 
 
 def _digest(conv: Linear) -> str:

@@ -8,12 +8,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from torchfreeze._core.checks import require_module
+from torchfreeze._core.checks import require_bool, require_module
 from torchfreeze._core.mode import Mode, check_mode, get_pin, set_pin, unpin_modules
 from torchfreeze._core.select import Selection, Selector, resolve
 from torchfreeze._core.uses import parameter_uses, set_requires_grad
 from torchfreeze.errors import ArgumentError, SharedParameterError
-from torchfreeze.nn.batchnorm import _FrozenBatchNorm, is_norm, unconvert_batchnorm
+from torchfreeze.nn.batchnorm import is_converted_batchnorm, is_norm, unconvert_batchnorm
 from torchfreeze.nn.groups import layer_groups
 
 __all__ = [
@@ -234,7 +234,7 @@ def unfreeze(model: nn.Module, *selectors: Selector, shared: Shared = "error") -
 def _release(model: nn.Module, selection: Selection) -> None:
     """Undo what freezing did besides the flag: pins set by ``freeze``, converted BatchNorm layers."""
     unpin_modules(model, selection.unique_modules().values(), origins={"freeze"})
-    unconvert_batchnorm(model, [n for n, m in selection.modules.items() if isinstance(m, _FrozenBatchNorm)])
+    unconvert_batchnorm(model, [n for n, m in selection.modules.items() if is_converted_batchnorm(m)])
 
 
 def is_frozen(model: nn.Module, *selectors: Selector) -> bool:
@@ -297,7 +297,12 @@ def prepare_for_distributed(model: nn.Module) -> nn.Module:
 
 
 def freeze_to(
-    model: nn.Module, n: int, groups: Sequence[Selector] | None = None, *, shared: Shared = "error"
+    model: nn.Module,
+    n: int,
+    groups: Sequence[Selector] | None = None,
+    *,
+    train_bn: bool = False,
+    shared: Shared = "error",
 ) -> nn.Module:
     """Freeze the first ``n`` layer groups and unfreeze the rest (fastai's ``freeze_to``).
 
@@ -309,6 +314,9 @@ def freeze_to(
         n: how many groups, from the input side, to freeze; negative counts from the end
             (``-1`` freezes all but the last group).
         groups: selectors, one per group; default :func:`layer_groups`.
+        train_bn: make the normalisation layers of the frozen groups trainable too (fastai's
+            ``train_bn=True``; converted BatchNorm layers there are converted back). The default,
+            ``False``, is :func:`freeze`'s: everything in a frozen group is frozen (docs/core.md).
         shared: as for :func:`freeze`: ``"error"`` refuses to change a parameter tied to one in
             a group on the other side of ``n``; ``"freeze"`` changes it for every use (the
             frozen side wins for a tie between the two sides).
@@ -335,20 +343,31 @@ def freeze_to(
         )
     if n < 0:
         n += len(groups)
-    frozen_part, trainable_part = groups[:n], groups[n:]
+    frozen_part, trainable_part = list(groups[:n]), list(groups[n:])
+    norm_ids: set[int] = set()
+    if require_bool(train_bn, "freeze_to", "train_bn") and frozen_part:  # fastai: their norms train
+        norms = {k: m for k, m in resolve(model, frozen_part).modules.items() if k and is_norm(m)}
+        trainable_part += list(norms)
+        norm_ids = {id(p) for m in norms.values() for p in m.parameters(recurse=False)}
     selections: dict[bool, Selection] = {}
     for part, requires_grad, verb in ((frozen_part, False, "freeze"), (trainable_part, True, "unfreeze")):
         if part:
             selections[requires_grad] = resolve(model, list(part))
             _plan(
-                model, selections[requires_grad], requires_grad=requires_grad, train_bn=False, shared=shared, verb=verb
+                model,
+                selections[requires_grad],
+                requires_grad=requires_grad,
+                train_bn=train_bn and not requires_grad,
+                shared=shared,
+                verb=verb,
             )
     # unfreeze first, then freeze: with shared="freeze" a parameter tied across the two sides stays frozen
     if True in selections:
         _restore_full_precision(model, [p for p in selections[True].parameters.values() if not p.requires_grad])
     for requires_grad in (True, False):
         if requires_grad in selections:
-            set_requires_grad(selections[requires_grad].parameters.values(), requires_grad)
+            params = selections[requires_grad].parameters.values()
+            set_requires_grad([p for p in params if requires_grad or id(p) not in norm_ids], requires_grad)
     if True in selections:
         _release(model, selections[True])
     return model
