@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -38,10 +38,16 @@ __all__ = [
     "require_no_raw_ddp",
     "local_tensor",
     "is_dtensor",
+    "full_tensors",
+    "copy_full_into",
+    "sharded",
 ]
 
 #: Live DDP wrappers seen by torchfreeze -> the re-wrap callback of their handle (None: a raw DDP).
 _LIVE: weakref.WeakKeyDictionary[DistributedDataParallel, Callable[[], None] | None] = weakref.WeakKeyDictionary()
+
+#: FSDP2 (``fully_shard``) models seen by torchfreeze: their non-DTensor parameters were left out of sharding.
+_SHARDED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 _SUPPORTED_PATH = (
     "freeze before wrapping (build the DDP after the last change), or wrap with "
@@ -57,6 +63,12 @@ def _compiled_inner(module: nn.Module) -> nn.Module | None:
         inner = module._orig_mod
         return inner if isinstance(inner, nn.Module) else None
     return None
+
+
+def _is_fsdp2(module: nn.Module) -> bool:
+    fully_shard = sys.modules.get("torch.distributed.fsdp._fully_shard._fully_shard")  # not imported: no FSDP2
+    fsdp_module = getattr(fully_shard, "FSDPModule", None)
+    return fsdp_module is not None and isinstance(module, fsdp_module)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -88,6 +100,8 @@ def unwrap(model: nn.Module) -> nn.Module:
         else:
             inner = _compiled_inner(current)
             if inner is None:
+                if _is_fsdp2(current):
+                    _SHARDED.add(current)
                 return current
             current = inner
 
@@ -137,6 +151,10 @@ def ddp_reduced_ids(ddp: DistributedDataParallel) -> set[int] | None:
     return {id(p) for bucket in buckets_of() for p in bucket.parameters()}
 
 
+def _shown(names: list[str], k: int = 3) -> str:
+    return ", ".join(repr(n) for n in names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
 def _ddp_names(ddp: DistributedDataParallel) -> dict[int, str]:
     names: dict[int, str] = {}
     for name, param in unwrap(ddp.module).named_parameters(remove_duplicate=False):
@@ -163,9 +181,12 @@ def guard_requires_grad_change(parameters: Iterable[nn.Parameter], flag: bool) -
     >>> guard_requires_grad_change(nn.Linear(2, 2).parameters(), False)
     []
     """
+    params = list(parameters)
+    if flag and _SHARDED:
+        _refuse_unsharded(params)
     if not _LIVE:
         return []
-    changing = {id(p) for p in parameters if p.requires_grad != flag}
+    changing = {id(p) for p in params if p.requires_grad != flag}
     callbacks: list[Callable[[], None]] = []
     for ddp, rewrap in list(_LIVE.items()):
         names = _ddp_names(ddp)
@@ -174,7 +195,7 @@ def guard_requires_grad_change(parameters: Iterable[nn.Parameter], flag: bool) -
             continue
         if rewrap is None:
             verb = "unfreezing" if flag else "freezing"
-            shown = ", ".join(repr(n) for n in sorted(hit)[:3]) + (f" and {len(hit) - 3} more" if len(hit) > 3 else "")
+            shown = _shown(sorted(hit))
             raise ArgumentError(
                 f"{verb} {shown} under a live DistributedDataParallel: DDP all-reduces only the parameters that "
                 "required grad when it was built, so the replicas would silently drift apart. Nothing was "
@@ -183,6 +204,20 @@ def guard_requires_grad_change(parameters: Iterable[nn.Parameter], flag: bool) -
         if rewrap not in callbacks:
             callbacks.append(rewrap)
     return callbacks
+
+
+def _refuse_unsharded(params: list[nn.Parameter]) -> None:
+    """Refuse to unfreeze a parameter that FSDP2 left out of sharding (``ignored_params``)."""
+    changing = {id(p) for p in params if not p.requires_grad}
+    for root in list(_SHARDED):
+        left_out = [n for n, p in root.named_parameters() if id(p) in changing and not is_dtensor(p)]
+        if left_out:
+            shown = _shown(left_out)
+            raise ArgumentError(
+                f"unfreezing {shown}, which fully_shard left out of sharding (ignored_params): FSDP2 never reduces "
+                "its gradient, so every rank would train its own copy. Nothing was changed. Fix: shard it "
+                "(fully_shard without ignored_params for it) before training, or keep it frozen."
+            )
 
 
 def require_no_raw_ddp(model: nn.Module, verb: str) -> None:
@@ -222,3 +257,46 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
         local: torch.Tensor = tensor.to_local()  # type: ignore[attr-defined]
         return local.detach()
     return tensor
+
+
+def sharded(tensors: Iterable[torch.Tensor]) -> bool:
+    """True when any tensor is a DTensor: the verb is then collective (every rank must call it).
+
+    >>> sharded([torch.zeros(1)])
+    False
+    """
+    return any(is_dtensor(t) for t in tensors)
+
+
+def full_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Name -> whole tensor: DTensors are all-gathered (collective, same order on every rank), others kept.
+
+    >>> list(full_tensors({"w": torch.ones(2)}))
+    ['w']
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if is_dtensor(tensor):
+            whole: torch.Tensor = tensor.detach().full_tensor()  # type: ignore[attr-defined]
+            out[name] = whole
+        else:
+            out[name] = tensor
+    return out
+
+
+def copy_full_into(target: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy a whole tensor into ``target``; into a DTensor, this rank's part of it (no communication).
+
+    >>> t = torch.zeros(2)
+    >>> copy_full_into(t, torch.ones(2)); t.tolist()
+    [1.0, 1.0]
+    """
+    with torch.no_grad():
+        if is_dtensor(target):
+            from torch.distributed.tensor import distribute_tensor
+
+            # every rank holds ``whole``: take the local part without a scatter
+            part = distribute_tensor(whole.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)  # type: ignore[attr-defined]
+            target.copy_(part)
+        else:
+            target.copy_(whole)
