@@ -472,7 +472,8 @@ def _stored_fp16() -> Any:
 
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
-    model = freeze(Composite(backbone, nn.Linear(8, 2)), "backbone")
+    model = Composite(backbone, nn.Linear(8, 2))
+    freeze(model, "backbone")
     return store_frozen_backbone(model, torch.float16)
 
 

@@ -40,7 +40,7 @@ def _plateau_step(s: Any, i: int) -> None:
 def _linear_warmup(opt: torch.optim.Optimizer, lrs: list[float]) -> Any:
     from transformers import get_linear_schedule_with_warmup
 
-    return get_linear_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=12)
+    return get_linear_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=12)  # type: ignore[no-untyped-call]
 
 
 #: scheduler class name -> (factory over the optimizer and the groups' base lrs, how to step it)
@@ -185,7 +185,7 @@ def test_a_scheduler_that_cannot_take_the_group_is_refused_before_anything_chang
     if error is ArgumentError and match.startswith("Custom"):
         with pytest.raises(error, match=match):
             gu = GradualUnfreezing(model, opt, {1: "0"}, scheduler=sched)
-    assert gu is None and model[0].weight.requires_grad is False and len(opt.param_groups) == 1
+    assert gu is None and model.get_parameter("0.weight").requires_grad is False and len(opt.param_groups) == 1
 
 
 def test_a_group_added_behind_the_schedulers_back_is_refused_at_the_next_unfreeze() -> None:
@@ -317,4 +317,28 @@ def test_bad_warmup_is_refused_before_anything_changes(kwargs: dict[str, Any], m
     state = copy.deepcopy(opt.state_dict())
     with pytest.raises(ArgumentError, match=match):
         GradualUnfreezing(model, opt, {0: "0"}, **kwargs)
-    assert model[0].weight.requires_grad is False and opt.state_dict() == state
+    assert model.get_parameter("0.weight").requires_grad is False and opt.state_dict() == state
+
+
+# ----------------------------------------------------------------------------------- the docs
+
+
+def test_docs_loop_scheduler_amp_gradual_unfreezing_and_resume_runs() -> None:
+    """docs/training.md, "Schedulers, mixed precision and resuming": the loop runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    section = text[text.index("## Schedulers, mixed precision and resuming") :]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None
+    namespace: dict[str, Any] = {"__name__": "docs_training_loop"}
+    exec(compile(match.group(1), "docs/training.md loop", "exec"), namespace)  # its own asserts: exact resume
+    model, optimizer, scheduler = namespace["resumed"][:3]
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())  # fp16 storage undone
+    assert model.frozen_storage_dtype is None
+    names = [g["name"] for g in optimizer.param_groups]
+    assert names == ["group2", "group2/no_decay", "unfrozen0", "unfrozen0/no_decay", "unfrozen1", "unfrozen1/no_decay"]
+    assert len(scheduler.get_last_lr()) == len(optimizer.param_groups)
+    lrs = [float(g["max_lr"]) for g in optimizer.param_groups[::2]]  # head, backbone.2, backbone.0
+    assert lrs == pytest.approx([1e-2, 1e-2 / 2.6, 1e-2 / 2.6**2], rel=1e-12)
