@@ -12,7 +12,7 @@ from torch import nn
 
 import torchfreeze
 from torchfreeze import Composite, Weights, get_model, list_models, register_model
-from torchfreeze.errors import ArgumentError, WeightsError
+from torchfreeze.errors import ArgumentError, ArgumentTypeError, WeightsError
 from torchfreeze.hub import FreezePlan, NothingPretrainedWarning
 from torchfreeze.hub import registry as _registry
 from torchfreeze.hub.weights import sha256_file
@@ -117,9 +117,16 @@ def test_unknown_plan_lists_known_plans(toy: str) -> None:
     assert "bottom_half" in message and "all_but_last_block" in message and "default" in message
 
 
-def test_bad_freeze_value(toy: str) -> None:
-    with pytest.raises(ArgumentError, match="freeze=3"):
-        get_model(toy, freeze=3)  # type: ignore[arg-type]
+@pytest.mark.parametrize("freeze", [3, None, 1.0], ids=["int", "none", "float"])
+def test_bad_freeze_type(toy: str, freeze: object) -> None:
+    with pytest.raises(ArgumentTypeError, match=r"freeze="):
+        get_model(toy, freeze=freeze)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", [None, 1, ["digits-cnn"]], ids=["none", "int", "list"])
+def test_model_name_of_the_wrong_type(name: object) -> None:
+    with pytest.raises(ArgumentTypeError, match=r"name=.*expected a model name"):
+        get_model(name)  # type: ignore[arg-type]
 
 
 def test_unknown_model_suggests_close_names() -> None:
@@ -177,22 +184,39 @@ def test_bad_weights_fail_the_build(toy: str, pretrained: Weights) -> None:
 
 
 @pytest.mark.parametrize(
-    ("call", "match"),
+    ("call", "error", "match"),
     [
-        pytest.param(lambda: register_model("", build), "name=", id="empty-name"),
-        pytest.param(lambda: register_model("digits-cnn", build), "already registered", id="duplicate"),
-        pytest.param(lambda: register_model("x", 3), "builder=", id="not-callable"),
-        pytest.param(lambda: register_model("x", build, plans={"p": 3}), "plans\\['p'\\]", id="bad-plan"),
-        pytest.param(lambda: register_model("x", build, weights={"w": 3}), "weights\\['w'\\]", id="bad-weights"),
-        pytest.param(lambda: register_model("x", build, weights=[3]), "weights\\['#0'\\]", id="bad-weights-list"),
+        pytest.param(lambda: register_model("", build), ArgumentError, "name=", id="empty-name"),
+        pytest.param(lambda: register_model(5, build), ArgumentTypeError, "name=5", id="name-not-str"),
+        pytest.param(lambda: register_model("digits-cnn", build), ArgumentError, "already registered", id="duplicate"),
+        pytest.param(lambda: register_model("x", 3), ArgumentTypeError, "builder=", id="not-callable"),
+        pytest.param(lambda: register_model("x", build, overwrite="yes"), ArgumentTypeError, "overwrite=", id="flag"),
         pytest.param(
-            lambda: register_model("x", build, weights="w.safetensors"), "expected a Weights", id="weights-path-str"
+            lambda: register_model("x", build, plans={"p": 3}), ArgumentTypeError, "plans\\['p'\\]", id="bad-plan"
+        ),
+        pytest.param(
+            lambda: register_model("x", build, weights={"w": 3}),
+            ArgumentTypeError,
+            "weights\\['w'\\]",
+            id="bad-weights",
+        ),
+        pytest.param(
+            lambda: register_model("x", build, weights=[3]),
+            ArgumentTypeError,
+            "weights\\['#0'\\]",
+            id="bad-weights-list",
+        ),
+        pytest.param(
+            lambda: register_model("x", build, weights="w.safetensors"),
+            ArgumentTypeError,
+            "expected a Weights",
+            id="weights-path-str",
         ),
     ],
 )
-def test_register_model_errors(call, match: str) -> None:
+def test_register_model_errors(call, error: type[Exception], match: str) -> None:
     before = dict(_registry._REGISTRY)
-    with pytest.raises(ArgumentError, match=match):
+    with pytest.raises(error, match=match):
         call()
     assert _registry._REGISTRY == before
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from _helpers import Net, TiedLM
 from torchfreeze import Frozen, freeze, pin_mode, summary
-from torchfreeze.errors import ArgumentError
+from torchfreeze.errors import ArgumentError, ArgumentTypeError
 
 
 def test_totals_split_by_flag_and_use():
@@ -53,9 +53,13 @@ def test_depth_limits_rows_not_totals():
     assert [r.name for r in summary(model, depth=0).rows] == [""]
 
 
-@pytest.mark.parametrize("depth", [-1, 1.5, "2"], ids=["negative", "float", "str"])
-def test_bad_depth(depth):
-    with pytest.raises(ArgumentError, match="depth="):
+@pytest.mark.parametrize(
+    ("depth", "error"),
+    [(-1, ArgumentError), (1.5, ArgumentTypeError), ("2", ArgumentTypeError), (True, ArgumentTypeError)],
+    ids=["negative", "float", "str", "bool"],
+)
+def test_bad_depth(depth, error):
+    with pytest.raises(error, match=r"summary\(depth="):
         summary(Net(), depth=depth)
 
 

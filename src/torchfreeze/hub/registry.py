@@ -29,9 +29,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from torchfreeze._core.checks import require_bool, short_repr
 from torchfreeze._core.select import Selector
 from torchfreeze.compose.composite import Composite, store_frozen_backbone
-from torchfreeze.errors import ArgumentError
+from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.hub.weights import Weights
 from torchfreeze.nn.freezing import freeze as freeze_selection
 
@@ -180,10 +181,19 @@ def register_model(
             return fn
 
         return decorator
-    if not isinstance(name, str) or not name.strip():
-        raise ArgumentError(f"name={name!r}: expected a non-empty string.")
+    if not isinstance(name, str):
+        raise ArgumentTypeError(
+            f"register_model(name={short_repr(name)}): expected a str, got {type(name).__name__}. "
+            "Fix: pass the model's name, e.g. 'my-classifier'."
+        )
+    if not name.strip():
+        raise ArgumentError(f"register_model(name={name!r}): expected a non-empty string. Fix: pass a name.")
     if not callable(builder):
-        raise ArgumentError(f"builder={type(builder).__name__}: expected a callable returning an nn.Module.")
+        raise ArgumentTypeError(
+            f"register_model(builder={short_repr(builder)}): expected a callable returning an nn.Module, got "
+            f"{type(builder).__name__}. Fix: pass the function (or class) that builds the model."
+        )
+    require_bool(overwrite, "register_model", "overwrite")
     if (name in _REGISTRY or name in BUILTIN_MODELS) and not overwrite:
         raise ArgumentError(f"name={name!r} is already registered; choose another name or pass overwrite=True.")
     if weights is None:
@@ -195,20 +205,24 @@ def register_model(
     elif isinstance(weights, (list, tuple)):
         table = {getattr(w, "name", f"#{i}"): w for i, w in enumerate(weights)}
     else:
-        raise ArgumentError(
-            f"weights={weights!r}: expected a Weights, a list of Weights or a dict name -> Weights "
-            "(for a file, wrap it: Weights(name, path, sha256))."
+        raise ArgumentTypeError(
+            f"register_model(weights={short_repr(weights)}): expected a Weights, a list of Weights or a dict "
+            "name -> Weights. Fix: for a file, wrap it: Weights(name, path, sha256)."
         )
     for key, w in table.items():
         if not isinstance(w, Weights):
-            raise ArgumentError(f"weights[{key!r}]={type(w).__name__}: expected a Weights.")
+            raise ArgumentTypeError(
+                f"register_model(weights[{key!r}]={short_repr(w)}): expected a Weights, got {type(w).__name__}. "
+                "Fix: wrap the file: Weights(name, path, sha256)."
+            )
     if table and "default" not in table:
         table = {"default": next(iter(table.values())), **table}
     plan_table = dict(plans or {})
     for key, plan in plan_table.items():
         if not isinstance(key, str) or not (isinstance(plan, FreezePlan) or callable(plan)):
-            raise ArgumentError(
-                f"plans[{key!r}]={type(plan).__name__}: expected a FreezePlan or a callable taking the model."
+            raise ArgumentTypeError(
+                f"register_model(plans[{key!r}]={short_repr(plan)}): expected a FreezePlan or a callable taking "
+                "the model. Fix: plans={'default': FreezePlan(freeze=('backbone',))}."
             )
     _REGISTRY[name] = ModelSpec(name, builder, table, plan_table, description)
     return builder
@@ -241,7 +255,12 @@ def model_spec(name: str) -> ModelSpec:
     >>> sorted(model_spec("digits-cnn").plans)
     ['all_but_last_block', 'default', 'none']
     """
-    spec = _lookup(name) if isinstance(name, str) else None
+    if not isinstance(name, str):
+        raise ArgumentTypeError(
+            f"name={short_repr(name)}: expected a model name (str), got {type(name).__name__}. "
+            f"Fix: pass one of list_models(), e.g. {list_models()[0]!r}."
+        )
+    spec = _lookup(name)
     if spec is not None:
         return spec
     known = list_models()
@@ -349,16 +368,16 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
 
 
 def _choose_plan(spec: ModelSpec, freeze: bool | str) -> Plan | None:
-    if freeze is False or freeze is None:
+    if freeze is False:
         return None
     if freeze is True:
         key = "default"
     elif isinstance(freeze, str):
         key = freeze
     else:
-        raise ArgumentError(
-            f"freeze={freeze!r}: expected True, False or a plan name; known plans for "
-            f"{spec.name!r}: {known_plans(spec)}."
+        raise ArgumentTypeError(
+            f"get_model(freeze={short_repr(freeze)}): expected True, False or a plan name; known plans for "
+            f"{spec.name!r}: {known_plans(spec)}. Fix: pass freeze=True for the default plan."
         )
     if key in spec.plans:
         return spec.plans[key]
@@ -383,4 +402,7 @@ def _choose_weights(spec: ModelSpec, weights: str | Weights | None) -> Weights |
             f"weights={weights!r}: model {spec.name!r} has no such pretrained weights; known: "
             f"{known}. Pass a Weights object for your own file, or weights=None."
         )
-    raise ArgumentError(f"weights={type(weights).__name__}: expected 'default', a weights name, a Weights, or None.")
+    raise ArgumentTypeError(
+        f"get_model(weights={short_repr(weights)}): expected 'default', a weights name, a Weights, or None. "
+        "Fix: pass weights='default' or weights=None."
+    )

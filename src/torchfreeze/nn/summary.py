@@ -7,12 +7,12 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from torchfreeze._core.checks import require_module
+from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.mode import get_pin
 from torchfreeze._core.render import plain_table
 from torchfreeze._core.uses import parameter_uses
 from torchfreeze._core.wrappers import unwrap
-from torchfreeze.errors import ArgumentError
+from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.nn.frozen import Frozen
 
 __all__ = ["summary", "Summary", "SummaryRow"]
@@ -150,8 +150,13 @@ def summary(model: nn.Module, *, depth: int | None = None) -> Summary:
     """
     require_module(model, "summary")
     model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
-    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 0):
-        raise ArgumentError(f"depth={depth!r} must be None or an int >= 0 (0 shows only the model row).")
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)):
+        raise ArgumentTypeError(
+            f"summary(depth={short_repr(depth)}): expected None or an int, got {type(depth).__name__}. "
+            "Fix: pass depth=1 for the model's children, or None for every module."
+        )
+    if depth is not None and depth < 0:
+        raise ArgumentError(f"summary(depth={depth}): expected an int >= 0. Fix: pass depth=0 for the model row only.")
     uses = parameter_uses(model)
     shared_ids = {key for key, entry in uses.items() if len(entry.paths) > 1}
 
