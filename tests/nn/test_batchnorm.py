@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import torchfreeze as tf
 from _helpers import requires_grad_map
 from torchfreeze import (
     FrozenBatchNorm1d,
@@ -481,3 +482,16 @@ def test_freeze_to_train_bn_converts_frozen_groups_norms_back_and_checks_its_typ
     freeze_to(model, 1, groups=["0", "1", "3"], train_bn=True)
     assert type(model[0][1]) is nn.BatchNorm2d and model[0][1].weight.requires_grad
     assert not model[0][0].weight.requires_grad and model[1][0].weight.requires_grad
+
+
+def test_freeze_state_records_a_subclass_converted_in_place():
+    def build() -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4), nn.Conv2d(4, 2, 1))
+
+    model = build()
+    freeze_batchnorm(model, convert=True)
+    state = tf.freeze_state(model)
+    assert state["converted_norms"] == ["1"]
+    fresh = tf.load_freeze_state(build(), state)
+    assert type(fresh[1]) is BatchNormAct2d and is_converted_batchnorm(fresh[1])
+    assert list(fresh[1].parameters(recurse=False)) == [] and list(fresh.state_dict()) == list(model.state_dict())

@@ -15,7 +15,7 @@ from torch.nn.parameter import is_lazy
 from torchfreeze._core.behaviour import is_normalization, tracks_running_stats
 from torchfreeze._core.mode import pins
 from torchfreeze._core.uses import frozen_map
-from torchfreeze.nn import FROZEN_BATCHNORM_TYPES
+from torchfreeze.nn.batchnorm import is_converted_batchnorm
 
 __all__ = [
     "frozen_ids",
@@ -53,8 +53,8 @@ def owns_only_frozen(module: nn.Module, frozen: set[int]) -> bool:
 
 
 def is_frozen_batchnorm(module: nn.Module) -> bool:
-    """A BatchNorm converted to ``FrozenBatchNorm`` (every tensor a buffer)."""
-    return isinstance(module, FROZEN_BATCHNORM_TYPES)
+    """A BatchNorm converted by ``freeze_batchnorm(convert=True)`` (every tensor a buffer), either form."""
+    return is_converted_batchnorm(module)
 
 
 def stats_update_while_frozen(module: nn.Module, frozen: set[int], eval_ids: set[int]) -> bool:
