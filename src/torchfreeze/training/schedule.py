@@ -15,7 +15,7 @@ from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.nn import freeze_to, is_frozen, layer_groups, unfreeze
 from torchfreeze.nn.freezing import Shared
 from torchfreeze.training.optim import _add_groups, _held_ids, _new_groups, _positive, _warn_unjoined
-from torchfreeze.training.schedulers import _like, check_scheduler, join, lr_slots, sync_last_lr
+from torchfreeze.training.schedulers import _like, check_scheduler, join, lr_slots, sync_last_lr, warmup_factor
 from torchfreeze.training.state import _validate_freeze_state, freeze_state, load_freeze_state
 
 __all__ = ["GradualUnfreezing", "Preset", "WarmupCurve"]
@@ -227,12 +227,7 @@ class GradualUnfreezing:
     # ----------------------------------------------------------------------------- warm-up
 
     def _factor(self, t: int) -> float:
-        """Warm-up factor ``t`` units after a group was added: from ``warmup_start`` up to 1 at ``warmup``."""
-        if t >= self.warmup:
-            return 1.0
-        if self.warmup_curve == "linear":
-            return self.warmup_start + (1.0 - self.warmup_start) * t / self.warmup
-        return float(self.warmup_start ** (1.0 - t / self.warmup))
+        return warmup_factor(t, self.warmup, self.warmup_start, self.warmup_curve)
 
     def _warming(self, count: int) -> set[int]:
         """Optimizer groups still warming up at ``count`` (never the reference of a new group)."""

@@ -24,7 +24,7 @@ from torch.optim import lr_scheduler as L
 from torchfreeze._core.checks import short_repr
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["SUPPORTED", "check_scheduler", "join", "lr_slots", "sync_last_lr"]
+__all__ = ["SUPPORTED", "check_scheduler", "join", "joined_options", "lr_slots", "sync_last_lr", "warmup_factor"]
 
 #: Scheduler classes whose per-group state :func:`join` extends (exact types; their children too).
 SUPPORTED: tuple[type, ...] = (
@@ -225,3 +225,23 @@ def sync_last_lr(optimizer: torch.optim.Optimizer, scheduler: Any, index: int) -
         last = getattr(s, "_last_lr", None)
         if isinstance(last, list) and index < len(last):
             last[index] = _like(lr, lr)
+
+
+def warmup_factor(t: int, units: int, start: float, curve: str) -> float:
+    """Warm-up factor ``t`` units after a group was unfrozen: ``start`` at 0, 1 from ``units`` on.
+
+    ``"linear"``: ``start + (1 - start) * t / units``; ``"geometric"``: ``start ** (1 - t / units)``
+    (the same factor every unit, like Lightning's ``BackboneFinetuning`` raising the backbone's lr
+    by a constant factor each epoch).
+
+    Example:
+        >>> [round(warmup_factor(t, 3, 0.1, "linear"), 3) for t in range(5)]
+        [0.1, 0.4, 0.7, 1.0, 1.0]
+        >>> [round(warmup_factor(t, 2, 0.01, "geometric"), 3) for t in range(3)]
+        [0.01, 0.1, 1.0]
+    """
+    if t >= units:
+        return 1.0
+    if curve == "linear":
+        return start + (1.0 - start) * t / units
+    return float(start ** (1.0 - t / units))
