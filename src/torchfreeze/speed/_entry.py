@@ -2,20 +2,23 @@
 
 In memory an entry is the ``torch.utils._pytree`` spec of the output and its
 leaves (tensors, and constants such as ``None``). On disk it is a magic number,
-a JSON header (the key, the output structure, each tensor's dtype, shape and
-offset), the raw tensor bytes (64-byte aligned) and a SHA-256 checksum. No
-pickle is ever loaded: output containers are rebuilt from their class path,
-restricted to tuple/list/dict subclasses of modules already imported.
+the file's total length, a JSON header (the key, the output structure, each
+tensor's dtype, shape and offset), the raw tensor bytes (64-byte aligned) and an
+HMAC-SHA256 of everything before it, keyed by the directory's secret
+(:mod:`torchfreeze.speed.storage`): an entry written by anyone who does not hold
+the secret is rejected. No pickle is loaded and no class is looked up: the only
+structures a file can describe are plain ``tuple``, ``list`` and ``dict`` (string
+keys) of tensors and constants; an output with any other container (a
+namedtuple, a ``ModelOutput``) is kept in memory only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import struct
-import sys
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -34,14 +37,15 @@ __all__ = [
     "stack_entries",
     "encode_entry",
     "decode_entry",
-    "resolve_class",
+    "Unstorable",
 ]
 
-_MAGIC = b"TFCACHE\x02"
+_MAGIC = b"TFCACHE\x03"
+_PREFIX = len(_MAGIC) + 16  # magic, total length, header length
 _DIGEST = 32
 _ALIGN = 64
 # what a damaged header can raise while it is read; every one means "corrupt: recompute"
-_DAMAGE = (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, struct.error)
+_DAMAGE = (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, RecursionError, struct.error)
 
 
 class Entry:
@@ -124,26 +128,8 @@ def stack_rows(rows: list[Tensor], device: torch.device) -> Tensor:
 # --------------------------------------------------------------------------- spec <-> JSON
 
 
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def resolve_class(path: str) -> type:
-    """The container class named ``module:qualname``, from a module this process has already imported.
-
-    A disk entry must never make us import code: the wrapped model's own modules
-    are loaded by the time its outputs are read back; anything else is treated as
-    a foreign entry (``ValueError``: recomputed).
-    """
-    mod, _, qual = path.partition(":")
-    obj: Any = sys.modules.get(mod)
-    if obj is None:
-        raise ValueError(f"{path}: module {mod!r} is not imported in this process")
-    for part in qual.split("."):
-        obj = getattr(obj, part)
-    if not (isinstance(obj, type) and issubclass(obj, (tuple, list, dict))):
-        raise ValueError(f"{path} is not a container class")
-    return obj
+class Unstorable(ArgumentError):
+    """An output whose structure a cache file cannot describe (kept in memory only)."""
 
 
 def _children(spec: tree.TreeSpec) -> list[tree.TreeSpec]:
@@ -151,20 +137,13 @@ def _children(spec: tree.TreeSpec) -> list[tree.TreeSpec]:
     return list(children() if callable(children) else spec.children_specs)
 
 
-def _container_class(spec: tree.TreeSpec) -> type:
-    kind = spec.type
-    if isinstance(spec.context, type) and issubclass(spec.context, tuple):
-        return spec.context  # namedtuple / structseq: the node type is generic, the class is the context
-    if isinstance(kind, type) and issubclass(kind, (tuple, list, dict)):
-        return kind
-    raise ArgumentError(
-        f"cache_features: cannot store an output containing a {getattr(kind, '__name__', kind)} on disk; expected "
-        "tensors, or tuples, lists and dicts of tensors. Use no directory, or wrap the module so it returns those."
-    )
-
-
 def spec_to_json(spec: tree.TreeSpec, leaves: list[Any]) -> Any:
-    """A JSON-able description of an output: its spec, with constants inline and tensors by index."""
+    """A JSON-able description of an output: plain tuples, lists and string-keyed dicts only.
+
+    Raises:
+        Unstorable: any other container (a namedtuple, an ``OrderedDict``, a ``ModelOutput``)
+            or a dict key that is not a string.
+    """
     position = iter(range(len(leaves)))
     tensor_index = iter(range(len(leaves)))
 
@@ -172,35 +151,39 @@ def spec_to_json(spec: tree.TreeSpec, leaves: list[Any]) -> Any:
         if s.is_leaf():
             leaf = leaves[next(position)]
             return ["T", next(tensor_index)] if isinstance(leaf, Tensor) else ["C", leaf]
-        cls = _container_class(s)
+        kind = s.type
         children = [node(c) for c in _children(s)]
-        if issubclass(cls, Mapping):
+        if kind is dict:
             keys = s.context
             if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
-                raise ArgumentError("cache_features: only string keys are supported in dict outputs stored on disk")
-            return ["D", _class_path(cls), keys, children]
-        return ["L", _class_path(cls), children]
+                raise Unstorable("cache_features: only string keys are supported in dict outputs stored on disk")
+            return ["D", keys, children]
+        if kind is tuple or kind is list:
+            return ["L", kind.__name__, children]
+        raise Unstorable(
+            f"cache_features: a cache file stores plain tuples, lists and dicts only, not a "
+            f"{getattr(kind, '__name__', kind)}; this output is kept in memory only."
+        )
 
     return node(spec)
 
 
-def _rebuild(spec: Any, tensors: list[Tensor]) -> Any:
+def _rebuild(spec: Any, tensors: list[Tensor], depth: int = 0) -> Any:
+    if depth > 64 or not isinstance(spec, list) or not spec:
+        raise ValueError("bad spec")
     tag = spec[0]
-    if tag == "T":
+    if tag == "T" and len(spec) == 2 and type(spec[1]) is int:
         return tensors[spec[1]]
-    if tag == "C":
-        if not isinstance(spec[1], CONSTANT_TYPES):
+    if tag == "C" and len(spec) == 2:
+        if spec[1] is not None and type(spec[1]) not in (bool, int, float, str):
             raise ValueError("bad constant")
         return spec[1]
-    if tag == "D":
-        cls = resolve_class(spec[1])
-        items = {k: _rebuild(s, tensors) for k, s in zip(spec[2], spec[3], strict=True)}
-        return cls(**items) if hasattr(cls, "to_tuple") else cls(items)  # to_tuple: a transformers ModelOutput
-    if tag == "L":
-        cls = resolve_class(spec[1])
-        values = [_rebuild(s, tensors) for s in spec[2]]
-        return cls(*values) if hasattr(cls, "_fields") else cls(values)  # _fields: a namedtuple
-    raise ValueError(f"bad spec tag {tag!r}")
+    if tag == "D" and len(spec) == 3 and all(isinstance(k, str) for k in spec[1]):
+        return {k: _rebuild(s, tensors, depth + 1) for k, s in zip(spec[1], spec[2], strict=True)}
+    if tag == "L" and len(spec) == 3 and spec[1] in ("tuple", "list"):
+        values = [_rebuild(s, tensors, depth + 1) for s in spec[2]]
+        return tuple(values) if spec[1] == "tuple" else values
+    raise ValueError("bad spec node")
 
 
 # --------------------------------------------------------------------------- file format
@@ -214,8 +197,12 @@ def _dtype_from_str(s: str) -> torch.dtype:
     return dt
 
 
-def encode_entry(key: str, entry: Entry) -> bytes:
-    """The bytes of the file that stores ``entry`` under ``key``."""
+def encode_entry(key: str, entry: Entry, secret: bytes) -> bytes:
+    """The bytes of the file that stores ``entry`` under ``key``, authenticated with ``secret``.
+
+    Raises:
+        Unstorable: the output's structure cannot be described in a file.
+    """
     tensors = [check_dense(t) for t in entry.leaves if isinstance(t, Tensor)]
     spec = spec_to_json(entry.spec, list(entry.leaves))
     metas = []
@@ -231,9 +218,9 @@ def encode_entry(key: str, entry: Entry) -> bytes:
         chunks.append(mv)
         offset += mv.nbytes
     header = json.dumps({"key": key, "spec": spec, "tensors": metas}, separators=(",", ":")).encode()
-    body = b"".join([header, *chunks])
-    digest = hashlib.sha256(body).digest()
-    return b"".join([_MAGIC, struct.pack("<Q", len(header)), body, digest])
+    total = _PREFIX + len(header) + offset + _DIGEST
+    signed = b"".join([_MAGIC, struct.pack("<QQ", total, len(header)), header, *chunks])
+    return signed + hmac.new(secret, signed, hashlib.sha256).digest()
 
 
 def _read_tensors(metas: list[dict[str, Any]], data: bytearray) -> list[Tensor]:
@@ -241,34 +228,38 @@ def _read_tensors(metas: list[dict[str, Any]], data: bytearray) -> list[Tensor]:
     for m in metas:
         dt = _dtype_from_str(m["dtype"])
         shape = tuple(int(s) for s in m["shape"])
+        if any(d < 0 for d in shape):
+            raise ValueError("negative dimension")
         numel = math.prod(shape)
         if numel == 0:
             tensors.append(torch.empty(shape, dtype=dt))
             continue
         itemsize = torch.empty((), dtype=dt).element_size()
-        if m["nbytes"] != numel * itemsize or m["offset"] + m["nbytes"] > len(data):
+        if m["nbytes"] != numel * itemsize or m["offset"] < 0 or m["offset"] + m["nbytes"] > len(data):
             raise ValueError("tensor extent out of range")
         tensors.append(torch.frombuffer(data, dtype=dt, count=numel, offset=m["offset"]).reshape(shape))
     return tensors
 
 
-def decode_entry(raw: bytes, key: str) -> Entry:
-    """The entry stored in ``raw`` under ``key``; ``ValueError`` for anything corrupted or foreign."""
-    if len(raw) < len(_MAGIC) + 8 + _DIGEST or not raw.startswith(_MAGIC):
+def decode_entry(raw: bytes, key: str, secret: bytes) -> Entry:
+    """The entry stored in ``raw`` under ``key``; ``ValueError`` for anything unauthenticated, corrupted or foreign.
+
+    The HMAC is checked before anything of the file is parsed.
+    """
+    if len(raw) < _PREFIX + _DIGEST or not raw.startswith(_MAGIC):
         raise ValueError("bad magic or truncated")
-    (hlen,) = struct.unpack_from("<Q", raw, len(_MAGIC))
-    start = len(_MAGIC) + 8
-    body = memoryview(raw)[start : len(raw) - _DIGEST]
-    if hlen > len(body):
-        raise ValueError("bad header length")
-    if hashlib.sha256(body).digest() != raw[len(raw) - _DIGEST :]:
-        raise ValueError("checksum mismatch")
+    total, hlen = struct.unpack_from("<QQ", raw, len(_MAGIC))
+    if total != len(raw) or hlen > len(raw) - _PREFIX - _DIGEST:
+        raise ValueError("declared length does not match the file")
+    signed = memoryview(raw)[: len(raw) - _DIGEST]
+    if not hmac.compare_digest(hmac.new(secret, signed, hashlib.sha256).digest(), raw[len(raw) - _DIGEST :]):
+        raise ValueError("not authenticated by this cache directory's secret")
     try:
-        header = json.loads(bytes(body[:hlen]))
+        header = json.loads(bytes(signed[_PREFIX : _PREFIX + hlen]))
         if header.get("key") != key:
             raise ValueError("entry belongs to another key")
-        tensors = _read_tensors(header["tensors"], bytearray(body[hlen:]))
-        spec, leaves = flatten_output(_rebuild(header["spec"], tensors))  # validates the classes too
+        tensors = _read_tensors(header["tensors"], bytearray(signed[_PREFIX + hlen :]))
+        spec, leaves = flatten_output(_rebuild(header["spec"], tensors))
     except _DAMAGE as error:
         raise ValueError(f"damaged entry: {error}") from error
     return Entry(spec, tuple(leaves))

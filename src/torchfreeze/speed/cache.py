@@ -14,8 +14,9 @@ that is the one call. The wrapper
   which holds for eval-mode networks; use ``granularity="batch"`` otherwise;
 * keeps entries in memory, least recently used first out, within ``max_bytes``,
   and optionally in a directory on disk (atomic writes; every file carries its
-  key and a checksum, so a corrupted or foreign entry is detected, counted and
-  recomputed, never returned) (:mod:`torchfreeze.speed.storage`);
+  key and an HMAC under the directory's own secret, so a corrupted, foreign or
+  planted entry is detected, counted and recomputed, never returned; a failed
+  write is counted and skipped) (:mod:`torchfreeze.speed.storage`);
 * refuses a module with trainable parameters or stochastic behaviour (dropout in
   train mode, BatchNorm using batch statistics), naming the parameter or layer,
   both when it is wrapped and on every call, so a later ``unfreeze`` is caught
@@ -229,6 +230,7 @@ class FeatureCache(nn.Module):
             with torch.no_grad():
                 return fn(*args, **kwargs)
         finally:
+            self._watch.rebase_attributes()  # counters the module keeps itself are not a change
             dt = time.perf_counter() - t0
             with self._store.lock:
                 self._store.stats.compute_seconds += dt
@@ -347,7 +349,7 @@ def cache_features(
         CacheRefusedError: the module has a trainable parameter or a stochastic
             layer (the message names them); nothing is changed.
         ArgumentError: a negative ``max_bytes``, an unknown ``granularity``, a
-            ``directory`` that is a file, or ``module`` is already a :class:`FeatureCache`.
+            ``directory`` that is a file or the empty string, or ``module`` is already a :class:`FeatureCache`.
 
     >>> enc = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).requires_grad_(False).eval()
     >>> cached = cache_features(enc)
@@ -384,6 +386,11 @@ def cache_features(
             raise ArgumentTypeError(
                 f"cache_features(directory={short_repr(directory)}): expected a path or None, got "
                 f"{type(directory).__name__}. Fix: pass a directory path such as 'cache/'."
+            )
+        if not os.fspath(directory):
+            raise ArgumentError(
+                "cache_features(directory=''): expected a directory path; the empty string would write into "
+                "the current directory. Fix: pass directory='feature-cache/' (or None for memory only)."
             )
         if Path(directory).exists() and not Path(directory).is_dir():
             raise ArgumentError(

@@ -13,7 +13,7 @@ import functools
 import hashlib
 import itertools
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -81,12 +81,35 @@ def module_fingerprint(module: nn.Module, *, salt: str = "") -> str:
     h.update(f"{type(module).__module__}.{type(module).__qualname__}|".encode())
     h.update(_structure_repr(module).encode())
     for name, m in module.named_modules(remove_duplicate=False):
-        h.update(f"|m:{name}:{type(m).__qualname__}:{m.training}".encode())
+        h.update(f"|m:{name}:{type(m).__qualname__}:{m.training}:{plain_attributes(m)!r}".encode())
     h.update(f"|{fingerprint(tensors)}".encode())
     return "sha256:" + h.hexdigest()
 
 
 # --------------------------------------------------------------------------- change token
+
+_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device})
+
+
+def _plain(value: Any) -> bool:
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    return (kind is tuple or kind is list) and all(type(v) in _SCALARS for v in value)
+
+
+def plain_attributes(module: nn.Module) -> list[tuple[str, Any]]:
+    """The module's public attributes that hold plain values (numbers, strings, tuples of them...).
+
+    Hyperparameters that change the output without being tensors or modes
+    (``LeakyReLU.negative_slope``, ``Dropout.p``, ``eps``, ``stride``) live here, so
+    they are part of the change token and of the fingerprint.
+
+    >>> plain_attributes(nn.LeakyReLU(0.3))
+    [('negative_slope', 0.3), ('inplace', False)]
+    """
+    return [(k, v) for k, v in module.__dict__.items() if k[0] != "_" and k != "training" and _plain(v)]
+
 
 _get_training = operator.attrgetter("training")
 _get_version = operator.attrgetter("_version")
@@ -94,21 +117,46 @@ _get_requires_grad = operator.attrgetter("requires_grad")
 _get_parameters = operator.attrgetter("_parameters")
 _get_buffers = operator.attrgetter("_buffers")
 _get_modules = operator.attrgetter("_modules")
+_get_dict = operator.attrgetter("__dict__")
 _not_none = functools.partial(operator.is_not, None)
 
 StateToken = tuple[list[Any], ...]
+Reader = Callable[[dict[str, Any]], Any]
 
 
-def state_token(mods: list[nn.Module]) -> StateToken:
+def _none(_: dict[str, Any]) -> None:
+    return None
+
+
+def attribute_readers(mods: list[nn.Module]) -> list[Reader]:
+    """Per module, a C-level getter of its plain attributes' values (see :func:`plain_attributes`)."""
+    readers: list[Reader] = []
+    for m in mods:
+        keys = [k for k, _ in plain_attributes(m)]
+        readers.append(operator.itemgetter(*keys) if keys else _none)
+    return readers
+
+
+def _read(reader: Reader, d: dict[str, Any]) -> Any:
+    try:
+        return reader(d)
+    except KeyError:  # an attribute was deleted: a change
+        return KeyError
+
+
+def state_token(mods: list[nn.Module], readers: list[Reader] | None = None) -> StateToken:
     """A token that changes whenever weights, buffers, structure or modes of ``mods`` change.
 
     Per tensor: identity, storage address, version counter (bumped by every in-place change,
     including ``load_state_dict`` and optimizer steps) and ``requires_grad``; per module: the
-    identity of its parameter, buffer and child dicts, of every child, and its ``training`` flag
-    (so a swapped or added layer, even one without parameters, changes the token). It runs on
+    identity of its parameter, buffer and child dicts, of every child, its ``training`` flag
+    (so a swapped or added layer, even one without parameters, changes the token) and its plain
+    attributes (:func:`plain_attributes`: ``negative_slope``, ``eps``, ``p``...). It runs on
     every cached call, so it is built from C-level ``map`` calls over the flat module list:
     microseconds even for a transformer encoder.
     """
+    if readers is None:
+        readers = attribute_readers(mods)
     pdicts = list(map(_get_parameters, mods))
     bdicts = list(map(_get_buffers, mods))
     mdicts = list(map(_get_modules, mods))
@@ -122,26 +170,38 @@ def state_token(mods: list[nn.Module]) -> StateToken:
         list(map(_get_version, tensors)),
         list(map(_get_requires_grad, tensors)),
         list(map(_get_training, mods)),
+        list(map(len, dicts := list(map(_get_dict, mods)))),  # an attribute added
+        list(map(_read, readers, dicts)),
     )
 
 
 class ModuleWatch:
     """Cheap change detection for a wrapped module (see :func:`state_token`)."""
 
-    __slots__ = ("mods", "module", "token")
+    __slots__ = ("mods", "module", "readers", "token")
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.mods = list(module.modules())
-        self.token = state_token(self.mods)
+        self.readers = attribute_readers(self.mods)
+        self.token = state_token(self.mods, self.readers)
 
     def poll(self) -> StateToken | None:
         """None when nothing changed; otherwise the new token (make it current with :meth:`accept`)."""
-        token = state_token(self.mods)
+        token = state_token(self.mods, self.readers)
         if token == self.token:
             return None
         self.mods = list(self.module.modules())  # the structure may have changed: walk again
-        return state_token(self.mods)
+        self.readers = attribute_readers(self.mods)
+        return state_token(self.mods, self.readers)
+
+    def rebase_attributes(self) -> None:
+        """Take the plain attributes as they are now (after a forward pass that updated its own counters).
+
+        A module that counts its calls in an attribute changes it on every forward pass; that is
+        the module's own doing, not a new hyperparameter, so it must not make every call a miss.
+        """
+        self.token = (*self.token[:-2], *state_token(self.mods, self.readers)[-2:])
 
     def accept(self, token: StateToken) -> None:
         """Make ``token`` the current one."""
