@@ -334,8 +334,9 @@ def test_converted_subclass_loads_a_checkpoint_and_converts_back_with_its_values
         assert torch.equal(model.state_dict()[k], v), k
 
 
-def test_converted_subclass_survives_deepcopy_and_pickle():
-    model = _subclass_model(lambda: BatchNormAct2d(4))
+@pytest.mark.parametrize("cls", [BatchNormAct2d, nn.BatchNorm2d], ids=["in-place", "swapped"])
+def test_converted_layer_survives_deepcopy_and_pickle(cls):
+    model = _subclass_model(lambda: cls(4))
     freeze_batchnorm(model, convert=True)
     x = torch.randn(2, 3, 5, 5)
     reference = model(x)
@@ -343,10 +344,20 @@ def test_converted_subclass_survives_deepcopy_and_pickle():
         twin = copy_of(model)
         assert is_converted_batchnorm(twin[1]) and torch.equal(twin(x), reference)
         unfreeze(twin)
-        assert type(twin[1]) is BatchNormAct2d and twin[1].weight.requires_grad
-        assert twin[1].weight is not model[1].running_mean  # the copy's own tensors
-        assert torch.equal(twin(x), reference)
+        assert type(twin[1]) is cls and twin[1].weight.requires_grad
+        with torch.no_grad():
+            twin[1].weight.add_(1.0)  # the copy's own tensors: the original model does not move
+        assert torch.equal(model(x), reference)
     assert is_converted_batchnorm(model[1])  # the original is untouched
+
+
+def test_a_pinned_batchnorm_converted_then_unfrozen_follows_its_parent():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    freeze_batchnorm(model)  # pinned eval (origin: freeze) ...
+    freeze_batchnorm(model, convert=True)  # ... then converted: the kept layer still holds that pin
+    unfreeze(model)
+    assert type(model[1]) is nn.BatchNorm2d and pinned_modes(model) == {}
+    assert model.train()[1].training and not model.eval()[1].training
 
 
 def test_the_issue_example_keeps_the_relu_and_unfreezes():
