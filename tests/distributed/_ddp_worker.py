@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torchfreeze
-from torchfreeze.distributed import wrap
+from torchfreeze.distributed import load_distributed, save_distributed, wrap
 from torchfreeze.errors import ArgumentError
 
 
@@ -202,6 +202,63 @@ def fsdp(rank: int) -> dict[str, Any]:
     return report
 
 
+def _resume_run(
+    rank: int, shard: bool, steps: range, ckpt: str | None = None, load: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Train ``steps`` (optionally after loading ``load``, optionally saving to ``ckpt``); the full weights."""
+    model = torchfreeze.freeze(Blocks(), "stem", "blocks")
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        forward: Callable[[torch.Tensor], torch.Tensor] = model
+        h = None
+    else:
+        h = wrap(model)
+        forward = h
+    opt = torch.optim.AdamW(torchfreeze.param_groups(model, 1e-2, weight_decay=0.1))
+    lr = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    sched = torchfreeze.GradualUnfreezing(model, opt, {2: "blocks.3", 4: "blocks.2"}, scheduler=lr)
+    if load is not None:
+        load_distributed(load, model, opt, schedule=sched, scheduler=lr)
+    for step in steps:
+        x, y = batch(rank, step)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(forward(x), y).backward()
+        opt.step()
+        sched.step()
+        lr.step()
+    if ckpt is not None:
+        save_distributed(ckpt, model, opt, schedule=sched, scheduler=lr, ignore_frozen_params=True)
+    if h is not None:
+        h.release()
+    return {k: (v.full_tensor() if shard else v).detach().clone() for k, v in model.state_dict().items()}  # type: ignore[operator]
+
+
+def _resume(rank: int, shard: bool) -> dict[str, Any]:
+    ckpt = os.path.join(sys.argv[1], "dcp-fsdp" if shard else "dcp-ddp")
+    whole = _resume_run(rank, shard, range(8))
+    _resume_run(rank, shard, range(5), ckpt=ckpt)
+    resumed = _resume_run(rank, shard, range(5, 8), load=ckpt)
+    return {
+        "all": sorted(whole),
+        "identical": sorted(k for k in whole if torch.equal(whole[k], resumed[k])),
+        "same_across_ranks": sorted(_same_everywhere(resumed)),
+    }
+
+
+def dcp_ddp(rank: int) -> dict[str, Any]:
+    """DCP resume under a wrap handle (DDP) after two mid-run unfreezes: bit-identical."""
+    return _resume(rank, shard=False)
+
+
+def dcp_fsdp(rank: int) -> dict[str, Any]:
+    """DCP resume of an FSDP2 model (sharded checkpoint) after two mid-run unfreezes: bit-identical."""
+    return _resume(rank, shard=True)
+
+
 def fail(rank: int) -> dict[str, Any]:
     """Rank 1 dies; rank 0 waits in a collective (the run must end, not hang)."""
     if rank == 1:
@@ -214,6 +271,8 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "prepare": prepare,
     "handle": handle,
     "fsdp": fsdp,
+    "dcp_ddp": dcp_ddp,
+    "dcp_fsdp": dcp_fsdp,
     "fail": fail,
 }
 

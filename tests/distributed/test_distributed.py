@@ -20,7 +20,7 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
 ]
 
-SCENARIOS = ("prepare", "handle", "fsdp")
+SCENARIOS = ("prepare", "handle", "fsdp", "dcp_ddp", "dcp_fsdp")
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,15 @@ def test_fsdp2_guard_check_unfreeze_and_trainable_checkpoints(reports: dict[str,
         assert report["plain_loaded_equal"] == report["all"]  # gathered file -> unsharded model
         assert report["sharded_loaded_equal"] == report["all"]  # gathered file -> sharded model
         assert "ignored_params" in report["ignored_refused"] and report["ignored_still_frozen"]
+
+
+@pytest.mark.parametrize("scenario", ["dcp_ddp", "dcp_fsdp"], ids=["ddp-wrap-handle", "fsdp2"])
+def test_dcp_resume_after_mid_run_unfreezes_is_bit_identical(
+    reports: dict[str, list[dict[str, Any]]], scenario: str
+) -> None:
+    for report in reports[scenario]:  # saved with ignore_frozen_params=True
+        assert report["identical"] == report["all"]
+        assert report["same_across_ranks"] == report["all"]
 
 
 def test_a_failing_rank_ends_the_run_instead_of_hanging(tmp_path: Path) -> None:
