@@ -8,11 +8,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from torchfreeze._core.checks import require_bool, require_module
+from torchfreeze._core.checks import require_bool, require_module, short_repr
 from torchfreeze._core.mode import Mode, check_mode, get_pin, set_pin, unpin_modules
 from torchfreeze._core.select import Selection, Selector, resolve
 from torchfreeze._core.uses import parameter_uses, set_requires_grad
-from torchfreeze.errors import ArgumentError, SharedParameterError
+from torchfreeze.errors import ArgumentError, ArgumentTypeError, SharedParameterError
 from torchfreeze.nn.batchnorm import is_converted_batchnorm, is_norm, unconvert_batchnorm
 from torchfreeze.nn.groups import layer_groups
 
@@ -195,6 +195,11 @@ def freeze(
     return model
 
 
+def _can_train(p: nn.Parameter) -> bool:
+    """Only floating-point and complex tensors can require grad (an integer parameter stays frozen)."""
+    return bool(p.is_floating_point() or p.is_complex())
+
+
 def unfreeze(model: nn.Module, *selectors: Selector, shared: Shared = "error") -> nn.Module:
     """Make the selected parameters trainable again and remove the pins ``freeze`` set.
 
@@ -225,6 +230,7 @@ def unfreeze(model: nn.Module, *selectors: Selector, shared: Shared = "error") -
     require_module(model, "unfreeze")
     selection = resolve(model, *selectors)
     params, _ = _plan(model, selection, requires_grad=True, train_bn=False, shared=shared, verb="unfreeze")
+    params = [p for p in params if _can_train(p)]  # integer parameters cannot require grad: left as they are
     _restore_full_precision(model, params)
     set_requires_grad(params, True)
     _release(model, selection)
@@ -335,6 +341,11 @@ def freeze_to(
         [False, False, False, False, True, True]
     """
     require_module(model, "freeze_to")
+    if isinstance(groups, (str, bytes)):
+        raise ArgumentTypeError(
+            f"freeze_to(groups={short_repr(groups)}): expected a list of selectors, one per layer group, got "
+            f"{type(groups).__name__}. Fix: pass e.g. groups=['embed', 'blocks', 'head'] (a string is one selector)."
+        )
     groups = list(layer_groups(model) if groups is None else groups)
     if isinstance(n, bool) or not isinstance(n, int) or not -len(groups) <= n <= len(groups):
         raise ArgumentError(
@@ -367,7 +378,10 @@ def freeze_to(
     for requires_grad in (True, False):
         if requires_grad in selections:
             params = selections[requires_grad].parameters.values()
-            set_requires_grad([p for p in params if requires_grad or id(p) not in norm_ids], requires_grad)
+            chosen = [
+                p for p in params if (requires_grad and _can_train(p)) or (not requires_grad and id(p) not in norm_ids)
+            ]
+            set_requires_grad(chosen, requires_grad)
     if True in selections:
         _release(model, selections[True])
     return model
