@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,13 @@ def _example(page: str) -> str:
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("page, needs", PAGES.values(), ids=PAGES.keys())
-def test_complete_example_runs_and_prints_what_it_says(page: str, needs: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_complete_example_runs_and_prints_what_it_says(
+    page: str, needs: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip(needs)
     code = _example(page)
     lines = code.splitlines()
-    expected = [line[2:] for prev, line in zip(lines, lines[1:]) if prev.startswith("print(") and line.startswith("# ")]
+    expected = [line[2:] for prev, line in pairwise(lines) if prev.startswith("print(") and line.startswith("# ")]
     exec(compile(code, page, "exec"), {"__name__": "__doc_example__"})
     printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("{")]
     assert expected and all(line in printed for line in expected), (expected, printed)
