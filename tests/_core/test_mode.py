@@ -138,7 +138,7 @@ def test_unpin_under_a_pinned_parent_takes_the_mode_passed_down():
 
 def test_pin_on_the_root_module():
     model = Net()
-    pin_mode(model, "", mode="eval")  # every module, the root included
+    pin_mode(model, mode="eval")  # no selector: every module, the root included
     model.train()
     assert not any(m.training for m in model.modules())
     unpin_mode(model, "backbone")  # children of the pinned root follow the mode passed down

@@ -71,17 +71,101 @@ def test_tied_use_keeps_requires_grad_and_trains():
     assert l2.weight.grad is not None
 
 
-def test_state_dict_keys_and_loading_plain_checkpoint():
-    l1, l2, l3 = layers()
-    plain = nn.Sequential(copy.deepcopy(l1), copy.deepcopy(l2), copy.deepcopy(l3))
-    for p in plain.parameters():
-        nn.init.constant_(p, 0.5)
-    wrapped = nn.Sequential(l1, Frozen(l2), l3)
-    assert "1.module.weight" in wrapped.state_dict()
-    wrapped.load_state_dict(plain.state_dict())  # the one documented call
-    assert torch.equal(l2.weight, torch.full_like(l2.weight, 0.5))
-    # and its own keys load back too
-    wrapped.load_state_dict(wrapped.state_dict())
+def _filled(model: nn.Module, value: float) -> nn.Module:
+    for p in model.parameters():
+        nn.init.constant_(p, value)
+    return model
+
+
+def _plain_and_wrapped() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    wrapped = nn.Sequential(Frozen(nn.Linear(4, 4), mode="eval"), nn.Linear(4, 2))
+    return plain, wrapped
+
+
+def test_state_dict_keys_are_the_plain_models():
+    """Issue 9: a model trained with Frozen saved '0.module.weight', which the plain model refused."""
+    plain, wrapped = _plain_and_wrapped()
+    assert list(wrapped.state_dict()) == list(plain.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "not-strict"])
+@pytest.mark.parametrize("direction", ["wrapped-to-plain", "plain-to-wrapped"])
+def test_checkpoints_load_both_ways(direction: str, strict: bool):
+    plain, wrapped = _plain_and_wrapped()
+    source, target = (wrapped, plain) if direction == "wrapped-to-plain" else (plain, wrapped)
+    _filled(source, 0.5)
+    result = target.load_state_dict(source.state_dict(), strict=strict)
+    assert result.missing_keys == [] and result.unexpected_keys == []  # strict=False skips nothing
+    assert all(torch.equal(p, torch.full_like(p, 0.5)) for p in target.parameters())
+
+
+def test_checkpoint_of_torchfreeze_0_2_with_module_keys_still_loads():
+    _, wrapped = _plain_and_wrapped()
+    old = {k.replace("0.", "0.module.", 1) if k.startswith("0.") else k: v for k, v in wrapped.state_dict().items()}
+    assert "0.module.weight" in old
+    fresh = _filled(_plain_and_wrapped()[1], 0.0)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh[0].module.weight, wrapped[0].module.weight)
+
+
+def test_strict_loading_still_reports_what_is_really_missing():
+    _, wrapped = _plain_and_wrapped()
+    state = wrapped.state_dict()
+    del state["0.bias"]
+    with pytest.raises(RuntimeError, match=r"0\.module\.bias"):
+        wrapped.load_state_dict(state)
+
+
+def test_attributes_and_indexing_reach_the_wrapped_module():
+    """Issue 9: Frozen(nn.Sequential(...))[0] failed, and so did a method of the wrapped module."""
+    inner = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    inner.custom = lambda: "mine"  # type: ignore[assignment]
+    frozen = Frozen(inner)
+    assert frozen[0] is inner[0] and len(frozen) == 3 and list(frozen) == list(inner)
+    assert frozen.custom() == "mine" and frozen.mode is None  # Frozen's own attributes win
+    assert bool(Frozen(nn.Linear(1, 1)))  # truthy although a Linear has no len()
+    with pytest.raises(TypeError):
+        len(Frozen(nn.Linear(1, 1)))
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        frozen.no_such_thing
+
+
+def test_forward_features_through_frozen_is_a_frozen_use():
+    class Backbone(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * 2
+
+    backbone = Backbone()
+    x = torch.randn(3, 2, requires_grad=True)
+    out = Frozen(backbone).forward_features(x)
+    out.sum().backward()
+    assert backbone.lin.weight.grad is None and x.grad is not None  # gradients flow to the input only
+    assert torch.allclose(out, backbone.forward_features(x))
+
+
+def test_hf_freeze_feature_encoder_works_after_wrapping():
+    """Issue 9: m.freeze_feature_encoder() raised AttributeError on a Frozen feature encoder."""
+    pytest.importorskip("transformers")
+    import transformers as t
+
+    config = t.Wav2Vec2Config(
+        vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+        conv_dim=(4, 4), conv_stride=(2, 2), conv_kernel=(3, 3), num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+    )  # fmt: skip
+    model = t.Wav2Vec2ForCTC(config)
+    model.wav2vec2.feature_extractor = Frozen(model.wav2vec2.feature_extractor)
+    model.freeze_feature_encoder()
+    inner = model.wav2vec2.feature_extractor.module
+    assert inner._requires_grad is False and not any(p.requires_grad for p in inner.parameters())
+    model.train()
+    model(torch.randn(2, 64)).logits.sum().backward()  # still runs end to end
 
 
 def test_mode_pins_the_wrapped_subtree():
@@ -140,16 +224,12 @@ def test_nested_frozen_keys_and_plain_checkpoint():
     for p in plain.parameters():
         nn.init.constant_(p, 0.25)
     model = Frozen(nn.Sequential(Frozen(a), b))  # a Frozen at the root and one inside it
-    assert sorted(model.state_dict()) == [
-        "module.0.module.bias",
-        "module.0.module.weight",
-        "module.1.bias",
-        "module.1.weight",
-    ]
+    assert sorted(model.state_dict()) == sorted(plain.state_dict()) == ["0.bias", "0.weight", "1.bias", "1.weight"]
     model.load_state_dict(plain.state_dict())
     assert all(torch.equal(p, torch.full_like(p, 0.25)) for p in model.parameters())
     assert list(trainable_parameters(model)) == []
-    assert list(Frozen(Frozen(a)).state_dict()) == ["module.weight", "module.bias"]  # re-wrapping unwraps
+    assert list(Frozen(Frozen(a)).state_dict()) == ["weight", "bias"]  # re-wrapping unwraps
+    assert [n for n, _ in model.named_parameters()][0] == "module.0.module.weight"  # names keep the level
 
 
 def test_lazy_module_needs_weights_before_a_frozen_forward():

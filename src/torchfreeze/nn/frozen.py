@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
 from torchfreeze._core.checks import require_module
 from torchfreeze._core.mode import Mode, check_mode, set_pin
 from torchfreeze._core.uses import FrozenUse
 from torchfreeze.errors import ArgumentError
 
-__all__ = ["Frozen"]
+__all__ = ["Frozen", "make_state_dict_transparent"]
+
+#: methods of the wrapped module that compute with its weights: reached through ``Frozen`` they
+#: run with the weights detached, like ``forward`` (the backbone protocol's ``forward_features``)
+_FROZEN_METHODS = ("forward_features",)
 
 
 class Frozen(FrozenUse):
@@ -24,10 +31,19 @@ class Frozen(FrozenUse):
     tied weights stay well defined. Buffers are used as they are (a BatchNorm in
     train mode still updates its statistics: pass ``mode="eval"`` to pin it).
 
-    ``state_dict`` keys gain the ``module.`` segment of this wrapper
-    (``"1.weight"`` becomes ``"1.module.weight"``); a checkpoint of the unwrapped
-    model still loads with a plain ``model.load_state_dict(checkpoint)``: a load
-    hook accepts the keys without ``module.``.
+    ``state_dict`` keys are those of the wrapped module, without a ``module.``
+    segment (``"1.weight"``, not ``"1.module.weight"``): a checkpoint saved
+    with ``Frozen`` loads into the plain model and the reverse, strict or not.
+    A checkpoint from torchfreeze 0.2 (``module.`` keys) still loads.
+    Parameter names (``named_parameters``, selectors) keep the ``module``
+    level: ``freeze(model, "1.module")``.
+
+    The wrapper behaves like the module it wraps: an attribute that ``Frozen``
+    does not have is the wrapped module's (Hugging Face's
+    ``model.freeze_feature_encoder()`` works on a wrapped feature encoder),
+    and indexing, ``len`` and iteration reach the wrapped container. Those are
+    the wrapped module's own objects and methods, *not* a frozen use, except
+    ``forward_features``, which runs with the weights detached like ``forward``.
 
     Args:
         module: the module to use frozen.
@@ -55,6 +71,8 @@ class Frozen(FrozenUse):
     """
 
     module: nn.Module
+    #: ``state_dict`` keys do not show the ``module`` level (see ``training._watch.TRANSPARENT_CHILD``)
+    state_dict_transparent_child = "module"
 
     def __init__(self, module: nn.Module, *, mode: Mode | None = None) -> None:
         require_module(module, "Frozen", "module")
@@ -67,7 +85,7 @@ class Frozen(FrozenUse):
         if mode is not None:
             for sub in module.modules():
                 set_pin(sub, mode, "Frozen")
-        self.register_load_state_dict_pre_hook(_accept_unwrapped_keys)  # type: ignore[no-untyped-call]
+        make_state_dict_transparent(self, "module")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped module with its parameters detached (buffers as they are)."""
@@ -87,14 +105,79 @@ class Frozen(FrozenUse):
     def extra_repr(self) -> str:
         return "" if self.mode is None else f"mode={self.mode!r}"
 
+    # -- behave like the wrapped module ------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None or name.startswith("__"):
+                raise
+            attr = getattr(inner, name)  # raises the wrapped module's own AttributeError
+            if name in _FROZEN_METHODS and callable(attr):
+                return lambda *args, **kwargs: self._frozen_call(attr, args, kwargs)
+            return attr
 
-def _accept_unwrapped_keys(
-    _module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-) -> None:
-    """Load hook: ``<prefix>weight`` from an unwrapped checkpoint goes to ``<prefix>module.weight``."""
-    wrapped = prefix + "module."
-    for key in list(state_dict.keys()):
-        if key.startswith(prefix) and not key.startswith(wrapped):
-            rest = key[len(prefix) :]
-            if (wrapped + rest) not in state_dict:
-                state_dict[wrapped + rest] = state_dict.pop(key)
+    def _frozen_call(self, method: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        detached = {name: p.detach() for name, p in self.module.named_parameters()}
+        with _reparametrize_module(self.module, detached, tie_weights=True, strict=False):
+            return method(*args, **kwargs)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.module[index]  # type: ignore[index]
+
+    def __len__(self) -> int:
+        return len(self.module)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        items: Iterator[Any] = iter(self.module)  # type: ignore[call-overload]
+        return items
+
+    def __bool__(self) -> bool:  # a module is truthy, whether or not the wrapped one has a length
+        return True
+
+
+def make_state_dict_transparent(module: nn.Module, child: str) -> None:
+    """Hide ``module``'s level in ``state_dict``: keys of ``child`` appear as ``module``'s own.
+
+    Saving strips ``<prefix><child>.``; loading accepts keys with or without it
+    (strict loading still reports what is really missing or unexpected).
+
+    Args:
+        module: the wrapper, whose only state is the child ``child``.
+        child: the attribute name of the wrapped module.
+
+    Example:
+        >>> wrapper = nn.Module()
+        >>> wrapper.inner = nn.Linear(1, 1)
+        >>> make_state_dict_transparent(wrapper, "inner")
+        >>> sorted(wrapper.state_dict())
+        ['bias', 'weight']
+    """
+    post = getattr(module, "register_state_dict_post_hook", None) or module._register_state_dict_hook  # torch < 2.5
+    post(partial(_strip_child, child + "."))
+    module.register_load_state_dict_pre_hook(partial(_add_child, child + "."))  # type: ignore[no-untyped-call]
+
+
+def _strip_child(segment: str, _module: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any) -> None:
+    """State-dict hook: ``<prefix><child>.x`` is saved as ``<prefix>x``."""
+    inner = prefix + segment
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        for key in [k for k in meta if k == inner[:-1] or k.startswith(inner)]:
+            meta[prefix + key[len(inner) :]] = meta.pop(key)
+
+
+def _add_child(segment: str, _module: nn.Module, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
+    """Load pre-hook: ``<prefix>x`` loads into ``<prefix><child>.x`` (keys with the child segment load as they are)."""
+    inner = prefix + segment
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        if inner + key[len(prefix) :] not in state_dict:
+            state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        for key in [k for k in meta if k.startswith(prefix) and k != prefix[:-1] and not k.startswith(inner)]:
+            if inner + key[len(prefix) :] not in meta:
+                meta[inner + key[len(prefix) :]] = meta.pop(key)
