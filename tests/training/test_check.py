@@ -34,6 +34,10 @@ def _frozen_with_state() -> Any:
     return model, opt
 
 
+def _spectral_norm_frozen() -> Any:  # issue 11, item 3: the power iteration rewrites weight_u/weight_v
+    return freeze(nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 4)), nn.Linear(4, 2)), "0"), None
+
+
 def _bn_updates() -> Any:
     return freeze(Net(), "backbone.0", "backbone.1", "backbone.4"), None
 
@@ -110,6 +114,7 @@ CASES = {
     "frozen-use-requires-grad": (_frozen_use_requiring_grad, ("1.module.weight", "1.module.bias")),
     "optimizer-holds-nothing-trainable": (_optimizer_nothing_trainable, ()),
     "requires-grad-but-recorded-frozen": (_replaced_after_recording, ("backbone.0.weight", "backbone.0.bias")),
+    "frozen-module-updates-buffers": (_spectral_norm_frozen, ("0.weight_u", "0.weight_v")),
 }
 
 

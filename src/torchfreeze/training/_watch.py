@@ -28,6 +28,7 @@ __all__ = [
     "canonical_modules",
     "canonical_parameter_names",
     "mutating_buffers",
+    "buffers_mutated_while_frozen",
 ]
 
 #: the class attribute naming the child of a wrapper whose ``state_dict`` keys do not show the
@@ -140,3 +141,25 @@ def mutating_buffers(module: nn.Module) -> list[str]:
     if type(module).__name__ == "_SpectralNorm" and type(module).__module__.startswith("torch.nn.utils"):
         found += ["_u", "_v"]
     return [n for n in found if module._buffers.get(n) is not None]
+
+
+def buffers_mutated_while_frozen(model: nn.Module, frozen: set[int], eval_ids: set[int]) -> list[str]:
+    """Qualified names of buffers that a frozen module rewrites in train mode (not pinned eval).
+
+    A frozen legacy ``spectral_norm`` layer (its ``weight_orig`` frozen) still runs its power
+    iteration on ``weight_u``/``weight_v``; so does the ``_SpectralNorm`` parametrisation of a
+    frozen ``parametrizations.<name>.original``.
+    """
+    table = dict(model.named_modules())
+    found: list[str] = []
+    for name, module in table.items():
+        names = mutating_buffers(module)
+        if not names or id(module) in eval_ids:
+            continue
+        owner = module
+        if type(module).__name__ == "_SpectralNorm":  # <parametrized>.parametrizations.<tensor>.<index>
+            owner = table.get(name.rpartition(".")[0], module)
+        if owns_only_frozen(owner, frozen):
+            prefix = f"{name}." if name else ""
+            found += [prefix + b for b in names]
+    return found

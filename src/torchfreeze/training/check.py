@@ -15,7 +15,7 @@ from torchfreeze._core.mode import pinned_modes
 from torchfreeze._core.uses import frozen_map, parameter_uses, trainable_map
 from torchfreeze._core.wrappers import ddp_reduced_ids, live_ddp, unwrap
 from torchfreeze.errors import ArgumentTypeError
-from torchfreeze.training._watch import eval_pinned_ids, stats_update_while_frozen
+from torchfreeze.training._watch import buffers_mutated_while_frozen, eval_pinned_ids, stats_update_while_frozen
 
 __all__ = ["check", "Problem", "CODES"]
 
@@ -58,6 +58,7 @@ CODES: dict[str, str] = {
     "frozen-use-requires-grad": "a parameter used only through Frozen still requires grad under torch.distributed",
     "optimizer-holds-nothing-trainable": "the optimizer holds no trainable parameter (GradScaler: 'No inf checks were recorded')",
     "requires-grad-but-recorded-frozen": "a parameter requires grad although the recorded freeze state says frozen (replaced?)",
+    "frozen-module-updates-buffers": "a frozen module rewrites buffers in train mode (spectral_norm's weight_u / weight_v)",
 }
 
 
@@ -175,6 +176,20 @@ def check(
                 "torchfreeze.freeze_batchnorm(model, "
                 + repr(bn_names[0] if len(bn_names) == 1 else bn_names)
                 + ") (or pass train_bn=True to freeze if they should train).",
+            )
+        )
+
+    # 3b. other buffers a frozen module rewrites in train mode (spectral normalisation's power iteration)
+    mutated = buffers_mutated_while_frozen(model, frozen_ids, eval_ids)
+    if mutated:
+        owners = sorted({n.rpartition(".")[0] for n in mutated})
+        problems.append(
+            Problem(
+                "frozen-module-updates-buffers",
+                tuple(mutated),
+                f"{len(mutated)} buffer(s) of frozen module(s) change on every training forward pass "
+                f"({_short(mutated)}); trainable checkpoints save them with the trained part.",
+                f"pin the module(s) to eval if they should stay fixed: torchfreeze.pin_mode(model, {owners!r}).",
             )
         )
 
