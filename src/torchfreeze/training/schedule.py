@@ -344,6 +344,12 @@ class GradualUnfreezing:
                 f"state was saved with schedule keys {state.get('schedule_keys')!r} but this scheduler has "
                 f"{sorted(self.schedule)!r}; build the scheduler with the same schedule before resuming."
             )
+        version = state.get("version", 1)
+        if not _is_count(version) or version not in (1, 2):
+            raise ArgumentError(
+                f"state['version']={short_repr(version)}: this torchfreeze reads GradualUnfreezing states of "
+                "version 1 and 2. Fix: resume with the torchfreeze that saved it, or upgrade torchfreeze."
+            )
         last = state.get("last")
         if not _is_count(last) or last < 0:
             raise ArgumentError(f"state['last']={last!r} must be an int >= 0.")
@@ -360,6 +366,7 @@ class GradualUnfreezing:
                 "state['added_groups'] must be a list of {'params': [names], 'options': {...}} dicts, as "
                 "GradualUnfreezing.state_dict() writes them; pass the dict it returned, unmodified."
             )
+        _validate_saved_groups(added, self.optimizer)
         by_name = dict(self.model.named_parameters(remove_duplicate=False))
         held = _held_ids(self.optimizer)
         todo: list[tuple[list[str], dict[str, Any], int, float]] = []
@@ -394,6 +401,43 @@ class GradualUnfreezing:
 
     def __repr__(self) -> str:
         return f"GradualUnfreezing(last={self.last}, schedule={self.schedule!r})"
+
+
+#: options that must be finite numbers >= 0 when they are numbers in the optimizer's defaults
+_NON_NEGATIVE = ("lr", "weight_decay", "momentum", "dampening", "eps", "initial_lr", "max_lr", "min_lr")
+
+
+def _validate_saved_groups(added: Sequence[Mapping[str, Any]], optimizer: torch.optim.Optimizer) -> None:
+    """Refuse saved groups whose options or parameters could not have come from ``state_dict`` (nothing changed)."""
+    seen: dict[str, int] = {}
+    for k, g in enumerate(added):
+        for n in g["params"]:
+            if n in seen:
+                raise ArgumentError(
+                    f"state['added_groups'] lists parameter {n!r} in groups {seen[n]} and {k}; a parameter "
+                    "belongs to one optimizer group. Pass the dict GradualUnfreezing.state_dict() returned, unmodified."
+                )
+            seen[n] = k
+        for key, value in g["options"].items():
+            default = optimizer.defaults.get(key)
+            numeric = isinstance(default, (int, float, torch.Tensor)) and not isinstance(default, bool)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            problem = None
+            if key == "params":
+                problem = "'params' is not an option (the group's parameters are listed in 'params' beside it)"
+            elif numeric and not is_number:
+                problem = f"expected a number like the optimizer's default {short_repr(default)}"
+            elif isinstance(default, bool) and not isinstance(value, bool):
+                problem = "expected True or False"
+            elif is_number and (value != value or value in (float("inf"), float("-inf"))):
+                problem = "expected a finite number"
+            elif is_number and key in _NON_NEGATIVE and value < 0:
+                problem = "expected a number >= 0"
+            if problem:
+                raise ArgumentError(
+                    f"state['added_groups'][{k}]['options'][{key!r}]={short_repr(value)}: {problem}. Nothing was "
+                    "changed; pass the dict GradualUnfreezing.state_dict() returned, unmodified."
+                )
 
 
 def _copy_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
