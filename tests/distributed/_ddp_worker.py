@@ -259,6 +259,45 @@ def dcp_fsdp(rank: int) -> dict[str, Any]:
     return _resume(rank, shard=True)
 
 
+def compiled(rank: int) -> dict[str, Any]:
+    """torch.compile inside a wrap handle: trains, one recompile per unfreeze, bytes follow, ranks in sync."""
+    graphs: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        graphs.append(len(gm.graph.nodes))  # one entry per (re)compilation
+        return gm.forward
+
+    model = torchfreeze.freeze(Blocks(), "stem", "blocks")
+    start = _state(model)
+    sizes: list[int] = []
+    h = wrap(torch.compile(model, backend=backend), on_wrap=counting_hook(sizes))
+    opt = torch.optim.AdamW(torchfreeze.param_groups(model, 1e-2, weight_decay=0.1))
+    sched = torchfreeze.GradualUnfreezing(model, opt, {3: "blocks.3"})
+    steps = []
+    for step in range(6):
+        x, y = batch(rank, step)
+        sizes.clear()
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(h(x), y).backward()
+        opt.step()
+        steps.append({"reduced": sum(sizes), "trainable": trainable_bytes(model), "compiles": len(graphs)})
+        sched.step()
+    end = _state(model)
+    h.release()
+    return {
+        "steps": steps,
+        "rewraps": h.rewraps,
+        "all": sorted(end),
+        "same_across_ranks": sorted(_same_everywhere(end)),
+        "frozen_unchanged": sorted(
+            n
+            for n in start
+            if n.startswith(("stem", "blocks.0", "blocks.1", "blocks.2")) and torch.equal(start[n], end[n])
+        ),
+        "changed": sorted(n for n in start if not torch.equal(start[n], end[n])),
+    }
+
+
 def fail(rank: int) -> dict[str, Any]:
     """Rank 1 dies; rank 0 waits in a collective (the run must end, not hang)."""
     if rank == 1:
@@ -273,6 +312,7 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "fsdp": fsdp,
     "dcp_ddp": dcp_ddp,
     "dcp_fsdp": dcp_fsdp,
+    "compiled": compiled,
     "fail": fail,
 }
 

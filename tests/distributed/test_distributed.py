@@ -20,7 +20,7 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
 ]
 
-SCENARIOS = ("prepare", "handle", "fsdp", "dcp_ddp", "dcp_fsdp")
+SCENARIOS = ("prepare", "handle", "fsdp", "dcp_ddp", "dcp_fsdp", "compiled")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,19 @@ def test_dcp_resume_after_mid_run_unfreezes_is_bit_identical(
     for report in reports[scenario]:  # saved with ignore_frozen_params=True
         assert report["identical"] == report["all"]
         assert report["same_across_ranks"] == report["all"]
+
+
+def test_compiled_model_under_the_wrap_handle_recompiles_once_per_unfreeze_and_stays_in_sync(
+    reports: dict[str, list[dict[str, Any]]],
+) -> None:
+    for report in reports["compiled"]:
+        steps = report["steps"]
+        assert [s["compiles"] for s in steps] == [1, 1, 1, 2, 2, 2]  # blocks.3 unfrozen after step 3
+        assert [s["reduced"] for s in steps] == [s["trainable"] for s in steps]
+        assert report["rewraps"] == 1
+        assert report["same_across_ranks"] == report["all"]
+        assert len(report["frozen_unchanged"]) == 8  # stem, blocks.0-2: weight and bias
+        assert "blocks.3.0.weight" in report["changed"] and "head.weight" in report["changed"]
 
 
 def test_a_failing_rank_ends_the_run_instead_of_hanging(tmp_path: Path) -> None:
