@@ -22,6 +22,7 @@ from torch.optim import lr_scheduler as L
 
 from torchfreeze import GradualUnfreezing, add_unfrozen, freeze, param_groups, unfreeze
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
+from torchfreeze.training.schedulers import warmup_factor
 
 Factory = Callable[[torch.optim.Optimizer, list[float]], Any]
 Stepper = Callable[[Any, int], None]
@@ -342,3 +343,16 @@ def test_docs_loop_scheduler_amp_gradual_unfreezing_and_resume_runs() -> None:
     assert len(scheduler.get_last_lr()) == len(optimizer.param_groups)
     lrs = [float(g["max_lr"]) for g in optimizer.param_groups[::2]]  # head, backbone.2, backbone.0
     assert lrs == pytest.approx([1e-2, 1e-2 / 2.6, 1e-2 / 2.6**2], rel=1e-12)
+
+
+@pytest.mark.parametrize("warmup", [1, 2])
+def test_a_group_warming_up_is_never_the_reference_of_the_next_one(warmup: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    freeze(model, "0", "1")
+    opt = torch.optim.SGD(param_groups(model, 0.8, lr_mult=2.0), lr=0.8)
+    gu = GradualUnfreezing(model, opt, {1: "1", 2: "0"}, warmup=warmup, warmup_start=0.1)
+    gu.step()
+    gu.step()  # "0" joins while "1" is (or just stopped) warming up
+    start = warmup_factor(1, warmup, 0.1, "linear")
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.8, 0.4 * start, 0.2 * 0.1], rel=1e-12)

@@ -231,7 +231,7 @@ class GradualUnfreezing:
 
     def _warming(self, count: int) -> set[int]:
         """Optimizer groups still warming up at ``count`` (never the reference of a new group)."""
-        return {int(e["index"]) for e in self._added if "orig" in e and count - int(e["born"]) < self.warmup}
+        return {int(e["index"]) for e in self._added if "orig" in e and count - int(e["born"]) <= self.warmup}
 
     def _set_warm(self, entry: Mapping[str, Any], new: float, old: float) -> None:
         """Scale a group's lr and its scheduler's base/peak/floor lrs from factor ``old`` to ``new``.
