@@ -7,11 +7,12 @@ everywhere and rich renders the same rows in a terminal.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Table", "plain_table", "have_rich"]
+__all__ = ["Table", "plain_table", "have_rich", "percent"]
 
 
 def have_rich() -> bool:
@@ -21,6 +22,24 @@ def have_rich() -> bool:
     except ImportError:
         return False
     return True
+
+
+def percent(part: float, whole: float) -> str:
+    """``part / whole`` as a percentage that never rounds a small share away.
+
+    One decimal between 0.1% and 99.9%; outside, as many decimals as the first significant
+    digit (of the share, or of its distance to 100%) needs, so 1,540 of 22 million reads
+    0.007%, not 0.0%.
+
+    >>> percent(1540, 22_000_000), percent(1, 3), percent(0, 5), percent(5, 5), percent(99_993, 100_000)
+    ('0.007%', '33.3%', '0.0%', '100.0%', '99.993%')
+    """
+    share = 100.0 * part / whole if whole else 0.0
+    edge = min(share, 100.0 - share)
+    if edge <= 0.0:
+        return f"{share:.1f}%"
+    decimals = 1 if edge >= 0.1 else -math.floor(math.log10(edge))
+    return f"{share:.{decimals}f}%"
 
 
 def plain_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, rule: bool = True) -> str:
@@ -78,7 +97,7 @@ class Table:
 
         table = RichTable(title=self.title, caption=self.caption)
         for column in self.columns:
-            table.add_column(str(column))
+            table.add_column(str(column), overflow="fold")  # names are the information: wrap, never cut
         for row in self.rows:
             table.add_row(*(str(c) for c in row))
         return table

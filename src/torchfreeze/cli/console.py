@@ -7,6 +7,7 @@ Tables are :class:`torchfreeze._core.render.Table` (rich renders them through
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
@@ -16,6 +17,12 @@ __all__ = ["Output"]
 
 def _no_progress(n: int = 1, **fields: Any) -> None:
     """``advance`` of a progress bar that is not drawn."""
+
+
+def _columns() -> int:
+    """Width when output is not a terminal: ``COLUMNS`` if set to a number (>= 40), else 120."""
+    value = os.environ.get("COLUMNS", "")
+    return max(40, int(value)) if value.isdigit() else 120
 
 
 class Output:
@@ -41,7 +48,7 @@ class Output:
         try:
             from rich.console import Console
 
-            width = None if self.stream.isatty() else 120
+            width = None if self.stream.isatty() else _columns()
             self.console = Console(file=self.stream, width=width, highlight=False)
         except ImportError:
             self.console = None

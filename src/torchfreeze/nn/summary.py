@@ -9,7 +9,7 @@ from torch import nn
 
 from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.mode import get_pin
-from torchfreeze._core.render import plain_table
+from torchfreeze._core.render import percent, plain_table
 from torchfreeze._core.uses import parameter_uses
 from torchfreeze._core.wrappers import unwrap
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
@@ -95,9 +95,8 @@ class Summary:
         return [label, row.type, f"{row.parameters:,}", f"{row.trainable:,}", frozen, mode, ", ".join(row.notes)]
 
     def _footer(self) -> str:
-        pct = 100.0 * self.trainable / self.total if self.total else 0.0
         text = (
-            f"total {self.total:,} parameters: {self.trainable:,} trainable ({pct:.1f}%), "
+            f"total {self.total:,} parameters: {self.trainable:,} trainable ({percent(self.trainable, self.total)}), "
             f"{self.frozen:,} frozen ({self.frozen_by_flag:,} by requires_grad=False, "
             f"{self.frozen_by_use:,} by Frozen use only)"
         )
