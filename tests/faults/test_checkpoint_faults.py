@@ -157,3 +157,15 @@ def test_loading_while_saving_never_reports_corruption(tmp_path: Path) -> None:
     """)
     assert result.returncode == 0 and "LOADS" in result.stdout, result.stderr[-2000:]
     assert leftovers(tmp_path) == []
+
+
+def test_guard_refuses_a_meta_device_model_and_watches_a_lazy_one() -> None:
+    with torch.device("meta"):
+        meta = model()
+    with pytest.raises(ArgumentError, match="guard.*meta device"):
+        tf.guard(meta)
+    lazy = tf.freeze(torch.nn.Sequential(torch.nn.LazyLinear(2), torch.nn.Linear(2, 1)), "0")
+    opt = torch.optim.SGD(lazy[1].parameters(), lr=0.1)
+    with tf.guard(lazy, opt):  # the lazy weights materialise inside: no raw error
+        lazy(torch.randn(3, 4)).sum().backward()
+        opt.step()

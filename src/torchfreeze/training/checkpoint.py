@@ -32,6 +32,7 @@ from torchfreeze.training._watch import (
     is_frozen_batchnorm,
     mutating_buffers,
     owns_only_frozen,
+    refuse_meta,
 )
 from torchfreeze.training.state import _validate_freeze_state, freeze_state, load_freeze_state
 
@@ -98,12 +99,7 @@ def _require_materialised(model: nn.Module, verb: str) -> None:
             f"{verb}(model=...): {len(lazy)} tensor(s) are not initialised yet (lazy modules: {lazy[:5]}). "
             "Fix: run one forward pass on a sample batch first, so that they get their shapes."
         )
-    meta = [n for n, t in tensors if isinstance(t, torch.Tensor) and t.device.type == "meta"]
-    if meta:
-        raise ArgumentError(
-            f"{verb}(model=...): {len(meta)} tensor(s) are on the meta device and hold no values ({meta[:5]}). "
-            "Fix: materialise the model first (model.to_empty(device='cpu') and load its weights)."
-        )
+    refuse_meta(model, verb)
 
 
 def _safetensors() -> Any:

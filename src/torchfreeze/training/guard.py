@@ -14,7 +14,7 @@ from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.uses import frozen_map
 from torchfreeze._core.wrappers import local_tensor, unwrap
 from torchfreeze.errors import ArgumentTypeError, FrozenTensorChangedError
-from torchfreeze.training._watch import materialised, watched_norms
+from torchfreeze.training._watch import materialised, refuse_meta, watched_norms
 
 __all__ = ["guard", "Guard"]
 
@@ -253,6 +253,7 @@ def guard(
         FrozenTensorChangedError: from ``optimizer.step()`` or at exit, naming each changed tensor
             and its largest absolute change (also in ``err.changes``).
         ArgumentTypeError: ``model`` or ``optimizer`` of the wrong type.
+        ArgumentError: the model has tensors on the meta device (nothing to compare).
 
     Example:
         >>> import torch, torchfreeze
@@ -265,6 +266,7 @@ def guard(
     """
     require_module(model, "guard")
     model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
+    refuse_meta(model, "guard")  # nothing to compare on the meta device (aten::equal has no meta kernel)
     if optimizer is None:
         opts: list[torch.optim.Optimizer] = []
     elif isinstance(optimizer, torch.optim.Optimizer):
