@@ -21,7 +21,7 @@ import torchfreeze.integrations.lightning as tfl
 def main() -> None:
     out = Path(sys.argv[1])
     if "--no-rewrap" in sys.argv:
-        tfl._rewrap = lambda trainer: None  # the control: what happens without re-wrapping
+        tfl._adopt_ddp = lambda trainer: None  # the control: Lightning's own DDP, never re-wrapped
     torch.set_num_threads(1)
     model = TinyModule(scheduler=False)
     cb = tfl.FreezeCallback(freeze=["backbone"], mode="eval", schedule={1: "backbone.3"}, lr=0.05, guard=True)

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from torchfreeze._core.mode import Mode
 from torchfreeze._core.select import Selector
+from torchfreeze.distributed import DDPHandle, wrap
 from torchfreeze.integrations.plan import FreezeRun, Interval, OnMissing, Schedule
 from torchfreeze.nn.freezing import Shared
 from torchfreeze.training import Problem
@@ -45,10 +46,12 @@ class FreezeCallback(pl.Callback):
       :class:`~torchfreeze.GradualUnfreezing` schedule on the first optimizer; on resume, restores
       the freeze state and the optimizer groups the run had added, before Lightning loads the
       optimizer state; starts the guard (``guard=True``).
+    - under the DDP strategy (``on_fit_start``), Lightning's DDP is replaced by a
+      :func:`torchfreeze.distributed.wrap` handle (same options and communication hooks), which
+      builds a new DDP whenever what trains changes, so unfrozen parameters are all-reduced.
     - at each epoch (or step, ``interval="step"``) start: advances the schedule to
-      ``trainer.current_epoch`` (``trainer.global_step``), adds the new optimizer groups, extends
-      the LR schedulers, and under the DDP strategy rebuilds the DDP wrapper so the newly
-      trainable parameters are all-reduced.
+      ``trainer.current_epoch`` (``trainer.global_step``), adds the new optimizer groups, joined
+      to the LR scheduler.
     - checkpoints: the freeze state and the schedule are the callback's state
       (``checkpoint["callbacks"]``).
 
@@ -103,6 +106,9 @@ class FreezeCallback(pl.Callback):
         )
         #: What :func:`torchfreeze.check` found at fit start.
         self.problems: list[Problem] = []
+        #: Under the DDP strategy: the :func:`torchfreeze.distributed.wrap` handle that replaced
+        #: Lightning's DDP and re-wraps the module whenever what trains changes.
+        self.ddp: DDPHandle | None = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -111,12 +117,10 @@ class FreezeCallback(pl.Callback):
             self.run.apply_plan(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        before = _trainable(pl_module)
+        self.ddp = _adopt_ddp(trainer)  # first: restoring the freeze state below then re-wraps
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         self.problems = self.run.attach(pl_module, trainer.optimizers, schedulers)
         self._advance(trainer, pl_module)
-        if _trainable(pl_module) != before:
-            _rewrap(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run.interval == "epoch":
@@ -130,9 +134,11 @@ class FreezeCallback(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.run.close()
+        self._release()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.run.close(failed=True)
+        self._release()
 
     def state_dict(self) -> dict[str, Any]:
         return self.run.state_dict()
@@ -144,24 +150,41 @@ class FreezeCallback(pl.Callback):
 
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         count = trainer.current_epoch if self.run.interval == "epoch" else trainer.global_step
-        if self.run.advance_to(count):
-            _rewrap(trainer)
+        changed = self.run.advance_to(count)
+        strategy = trainer.strategy
+        if changed and self.ddp is None and strategy.model is not None and strategy.model is not pl_module:
+            warnings.warn(
+                f"torchfreeze: the trainable parameters changed under {type(strategy).__name__}, which wraps the "
+                "model; only the DDP strategy is re-wrapped. Fix: use strategy='ddp', or unfreeze before fit.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _release(self) -> None:
+        handle, self.ddp = self.ddp, None
+        if handle is not None:
+            handle.release()
 
 
-def _trainable(module: pl.LightningModule) -> set[str]:
-    return {n for n, p in module.named_parameters() if p.requires_grad}
+def _adopt_ddp(trainer: pl.Trainer) -> DDPHandle | None:
+    """Replace the DDP strategy's wrapper by a :func:`torchfreeze.distributed.wrap` handle.
 
-
-def _rewrap(trainer: pl.Trainer) -> None:
-    """Rebuild the strategy's DDP wrapper: DDP fixes the parameters it reduces when it is built."""
+    DDP fixes at construction the parameters it all-reduces; the handle builds a new DDP (with
+    the strategy's options and communication hooks) whenever a torchfreeze verb changes what
+    trains, and hands it to the strategy, so an unfrozen layer is reduced on every rank.
+    """
     strategy = trainer.strategy
-    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
-        strategy.model = strategy.lightning_module
-        strategy.configure_ddp()
-    elif strategy.model is not None and strategy.model is not strategy.lightning_module:
-        warnings.warn(
-            f"torchfreeze: the trainable parameters changed under {type(strategy).__name__}, which wraps the "
-            "model; only the DDP strategy is re-wrapped. Fix: use strategy='ddp', or unfreeze before fit.",
-            UserWarning,
-            stacklevel=2,
-        )
+    module = strategy.lightning_module
+    if (
+        not (isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel))
+        or module is None
+    ):
+        return None
+
+    def on_wrap(ddp: DistributedDataParallel) -> None:
+        strategy.model = ddp
+        strategy._register_ddp_hooks()
+
+    kwargs = dict(strategy._ddp_kwargs)
+    kwargs.setdefault("device_ids", strategy.determine_ddp_device_ids())
+    return wrap(module, on_wrap=on_wrap, **kwargs)
