@@ -46,6 +46,7 @@ def _views(handle: nn.Module, tmp: Path, tag: str) -> dict[str, object]:
         "frozen": [n for n, _ in torchfreeze.frozen_parameters(handle)],
         "pinned": torchfreeze.pinned_modes(handle),
         "is_frozen": torchfreeze.is_frozen(handle, "blocks.1"),
+        "layer_groups": torchfreeze.layer_groups(handle),
         "groups": [[id(p) for p in g["params"]] for g in torchfreeze.param_groups(handle, 0.1)],
         "checkpoint": sorted(load_file(str(tmp / f"{tag}.safetensors"))),
     }

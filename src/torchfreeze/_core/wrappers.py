@@ -129,9 +129,7 @@ def live_ddp(model: nn.Module) -> list[DistributedDataParallel]:
     >>> live_ddp(nn.Linear(2, 2))
     []
     """
-    if isinstance(model, DistributedDataParallel):
-        unwrap(model)
-    inner = unwrap(model)
+    inner = unwrap(model)  # registers ``model`` itself when it is a DDP
     return [ddp for ddp in list(_LIVE) if unwrap(ddp.module) is inner]
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from torchfreeze._core.checks import require_module
 from torchfreeze._core.select import resolve
+from torchfreeze._core.wrappers import unwrap
 from torchfreeze.nn.batchnorm import is_norm
 
 __all__ = ["layer_groups"]
@@ -218,6 +219,7 @@ def layer_groups(model: nn.Module) -> list[list[str]]:
         [['0', '1'], ['2.0'], ['2.1']]
     """
     require_module(model, "layer_groups")
+    model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
     custom = getattr(model, "layer_groups", None)
     if callable(custom) and not isinstance(custom, nn.Module):  # a submodule may be named layer_groups
         return [resolve(model, selector).matched for selector in custom()]
