@@ -77,6 +77,7 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # a child process imports torch
 def test_full_disk_is_a_checkpoint_error_and_leaves_no_temporary_file(tmp_path: Path) -> None:
     """RLIMIT_FSIZE stands in for a full disk (EFBIG, errno 27), in a child process."""
     result = _run(f"""
@@ -101,6 +102,7 @@ def test_full_disk_is_a_checkpoint_error_and_leaves_no_temporary_file(tmp_path: 
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # a child process imports torch
 def test_concurrent_truncating_writer_gives_a_library_error_at_worst(tmp_path: Path) -> None:
     """``cp``/``rsync --inplace`` rewrite the file in place while it loads: no SIGBUS, no raw error."""
     path = tf.save_trainable(model(width=64), tmp_path / "t.safetensors")
@@ -133,6 +135,7 @@ def test_concurrent_truncating_writer_gives_a_library_error_at_worst(tmp_path: P
     assert "OUTCOMES" in result.stdout
 
 
+@pytest.mark.slow  # a child process imports torch
 def test_loading_while_saving_never_reports_corruption(tmp_path: Path) -> None:
     path = tf.save_trainable(model(width=64), tmp_path / "t.safetensors")
     result = _run(f"""
