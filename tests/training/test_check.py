@@ -102,7 +102,48 @@ def _replaced_after_recording() -> Any:
     return model, None, {"state": state}
 
 
+class _Encoder(nn.Module):
+    """A parent that skips its layers at random (LayerDrop), as Hugging Face's encoders do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.norm = nn.LayerNorm(4)
+        self.layerdrop = 0.5
+
+
+def _layerdrop_over_pinned_layers() -> Any:
+    model = nn.Sequential(nn.Linear(4, 4), _Encoder())
+    for p in model[1].layers.parameters():
+        p.requires_grad_(False)
+    pin_mode(model, "1.layers", mode="eval")  # the layers are pinned, their parent is not
+    return model.train(), None
+
+
+class _Switched(nn.Module):
+    """A Hugging Face style feature encoder: its own switch makes its input require grad in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 2, 3)
+        self._requires_grad = True
+
+    def _freeze_parameters(self) -> None:
+        for p in self.parameters():
+            p.requires_grad = False
+        self._requires_grad = False
+
+
+def _forced_gradients() -> Any:
+    model = nn.Sequential(_Switched(), nn.Linear(2, 2))
+    for p in model[0].parameters():
+        p.requires_grad_(False)  # frozen by hand: the switch stays on
+    return model.train(), None
+
+
 CASES = {
+    "stochastic-depth-over-frozen": (_layerdrop_over_pinned_layers, ("1", "1.layers.0", "1.layers.1")),
+    "frozen-module-forces-grad": (_forced_gradients, ("0",)),
     "frozen-grad-not-none": (_frozen_with_grad, ("backbone.0.weight",)),
     "frozen-param-has-optimizer-state": (_frozen_with_state, ("backbone.0.weight", "backbone.4.bias")),
     "bn-stats-update-while-frozen": (_bn_updates, ("backbone.1",)),
@@ -214,12 +255,47 @@ def test_check_bad_model() -> None:
     ],
 )
 def test_dropout_inside_attention_and_rnn_is_seen_in_a_frozen_subtree(make: Callable[[], nn.Module], name: str) -> None:
-    model = freeze(nn.Sequential(nn.Linear(4, 4), make()), "1").train()
+    model = freeze(nn.Sequential(make(), nn.Linear(4, 4)), "0").train()  # a feature extractor: frozen first
     (problem,) = check(model)
     assert problem.code == "train-mode-in-frozen-subtree"
-    assert problem.names[0] == "1" and name in problem.names[1:]
-    pin_mode(model, "1", mode="eval")  # pinned eval: the frozen features are deterministic
+    assert problem.names[0] == "0" and name.replace("1", "0", 1) in problem.names[1:]
+    pin_mode(model, "0", mode="eval")  # pinned eval: the frozen features are deterministic
     assert check(model.train()) == []
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: freeze(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 4)), "2"), id="after"),
+        pytest.param(
+            lambda: freeze(
+                nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)), nn.Linear(4, 2)), "1"
+            ),
+            id="joint-training-through-a-frozen-block",
+        ),
+    ],
+)
+def test_dropout_in_a_frozen_part_behind_a_trainable_one_is_a_choice(make: Callable[[], nn.Module]) -> None:
+    """Issue 9: with trainable parts before it, dropout in a frozen part regularises (pytorch/audio#1286)."""
+    assert check(make().train()) == []
+
+
+def test_layerdrop_over_frozen_layers_of_a_feature_extractor_is_reported() -> None:
+    model = nn.Sequential(_Encoder(), nn.Linear(4, 2))
+    freeze(model, "0.layers")  # no pin: reported because nothing trainable comes before the layers
+    codes = [p.code for p in check(model.train())]
+    assert "stochastic-depth-over-frozen" in codes
+    freeze(model, "0.layers", mode="eval")  # the preset pins the parent too
+    assert model.train()[0].training is False and model[0].norm.training is True
+    assert "stochastic-depth-over-frozen" not in [p.code for p in check(model)]
+
+
+def test_freezing_turns_the_models_own_gradient_switch_off_and_back_on() -> None:
+    model, _ = _forced_gradients()
+    freeze(model, "0")
+    assert model[0]._requires_grad is False and check(model) == []
+    unfreeze(model, "0")
+    assert model[0]._requires_grad is True
 
 
 def test_functional_dropout_attribute_is_seen() -> None:
@@ -229,6 +305,6 @@ def test_functional_dropout_attribute_is_seen() -> None:
             self.proj = nn.Linear(4, 4)
             self.attention_dropout = 0.1
 
-    model = freeze(nn.Sequential(nn.Linear(4, 4), Attention()), "1").train()
+    model = freeze(nn.Sequential(Attention(), nn.Linear(4, 4)), "0").train()
     (problem,) = check(model)
-    assert problem.code == "train-mode-in-frozen-subtree" and problem.names == ("1", "1")
+    assert problem.code == "train-mode-in-frozen-subtree" and problem.names == ("0", "0")

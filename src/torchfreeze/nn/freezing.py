@@ -13,6 +13,7 @@ from torchfreeze._core.mode import Mode, check_mode, get_pin, set_pin, unpin_mod
 from torchfreeze._core.select import Selection, Selector, resolve
 from torchfreeze._core.uses import parameter_uses, set_requires_grad
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, SharedParameterError
+from torchfreeze.nn._switches import pin_skipping_parents, release_skipping_parents, sync_gradient_switches
 from torchfreeze.nn.batchnorm import is_converted_batchnorm, is_norm, unconvert_batchnorm
 from torchfreeze.nn.groups import layer_groups
 
@@ -192,6 +193,9 @@ def freeze(
             pin = get_pin(module)
             if pin is None or pin.origin == "freeze":  # pins from pin_mode / Frozen(mode=...) stay theirs
                 set_pin(module, mode, "freeze")
+    sync_gradient_switches(selection.unique_modules().values())  # the model's own switch agrees (nn/_switches.py)
+    if mode == "eval":
+        pin_skipping_parents(model)  # LayerDrop over layers now frozen and eval: the parent's coin stops too
     return model
 
 
@@ -241,6 +245,8 @@ def _release(model: nn.Module, selection: Selection) -> None:
     """Undo what freezing did besides the flag: pins set by ``freeze``, converted BatchNorm layers."""
     unpin_modules(model, selection.unique_modules().values(), origins={"freeze"})
     unconvert_batchnorm(model, [n for n, m in selection.modules.items() if is_converted_batchnorm(m)])
+    sync_gradient_switches(model.modules())
+    release_skipping_parents(model)
 
 
 def is_frozen(model: nn.Module, *selectors: Selector) -> bool:
@@ -384,4 +390,5 @@ def freeze_to(
             set_requires_grad(chosen, requires_grad)
     if True in selections:
         _release(model, selections[True])
+    sync_gradient_switches(model.modules())
     return model

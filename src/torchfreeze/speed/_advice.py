@@ -17,6 +17,9 @@ __all__ = ["frozen_part", "speed_up_steps"]
 
 Mode = Literal["train", "eval"]
 
+#: how :class:`~torchfreeze.speed._recorder.StepRecorder` names a module that makes a tensor require grad
+_FORCER = "which sets requires_grad=True on a tensor in its forward"
+
 
 def _modes_in(model: nn.Module, module: nn.Module, mode: Mode) -> list[tuple[nn.Module, bool]]:
     """The flags ``module``'s subtree had during the explained step (model.train/eval, pins respected)."""
@@ -160,6 +163,14 @@ def _backward_path_step(p: FrozenPart, step_ms: float) -> tuple[float, str]:
     label = f"'{p.name}'" if p.name else "the model"
     via = p.upstream[0] if p.upstream else "an input that requires grad"
     bshare = p.backward_ms / step_ms if step_ms else 0.0
+    if _FORCER in via:
+        forcer = via.split("'")[1]
+        return bshare * 0.5 + 0.01, (
+            f"{label} is frozen but on the backward path because {via} (a model's own switch, such as Hugging "
+            f"Face's _requires_grad on feature encoders): autograd keeps {format_bytes(p.activation_bytes)} of "
+            f"its activations for input gradients nothing uses. Fix: `freeze(model, '{forcer}')` turns that "
+            f"switch off (as model.freeze_feature_encoder() does), or call its _freeze_parameters()."
+        )
     text = (
         f"{label} is frozen but on the backward path because {via} trains before it: its backward "
         f"({p.backward_ms:.1f} ms, {bshare:.0%} of the step) computes only input gradients, and "

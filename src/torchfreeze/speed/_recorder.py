@@ -109,10 +109,15 @@ class StepRecorder:
         self._current: str | None = None  # the outermost frozen part running, if any
         self._depth = 0
         self._handles: list[RemovableHandle] = []
+        self._modules = [(name, m) for name, m in model.named_modules() if name]
+        self._stack: list[str] = []  # the modules whose forward is running, innermost last
 
     # -- install / remove -----------------------------------------------------
     def install(self) -> None:
-        """Register the forward hooks on every frozen part."""
+        """Register the forward hooks on every frozen part, and the hooks that name gradient forcers."""
+        for name, module in self._modules:
+            self._handles.append(module.register_forward_pre_hook(self._enter(name), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._leave(name), with_kwargs=True, always_call=True))
         for record in self.records.values():
             self._handles.append(record.module.register_forward_pre_hook(self._pre_hook(record.name), with_kwargs=True))
             self._handles.append(record.module.register_forward_hook(self._post_hook(record.name), with_kwargs=True))
@@ -130,6 +135,27 @@ class StepRecorder:
             yield
 
     # -- hooks ----------------------------------------------------------------
+    def _enter(self, name: str) -> Any:
+        """Pre-hook on every module: a new leaf that requires grad among its inputs was made by the caller."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self._stack and torch.is_grad_enabled():
+                for t in tensor_leaves((args, kwargs)):
+                    if t.requires_grad and t.grad_fn is None and id(t) not in self.names:
+                        self.names[id(t)] = (
+                            f"module '{self._stack[-1]}', which sets requires_grad=True on a tensor in its forward"
+                        )
+            self._stack.append(name)
+
+        return hook
+
+    def _leave(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if self._stack and self._stack[-1] == name:
+                self._stack.pop()
+
+        return hook
+
     def _pre_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self._depth += 1

@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchfreeze._core.behaviour import nondeterministic_modules
 from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.mode import pinned_modes
 from torchfreeze._core.uses import frozen_map, parameter_uses, trainable_map
 from torchfreeze._core.wrappers import ddp_reduced_ids, live_ddp, unwrap
 from torchfreeze.errors import ArgumentTypeError
+from torchfreeze.training._randomness import randomness_findings
 from torchfreeze.training._watch import buffers_mutated_while_frozen, eval_pinned_ids, stats_update_while_frozen
 
 __all__ = ["check", "Problem", "CODES"]
@@ -50,7 +50,9 @@ CODES: dict[str, str] = {
     "frozen-grad-not-none": "a frozen parameter holds a .grad tensor that optimizers (weight decay, momentum) would use",
     "frozen-param-has-optimizer-state": "a frozen parameter has momentum / moment buffers in the optimizer",
     "bn-stats-update-while-frozen": "a normalisation layer with frozen affine weights still updates its running statistics",
-    "train-mode-in-frozen-subtree": "unpinned dropout (modules, attention, RNN) or BatchNorm in train mode inside a frozen subtree",
+    "train-mode-in-frozen-subtree": "unpinned dropout (modules, attention, RNN) or BatchNorm in train mode inside a frozen subtree that nothing trainable comes before (a feature extractor)",
+    "stochastic-depth-over-frozen": "a parent skips frozen layers at random in train mode (LayerDrop), whatever their pins",
+    "frozen-module-forces-grad": "a fully frozen module makes its input require grad in train mode (its own _requires_grad switch)",
     "shared-frozen-and-trainable": "a parameter used through Frozen is also trained through another use",
     "trainable-not-in-optimizer": "a trainable parameter that the optimizer does not hold",
     "ddp-trainable-not-reduced": "a trainable parameter that the live DistributedDataParallel does not all-reduce",
@@ -193,28 +195,13 @@ def check(
             )
         )
 
-    # 4. maximal frozen subtrees with unpinned random layers / batch statistics in train mode
-    #    (the one nondeterminism predicate: dropout modules, attention and RNN dropout, functional
-    #    dropout attributes, RReLU, statistics updates; a pinned module is left as the user chose)
-    pinned = set(pinned_modes(model))
-    reported = set(bn_names)
-    for root, sub in _frozen_subtrees(model, frozen_ids):
-        live = [
-            found.name
-            for found in nondeterministic_modules(sub, prefix=root)
-            if found.kind != "batch-dependent" and found.name not in pinned and found.name not in reported
-        ]
-        if live:
-            sel = f", {root!r}" if root else ""
-            problems.append(
-                Problem(
-                    "train-mode-in-frozen-subtree",
-                    (root, *live),
-                    f"frozen subtree {root or '<model>'!r} runs {_short(live)} in train mode (not pinned): dropout "
-                    "or batch statistics make the frozen features noisy and slower than they need to be.",
-                    f"torchfreeze.freeze(model{sel}, mode='eval') (or pin_mode(model{sel}, mode='eval')).",
-                )
-            )
+    # 4. randomness in frozen parts where it is a mistake (a feature extractor: nothing trainable before
+    #    it), LayerDrop over frozen layers, modules forcing gradients through themselves (_randomness.py;
+    #    the one nondeterminism predicate; a pinned module is left as the user chose)
+    for code, names, message, fix in randomness_findings(
+        model, frozen_ids, set(pinned_modes(model)), set(bn_names), _frozen_subtrees(model, frozen_ids)
+    ):
+        problems.append(Problem(code, names, message, fix))
 
     # 5. parameters both used through Frozen and trained through another use
     shared = [e for e in parameter_uses(model).values() if e.frozen_use_paths and e.trainable]
