@@ -109,3 +109,14 @@ def test_layer_groups_rejects_a_non_module() -> None:
 
     with pytest.raises(ArgumentTypeError, match="layer_groups"):
         layer_groups("model")  # type: ignore[arg-type]
+
+
+def test_a_frozen_wrapper_does_not_borrow_the_wrapped_models_own_groups() -> None:
+    from torchfreeze import Frozen
+
+    class Custom(nn.Sequential):
+        def layer_groups(self) -> list[str]:
+            return ["0", "1"]
+
+    assert layer_groups(Custom(nn.Linear(2, 2), nn.Linear(2, 2))) == [["0"], ["1"]]
+    assert layer_groups(Frozen(Custom(nn.Linear(2, 2), nn.Linear(2, 2)))) == [["module.0"], ["module.1"]]

@@ -220,9 +220,10 @@ def layer_groups(model: nn.Module) -> list[list[str]]:
     """
     require_module(model, "layer_groups")
     model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
-    custom = getattr(model, "layer_groups", None)
-    if callable(custom) and not isinstance(custom, nn.Module):  # a submodule may be named layer_groups
-        return [resolve(model, selector).matched for selector in custom()]
+    # a method of the model's class (not a submodule named layer_groups, nor what Frozen forwards)
+    custom = getattr(type(model), "layer_groups", None)
+    if callable(custom):
+        return [resolve(model, selector).matched for selector in custom(model)]
     structure = _Structure(model)
     if not structure.holds_blocks(model):
         return _move_ties(model, _plain_groups(model))
