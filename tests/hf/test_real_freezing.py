@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from _hf_models import bert, wav2vec2
+from _real_models import bert, wav2vec2
 from torch import nn
 
 import torchfreeze as tf

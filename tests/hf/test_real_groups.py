@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _hf_models import BUILDERS, example_input
+from _real_models import BUILDERS, example_input
 from torch import nn
 
 import torchfreeze as tf
