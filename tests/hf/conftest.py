@@ -1,4 +1,4 @@
-"""The real-model tests import their model builders (``_hf_models``) from this folder."""
+"""The real-model tests import their model builders (``_real_models``) from this folder."""
 
 from __future__ import annotations
 
