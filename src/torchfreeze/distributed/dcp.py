@@ -120,10 +120,22 @@ def save_distributed(
         ArgumentError: no process group, or a scheduler state that is not JSON-able.
 
     Example:
-        >>> import torch
-        >>> torch.distributed.is_available()
-        True
-        >>> # in a torchrun worker: save_distributed("ckpt/step100", model, opt, schedule=sched)
+        >>> import tempfile, torch, torchfreeze
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # torchrun: no args
+        >>> def build():
+        ...     m = torchfreeze.freeze(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)), "0")
+        ...     opt = torch.optim.AdamW(torchfreeze.param_groups(m, 0.1))
+        ...     return m, opt, torchfreeze.GradualUnfreezing(m, opt, {1: "0"})
+        >>> m, opt, sched = build()
+        >>> sched.step()  # unfreezes "0" and adds its optimizer group
+        >>> path = tempfile.mkdtemp()
+        >>> save_distributed(path, m, opt, schedule=sched)
+        >>> m2, opt2, sched2 = build()  # a fresh process
+        >>> _ = load_distributed(path, m2, opt2, schedule=sched2)
+        >>> m2[0].weight.requires_grad, len(opt2.param_groups) == len(opt.param_groups)
+        (True, True)
+        >>> dist.destroy_process_group()
     """
     _check("save_distributed", model, optimizer, schedule, scheduler, path)
     require_bool(ignore_frozen_params, "save_distributed", "ignore_frozen_params")
@@ -214,10 +226,7 @@ def load_distributed(
             ``ignore_frozen_params``, a missing key that is not a frozen parameter.
 
     Example:
-        >>> import torch
-        >>> torch.distributed.is_initialized()
-        False
-        >>> # in a torchrun worker: load_distributed("ckpt/step100", model, opt, schedule=sched)
+        See :func:`save_distributed`.
     """
     _check("load_distributed", model, optimizer, schedule, scheduler, path)
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

@@ -190,12 +190,17 @@ def wrap(
 
     Example:
         >>> import torch, torchfreeze
-        >>> from torchfreeze.distributed import wrap
-        >>> torch.distributed.is_available()
-        True
-        >>> # in a torchrun worker, after init_process_group:
-        >>> # handle = wrap(torchfreeze.freeze(model, "backbone"))
-        >>> # loss_fn(handle(x), y).backward(); ...; torchfreeze.unfreeze(model, "backbone.3")  # re-wraps
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # torchrun: no args
+        >>> model = torchfreeze.freeze(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)), "0")
+        >>> handle = wrap(model)
+        >>> handle.reduced_names()
+        ['1.weight', '1.bias']
+        >>> _ = torchfreeze.unfreeze(model, "0")  # the handle re-wraps DDP
+        >>> handle.rewraps, handle.reduced_names()
+        (1, ['0.weight', '0.bias', '1.weight', '1.bias'])
+        >>> _ = handle.release()
+        >>> dist.destroy_process_group()
     """
     require_module(model, "wrap")
     if isinstance(model, DistributedDataParallel):
