@@ -31,7 +31,7 @@ def test_demo_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     )
     stdout = capsys.readouterr().out
     assert code == 0
-    results = json.loads((out_dir / "results.json").read_text())
+    results = json.loads((out_dir / "results-digits-cnn.json").read_text())
     assert results["model"] == "digits-cnn"
     assert 0.5 < results["accuracy_head_only"] <= 1.0  # pretrained features transfer (chance is 0.2)
     assert results["accuracy_reloaded"] == results["accuracy_final"]
@@ -42,6 +42,19 @@ def test_demo_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert results["test_examples"] > 200
     cmp = results["comparison"]
     assert cmp["frozen"]["trainable_parameters"] < cmp["full"]["trainable_parameters"]
+    assert (
+        cmp["plain"]["variant"] == "plain"
+        and cmp["plain"]["trainable_parameters"] == cmp["frozen"]["trainable_parameters"]
+    )
+    # the side-by-side run: both curves per epoch, what drifted in the plain run, the figure
+    sides = results["side_by_side"]
+    assert len(sides["torchfreeze"]["accuracy"]) == len(sides["plain"]["accuracy"]) == 2
+    assert sides["torchfreeze"]["accuracy"][-1] == results["accuracy_final"]
+    assert sides["drift"]["bn_stats_changed"] == sides["drift"]["bn_stats_total"] > 0  # model.train() moved them
+    assert sides["drift"]["weights_changed"] == 0  # .grad None: AdamW skipped them
+    figure = Path(sides["figure"])
+    assert figure == out_dir / "curves-digits-cnn.png" and figure.read_bytes()[:4] == b"\x89PNG"
+    assert str(figure) in stdout
     assert cmp["frozen"]["steps"] == 2 and cmp["full"]["peak_rss_mb"] > 0
     ckpt = Path(results["checkpoint"])
     assert ckpt.is_file() and ckpt.parent == out_dir
@@ -51,6 +64,10 @@ def test_demo_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         "what freezing saved",
         "eval (pinned)",
         "trainable-only",
+        "plain PyTorch",
+        "BatchNorm running statistics",
+        "plain freezing",
+        "why so large",
     ):
         assert fragment in stdout
     # the checkpoint holds only what training changed, and restores it on a fresh pretrained model
@@ -87,7 +104,10 @@ def test_demo_minilm_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
         ]
     )
     assert code == 0
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / "results-minilm.json").read_text())
+    assert not (tmp_path / "results-digits-cnn.json").exists()  # each model has its own figures
+    assert results["side_by_side"]["drift"]["dropout_modules"] > 0  # train mode: dropout in the frozen encoder
+    assert results["side_by_side"]["drift"]["feature_noise"] > 0
     assert results["accuracy_head_only"] > 0.5  # 4 topics: chance is 0.25
     assert results["unfrozen"] == ["backbone.model.encoder.layer.5"]
     assert results["checkpoint_bytes"] < results["full_model_bytes"] / 3
@@ -99,7 +119,7 @@ def test_demo_config_validation() -> None:
     from torchfreeze.errors import ArgumentError
 
     for config in (
-        DemoConfig(model="vgg"),
+        DemoConfig(model="vgg"),  # type: ignore[arg-type]
         DemoConfig(epochs=0),
         DemoConfig(batch_size=True),
         DemoConfig(compare_steps=-1),

@@ -6,12 +6,17 @@ CPU in a few minutes, without network:
 1. ``get_model(name, freeze=True)``: pretrained backbone frozen and pinned in
    eval mode, new head trainable; print the summary.
 2. Train the head (progress bar), report held-out accuracy.
-3. Unfreeze the last backbone blocks gradually (:class:`GradualUnfreezing`,
-   lower learning rate for the unfrozen blocks), report held-out accuracy.
-4. Measure a few training steps of the frozen model and of full fine-tuning,
-   each in a fresh process: time per step and peak memory (RSS).
-5. Save a trainable-only checkpoint (:func:`save_trainable`) and reload it into
+   Unfreeze the last backbone blocks gradually (:class:`GradualUnfreezing`,
+   lower learning rate for the unfrozen blocks); held-out accuracy and loss
+   after every epoch.
+3. Run the same recipe as a plain PyTorch script does (``requires_grad=False``,
+   ``model.train()`` every epoch, AdamW over all parameters), side by side:
+   both curves, what drifted in its "frozen" backbone, a PNG of both curves
+   (:mod:`torchfreeze.cli.demo_compare`, :mod:`torchfreeze.cli.demo_plot`).
+4. Save a trainable-only checkpoint (:func:`save_trainable`) and reload it into
    a freshly built pretrained model to show it restores the result.
+5. Measure a few training steps of torchfreeze, plain freezing and full
+   fine-tuning, each in a fresh process: time per step and peak memory (RSS).
 
 Data. ``digits-cnn`` (default): scikit-learn's bundled digits, a copy of the
 test set of the UCI "Optical Recognition of Handwritten Digits" data (UCI, CC BY
@@ -43,7 +48,9 @@ from torch import nn
 
 import torchfreeze as tf
 from torchfreeze._core.files import atomic_write
+from torchfreeze._core.render import percent
 from torchfreeze.cli.console import Output
+from torchfreeze.cli.demo_compare import Curve, side_by_side
 from torchfreeze.cli.demo_measure import compare
 from torchfreeze.cli.demo_tasks import (
     MODELS,
@@ -52,8 +59,8 @@ from torchfreeze.cli.demo_tasks import (
     ModelKey,
     ModelSetup,
     Task,
-    accuracy,
     classes,
+    evaluate,
     make_task,
     train_epoch,
 )
@@ -71,7 +78,8 @@ class DemoConfig:
         epochs: total epochs; the first half trains the head only, the rest
             unfreezes the last backbone blocks one by one.
         batch_size: training batch size.
-        output_dir: where the checkpoint and ``results.json`` are written.
+        output_dir: where the checkpoints, ``results-<model>.json`` and
+            ``curves-<model>.png`` are written.
         compare_steps: timed training steps of each configuration (frozen, full
             fine-tuning); ``0`` skips the comparison.
         seed: seed of the head initialisation and batch order.
@@ -111,7 +119,7 @@ class DemoConfig:
 
 @dataclass
 class DemoResult:
-    """Figures of one demo run (also written to ``results.json``)."""
+    """Figures of one demo run (also written to ``results-<model>.json``)."""
 
     model: str
     data: str
@@ -133,6 +141,7 @@ class DemoResult:
     seconds: float = 0.0
     guard_checks: int = 0
     comparison: dict[str, Any] = field(default_factory=dict)
+    side_by_side: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,6 +156,8 @@ class _Trained:
     head_checkpoint: Path | None
     unfrozen: list[str]
     guard_checks: int
+    curve: Curve
+    plan: dict[int, list[str]]
 
 
 def run_demo(config: DemoConfig, *, stream: TextIO | None = None) -> DemoResult:
@@ -192,7 +203,25 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None) -> DemoResult:
 
     trained = _train(out, model, task, config, setup, epochs, batch, out_dir)
     trainable_final = sum(p.numel() for _, p in tf.trainable_parameters(model))
+    sides = side_by_side(
+        out,
+        config.model,
+        setup,
+        ours=trained.curve,
+        epochs=epochs,
+        head_epochs=trained.head_epochs,
+        batch=batch,
+        seed=config.seed,
+        unfreeze=trained.plan,
+        out_dir=out_dir,
+    )
     ckpt, full_bytes, acc_reloaded = _checkpoint(out, model, task, config, setup, out_dir, trained.head_checkpoint)
+    if ckpt.stat().st_size > full_bytes / 2:
+        out.line(
+            f"why so large: after gradual unfreezing {trainable_final:,} of {total_params:,} parameters train "
+            f"({percent(trainable_final, total_params)}), so a trainable-only checkpoint holds almost the whole "
+            "model; the head-only checkpoint above is what a run that keeps the backbone frozen has to store."
+        )
 
     comparison: dict[str, Any] = {}
     if config.compare_steps > 0:
@@ -227,9 +256,10 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None) -> DemoResult:
         unfrozen=trained.unfrozen,
         comparison=comparison,
         guard_checks=trained.guard_checks,
+        side_by_side=sides,
         seconds=time.perf_counter() - started,
     )
-    results_path = out_dir / "results.json"
+    results_path = out_dir / f"results-{config.model}.json"
     text = json.dumps(asdict(result), indent=2) + "\n"
     atomic_write(results_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     out.heading("summary")
@@ -238,6 +268,8 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None) -> DemoResult:
         f"{trained.accuracy_final:.1%} ({len(task.test)} examples never trained on)"
     )
     out.line(f"checkpoint: {ckpt} (trainable-only); figures: {results_path}")
+    if sides.get("figure"):
+        out.line(f"accuracy and loss per epoch, torchfreeze vs plain PyTorch: {sides['figure']}")
     out.line(f"demo finished in {result.seconds:.0f} s")
     return result
 
@@ -260,6 +292,9 @@ def _train(
     # {epoch: how many of the last layer groups train}: the head (1), then one more block per epoch
     schedule = {head_epochs + i: min(len(groups), 2 + i) for i in range(min(unfreeze_epochs, setup.unfreeze_groups))}
     sched = tf.GradualUnfreezing(model, optimizer, schedule, lr=setup.backbone_lr) if schedule else None
+    # the same unfreezing for the plain run: {epoch index: the group that joins before it}
+    plan = {k: [str(n) for n in groups[len(groups) - c]] for k, c in schedule.items()}
+    curve = Curve("torchfreeze")
     gen = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(task.train) / batch)
     trainable_head = sum(p.numel() for _, p in tf.trainable_parameters(model))
@@ -274,9 +309,9 @@ def _train(
         for epoch in range(epochs):
             phase = "head" if epoch < head_epochs else "unfrozen"
             with out.bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs} {phase}") as advance:
-                train_epoch(model, optimizer, task, batch, gen, advance)
+                curve.add(model, task, train_epoch(model, optimizer, task, batch, gen, advance))
             if epoch + 1 == head_epochs:
-                acc_head = accuracy(model, task, task.test)
+                acc_head = curve.accuracy[-1]
                 out.line(f"held-out accuracy, head only: {acc_head:.1%}")
                 # what a frozen-backbone run has to keep: the head alone
                 head_ckpt = out_dir / f"{config.model}-head-only.safetensors"
@@ -306,7 +341,7 @@ def _train(
         acc_final = acc_head
         out.line("(no epochs left for gradual unfreezing: pass --epochs 2 or more)")
     else:
-        acc_final = accuracy(model, task, task.test)
+        acc_final = curve.accuracy[-1]
         out.line(f"held-out accuracy after gradual unfreezing: {acc_final:.1%}")
     return _Trained(
         head_epochs=head_epochs,
@@ -317,6 +352,8 @@ def _train(
         head_checkpoint=head_ckpt,
         unfrozen=unfrozen,
         guard_checks=watch.checks,
+        curve=curve,
+        plan=plan,
     )
 
 
@@ -330,7 +367,7 @@ def _checkpoint(
     head_ckpt: Path | None,
 ) -> tuple[Path, int, float]:
     """Phase 3: save a trainable-only checkpoint, reload it into a fresh model; (path, full bytes, accuracy)."""
-    out.heading("3. save a trainable-only checkpoint")
+    out.heading("4. save a trainable-only checkpoint")
     ckpt = out_dir / f"{config.model}-trainable.safetensors"
     tf.save_trainable(model, ckpt)
     full_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -338,11 +375,11 @@ def _checkpoint(
         warnings.simplefilter("ignore")
         fresh = tf.get_model(setup.registry, freeze=True, num_classes=len(classes(config.model)))
     tf.load_trainable(fresh, ckpt)
-    acc_reloaded = accuracy(fresh, task, task.test)
+    acc_reloaded, _ = evaluate(fresh, task, task.test)
     if head_ckpt is not None:
         out.line(
             f"{head_ckpt}: {head_ckpt.stat().st_size / 1024:,.1f} KiB after the head-only phase "
-            f"({head_ckpt.stat().st_size / full_bytes:.1%} of the full model state, {full_bytes / 1024:,.0f} KiB)"
+            f"({percent(head_ckpt.stat().st_size, full_bytes)} of the full model state, {full_bytes / 1024:,.0f} KiB)"
         )
     out.line(
         f"{ckpt}: {ckpt.stat().st_size / 1024:,.0f} KiB after gradual unfreezing "

@@ -21,7 +21,19 @@ from torch import nn
 import torchfreeze as tf
 from torchfreeze.errors import ArgumentError
 
-__all__ = ["ModelKey", "ModelSetup", "MODELS", "TOPICS", "TOPIC_TEXTS", "Task", "make_task", "classes"]
+__all__ = [
+    "ModelKey",
+    "ModelSetup",
+    "MODELS",
+    "TOPICS",
+    "TOPIC_TEXTS",
+    "Task",
+    "make_task",
+    "classes",
+    "accuracy",
+    "evaluate",
+    "train_epoch",
+]
 
 ModelKey = Literal["digits-cnn", "minilm"]
 
@@ -141,6 +153,19 @@ def accuracy(model: nn.Module, task: Task, index: torch.Tensor, batch: int = 256
             part = index[start : start + batch]
             correct += int((model(task.batch(part)).argmax(-1) == task.labels[part]).sum())
     return correct / max(1, len(index))
+
+
+def evaluate(model: nn.Module, task: Task, index: torch.Tensor, batch: int = 256) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy loss of ``model`` on ``index`` (eval mode, no gradients)."""
+    correct, loss = 0, 0.0
+    with tf.eval_mode(model), torch.no_grad():
+        for start in range(0, len(index), batch):
+            part = index[start : start + batch]
+            logits = model(task.batch(part))
+            correct += int((logits.argmax(-1) == task.labels[part]).sum())
+            loss += float(F.cross_entropy(logits, task.labels[part], reduction="sum"))
+    n = max(1, len(index))
+    return correct / n, loss / n
 
 
 def train_epoch(
