@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torchfreeze
-from torchfreeze.distributed import load_distributed, save_distributed, wrap
+from torchfreeze.distributed import load_distributed, release, save_distributed, wrap
 from torchfreeze.errors import ArgumentError
 
 
@@ -298,6 +298,32 @@ def compiled(rank: int) -> dict[str, Any]:
     }
 
 
+def misuse(rank: int) -> dict[str, Any]:
+    """Every change of requires_grad under a live raw DDP is refused on every rank, nothing changed."""
+    model = torchfreeze.freeze(Blocks(), "stem", "blocks")
+    ddp = DDP(model)
+    opt = torch.optim.SGD(torchfreeze.param_groups(model, 0.1))
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    attempts: dict[str, Callable[[], Any]] = {
+        "freeze-ddp": lambda: torchfreeze.freeze(ddp, "head"),
+        "unfreeze-ddp": lambda: torchfreeze.unfreeze(ddp, "blocks.3"),
+        "unfreeze-inner": lambda: torchfreeze.unfreeze(model, "blocks.3"),
+        "gradual-unfreezing": lambda: torchfreeze.GradualUnfreezing(ddp, opt, {1: "blocks.3"}),
+    }
+    refused = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            refused[name] = ""
+        except ArgumentError as err:
+            refused[name] = str(err)
+    x, y = batch(rank, 0)
+    nn.functional.cross_entropy(ddp(x), y).backward()  # the DDP still trains as built
+    opt.step()
+    release(ddp)
+    return {"refused": refused, "unchanged": before == {n: p.requires_grad for n, p in model.named_parameters()}}
+
+
 def fail(rank: int) -> dict[str, Any]:
     """Rank 1 dies; rank 0 waits in a collective (the run must end, not hang)."""
     if rank == 1:
@@ -313,6 +339,7 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "dcp_ddp": dcp_ddp,
     "dcp_fsdp": dcp_fsdp,
     "compiled": compiled,
+    "misuse": misuse,
     "fail": fail,
 }
 

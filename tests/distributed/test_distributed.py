@@ -20,7 +20,7 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
 ]
 
-SCENARIOS = ("prepare", "handle", "fsdp", "dcp_ddp", "dcp_fsdp", "compiled")
+SCENARIOS = ("prepare", "handle", "fsdp", "dcp_ddp", "dcp_fsdp", "compiled", "misuse")
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,14 @@ def test_compiled_model_under_the_wrap_handle_recompiles_once_per_unfreeze_and_s
         assert report["same_across_ranks"] == report["all"]
         assert len(report["frozen_unchanged"]) == 8  # stem, blocks.0-2: weight and bias
         assert "blocks.3.0.weight" in report["changed"] and "head.weight" in report["changed"]
+
+
+def test_each_change_under_a_live_raw_ddp_is_refused_on_every_rank(reports: dict[str, list[dict[str, Any]]]) -> None:
+    for report in reports["misuse"]:
+        for name, message in report["refused"].items():
+            assert "torchfreeze.distributed.wrap" in message, name
+        assert "'blocks.3.0.weight'" in report["refused"]["unfreeze-inner"]  # names, not DDP's indices
+        assert report["unchanged"]
 
 
 def test_a_failing_rank_ends_the_run_instead_of_hanging(tmp_path: Path) -> None:
