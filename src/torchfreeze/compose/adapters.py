@@ -278,18 +278,6 @@ class HFEncoder(nn.Module):
         return self.forward_features(x)
 
     def layer_groups(self) -> list[Selector]:
-        """Embeddings, then each encoder layer, then a pooler if there is one."""
-        groups: list[Selector] = []
-        names = dict(self.model.named_modules())
-        if "embeddings" in names:
-            groups.append(["model.embeddings"])
-        for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer"):
-            layers = names.get(path)
-            if isinstance(layers, nn.ModuleList):
-                groups.extend([[f"model.{path}.{i}"] for i in range(len(layers))])
-                break
-        if names.get("pooler") is not None:
-            groups.append(["model.pooler"])
-        if not groups:
-            groups.append(["model"])
-        return groups
+        """The encoder's default layer groups (:func:`torchfreeze.layer_groups`: embeddings, one group
+        per layer, then the pooler if there is one), named under ``model.``."""
+        return _prefixed("model", layer_groups(self.model))
