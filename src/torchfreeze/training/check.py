@@ -94,6 +94,12 @@ def check(
     frozen requires grad, e.g. because ``m[0] = new_layer`` or ``load_state_dict(assign=True)``
     replaced it) come from issue 10.3 and 10.4.
 
+    ``train-mode-in-frozen-subtree`` is reported only where the frozen part works as a feature
+    extractor (nothing trainable before it); with trainable parts before or inside it (joint
+    training, LoRA adapters) its dropout is a chosen regulariser. ``stochastic-depth-over-frozen``
+    (LayerDrop over frozen layers) and ``frozen-module-forces-grad`` (a model's own switch makes a
+    frozen module's input require grad) come from issue 9; ``training/_randomness.py`` has the rule.
+
     Args:
         model: the model.
         optimizer: the optimizer that will train it, if any.
