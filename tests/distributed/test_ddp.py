@@ -94,13 +94,27 @@ def test_gradual_unfreezing_through_the_handle_rewraps_each_time(world_of_one: N
     model = torchfreeze.freeze(Blocks(), "stem", "blocks")
     handle = wrap(model)
     opt = torch.optim.SGD(torchfreeze.param_groups(model, 0.1))
-    sched = torchfreeze.GradualUnfreezing(handle.ddp, opt, {1: "blocks.3", 2: "blocks.2"})  # type: ignore[arg-type]
+    sched = torchfreeze.GradualUnfreezing(handle, opt, {1: "blocks.3", 2: "blocks.2"})  # the handle is a module
     for step in range(3):
         _step(handle, opt, step)
         sched.step()
     assert handle.rewraps == 2
     assert handle.reduced_names() == [n for n, _ in torchfreeze.trainable_parameters(model)]
     assert torchfreeze.check(model, opt) == []
+    handle.release()
+
+
+def test_verbs_given_the_handle_see_the_model_with_canonical_names(world_of_one: None) -> None:
+    model = torchfreeze.freeze(Blocks(), "stem", "blocks")
+    handle = wrap(model)
+    assert torchfreeze.freeze_state(handle) == torchfreeze.freeze_state(model)
+    assert torchfreeze.select(handle, "blocks.3") == ["blocks.3"]
+    torchfreeze.unfreeze(handle, "blocks.3")
+    assert handle.rewraps == 1 and "blocks.3.0.weight" in handle.reduced_names()
+    assert handle.train(False) is handle and not model.training and handle.ddp is not None
+    assert not handle.ddp.training
+    with pytest.raises(ArgumentError, match="already built"):
+        wrap(handle)
     handle.release()
 
 

@@ -29,6 +29,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torchfreeze.errors import ArgumentError
 
 __all__ = [
+    "TransparentWrapper",
     "unwrap",
     "live_ddp",
     "register_ddp",
@@ -65,6 +66,17 @@ def _compiled_inner(module: nn.Module) -> nn.Module | None:
     return None
 
 
+class TransparentWrapper(nn.Module):
+    """Base class of torchfreeze's own wrappers (``torchfreeze.distributed.DDPHandle``): verbs see ``inner_module()``.
+
+    Lives here so that the core can see through them without importing the layers above it.
+    """
+
+    def inner_module(self) -> nn.Module:
+        """The wrapped model."""
+        raise NotImplementedError
+
+
 def _is_fsdp2(module: nn.Module) -> bool:
     fully_shard = sys.modules.get("torch.distributed.fsdp._fully_shard._fully_shard")  # not imported: no FSDP2
     fsdp_module = getattr(fully_shard, "FSDPModule", None)
@@ -72,7 +84,7 @@ def _is_fsdp2(module: nn.Module) -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The inner model under any number of DDP / DataParallel / ``torch.compile`` wrappers.
+    """The inner model under any number of DDP / DataParallel / ``torch.compile`` / wrap-handle wrappers.
 
     A DDP met on the way is recorded as live (see :func:`live_ddp`), so a later
     change of ``requires_grad`` under it is refused.
@@ -97,6 +109,8 @@ def unwrap(model: nn.Module) -> nn.Module:
             current = current.module
         elif isinstance(current, DataParallel):
             current = current.module
+        elif isinstance(current, TransparentWrapper):
+            current = current.inner_module()
         else:
             inner = _compiled_inner(current)
             if inner is None:

@@ -13,6 +13,7 @@ DDP that torchfreeze has seen raises ``ArgumentError`` (``_core.wrappers``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.uses import parameter_uses
-from torchfreeze._core.wrappers import ddp_reduced_ids, register_ddp, release_ddp, unwrap
+from torchfreeze._core.wrappers import TransparentWrapper, ddp_reduced_ids, register_ddp, release_ddp, unwrap
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["DDPHandle", "wrap", "release"]
@@ -30,14 +31,17 @@ __all__ = ["DDPHandle", "wrap", "release"]
 _IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"  # DDP's own per-module ignore list
 
 
-class DDPHandle:
+class DDPHandle(TransparentWrapper):
     """A live DDP around ``model`` that re-wraps itself after each change of ``requires_grad``.
 
-    Call the handle as you would call the DDP (``handle(x)``); ``handle.ddp`` is
-    the current ``DistributedDataParallel`` (a new object after each re-wrap; an
-    old one refuses to run). Built by :func:`wrap`.
+    A module: call it as you would call the DDP (``handle(x)``), and pass it (or
+    the model, or ``handle.ddp``) to any torchfreeze verb, which sees the model
+    with its canonical names. ``handle.ddp`` is the current
+    ``DistributedDataParallel`` (a new object after each re-wrap; an old one
+    refuses to run). Built by :func:`wrap`.
 
     Attributes:
+        module: the wrapped model (as given to :func:`wrap`).
         rewraps: how many times the handle re-built its DDP since :func:`wrap`.
     """
 
@@ -47,38 +51,39 @@ class DDPHandle:
         ddp_kwargs: dict[str, Any],
         on_wrap: Callable[[DistributedDataParallel], None] | None,
     ) -> None:
-        self._model = model
+        super().__init__()
+        self.module = model
         self._kwargs = ddp_kwargs
         self._on_wrap = on_wrap
         self._user_ignore = list(getattr(model, _IGNORE_ATTR, []))
-        self._ddp: DistributedDataParallel | None = None
+        self._set_ddp(None)
         self.rewraps = 0
         self._build()
 
-    @property
-    def module(self) -> nn.Module:
-        """The wrapped model (as given to :func:`wrap`; ``torchfreeze`` verbs accept it or the handle's DDP)."""
-        return self._model
+    def inner_module(self) -> nn.Module:
+        """The wrapped model."""
+        return self.module
 
     @property
     def ddp(self) -> DistributedDataParallel | None:
         """The current DDP; ``None`` while nothing trains (the model then runs unwrapped)."""
-        return self._ddp
+        ddp: DistributedDataParallel | None = self.__dict__["_ddp"]
+        return ddp
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the current DDP (or the model itself while nothing trains)."""
-        target: nn.Module = self._ddp if self._ddp is not None else self._model
-        return target(*args, **kwargs)
+    def _set_ddp(self, ddp: DistributedDataParallel | None) -> None:
+        self.__dict__["_ddp"] = ddp  # not a submodule: parameters and names stay the model's
 
     def train(self, mode: bool = True) -> DDPHandle:
-        """``model.train(mode)`` (pins respected); returns the handle."""
-        self._model.train(mode)
+        """``model.train(mode)`` (pins respected), and the DDP's own flag; returns the handle."""
+        super().train(mode)
+        if self.ddp is not None:
+            self.ddp.training = mode
         return self
 
-    def eval(self) -> DDPHandle:
-        """``model.eval()``; returns the handle."""
-        self._model.eval()
-        return self
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the current DDP (or the model itself while nothing trains)."""
+        target: nn.Module = self.ddp if self.ddp is not None else self.module
+        return target(*args, **kwargs)
 
     def reduced_names(self) -> list[str]:
         """Canonical names of the parameters the current DDP all-reduces, in model order.
@@ -86,12 +91,12 @@ class DDPHandle:
         Returns:
             The names (empty while nothing trains).
         """
-        if self._ddp is None:
+        if self.ddp is None:
             return []
-        reduced = ddp_reduced_ids(self._ddp)
+        reduced = ddp_reduced_ids(self.ddp)
         if reduced is None:  # pragma: no cover - torch without the reducer introspection
-            reduced = {id(p) for p in self._ddp.parameters() if p.requires_grad}
-        return [e.name for key, e in parameter_uses(self._model).items() if key in reduced]
+            reduced = {id(p) for p in self.ddp.parameters() if p.requires_grad}
+        return [e.name for key, e in parameter_uses(self.module).items() if key in reduced]
 
     def rewrap(self) -> DistributedDataParallel | None:
         """Build a new DDP over the current trainable set (collective: every rank must call it).
@@ -105,7 +110,7 @@ class DDPHandle:
         self._retire()
         self._build()
         self.rewraps += 1
-        return self._ddp
+        return self.ddp
 
     def release(self) -> nn.Module:
         """Drop the DDP (the model no longer guards changes); returns the model.
@@ -114,38 +119,43 @@ class DDPHandle:
             The wrapped model.
         """
         self._retire()
-        return self._model
+        return self.module
 
     def _retire(self) -> None:
-        old = self._ddp
+        old = self.ddp
         if old is None:
             return
         release_ddp(old)
         old.register_forward_pre_hook(_refuse_stale)
-        self._ddp = None
+        self._set_ddp(None)
 
     def _build(self) -> None:
-        inner = unwrap(self._model)
+        inner = unwrap(self.module)
         uses = parameter_uses(inner)
         if not any(e.trainable for e in uses.values()):
-            self._ddp = None  # nothing to reduce: DDP itself refuses such a model
+            self._set_ddp(None)  # nothing to reduce: DDP itself refuses such a model
             return
         # requires grad but used only through Frozen: never gets a gradient, DDP must not wait for it
         # (names as DDP sees them: relative to the module it wraps, "_orig_mod." included)
         idle = {key for key, e in uses.items() if e.parameter.requires_grad and not e.trainable}
-        idle_names = {n for n, p in self._model.named_parameters(remove_duplicate=False) if id(p) in idle}
-        setattr(self._model, _IGNORE_ATTR, sorted(set(self._user_ignore) | idle_names))
-        ddp = DistributedDataParallel(self._model, **self._kwargs)
-        register_ddp(ddp, self._after_change)
-        self._ddp = ddp
+        idle_names = {n for n, p in self.module.named_parameters(remove_duplicate=False) if id(p) in idle}
+        setattr(self.module, _IGNORE_ATTR, sorted(set(self._user_ignore) | idle_names))
+        ddp = DistributedDataParallel(self.module, **self._kwargs)
+        handle = weakref.ref(self)  # the registry must not keep the handle (and its DDP) alive
+
+        def rewrap_if_alive() -> None:
+            alive = handle()
+            if alive is not None:
+                alive.rewrap()
+
+        register_ddp(ddp, rewrap_if_alive)
+        ddp.training = self.module.training  # the flag only: the model's modes stay as they are
+        self._set_ddp(ddp)
         if self._on_wrap is not None:
             self._on_wrap(ddp)
 
-    def _after_change(self) -> None:
-        self.rewrap()
-
     def __repr__(self) -> str:
-        return f"DDPHandle({type(self._model).__name__}, rewraps={self.rewraps}, reduced={len(self.reduced_names())})"
+        return f"DDPHandle({type(self.module).__name__}, rewraps={self.rewraps}, reduced={len(self.reduced_names())})"
 
 
 def _refuse_stale(module: nn.Module, args: Any) -> None:
@@ -203,10 +213,10 @@ def wrap(
         >>> dist.destroy_process_group()
     """
     require_module(model, "wrap")
-    if isinstance(model, DistributedDataParallel):
+    if isinstance(model, (DistributedDataParallel, DDPHandle)):
         raise ArgumentError(
-            "wrap(model=<DistributedDataParallel>): expected the model itself, got a DDP that is already built. "
-            "Fix: pass ddp.module (and drop the old DDP)."
+            f"wrap(model=<{type(model).__name__}>): expected the model itself, got a DDP that is already built. "
+            "Fix: pass its .module (and drop the old DDP)."
         )
     if on_wrap is not None and not callable(on_wrap):
         raise ArgumentTypeError(
