@@ -136,6 +136,9 @@ def save_trainable(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     SHA-256 of the saved content, so that :func:`load_trainable` refuses another base and a
     corrupted file.
 
+    On an FSDP2 (DTensor) model it is collective: every rank calls it, the tensors are gathered
+    and rank 0 writes the file, the same file an unsharded model gives (``docs/distributed.md``).
+
     Args:
         model: the model (frozen base plus trained parts).
         path: destination file; its directory must exist. Written through a temporary file and
