@@ -15,7 +15,16 @@ from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.nn import freeze_to, is_frozen, layer_groups, unfreeze
 from torchfreeze.nn.freezing import Shared
 from torchfreeze.training.optim import _add_groups, _held_ids, _new_groups, _positive, _warn_unjoined
-from torchfreeze.training.schedulers import _like, check_scheduler, join, lr_slots, sync_last_lr, warmup_factor
+from torchfreeze.training.schedulers import (
+    _copy_entry,
+    _plain,
+    check_scheduler,
+    check_warmup,
+    join,
+    set_warm,
+    warm_snapshot,
+    warmup_factor,
+)
 from torchfreeze.training.state import _validate_freeze_state, freeze_state, load_freeze_state
 
 __all__ = ["GradualUnfreezing", "Preset", "WarmupCurve"]
@@ -123,15 +132,7 @@ class GradualUnfreezing:
             _positive(lr, "lr")  # validated before anything changes
         require_choice(shared, ("error", "freeze"), "GradualUnfreezing", "shared")
         check_scheduler(scheduler, optimizer, "GradualUnfreezing")
-        if not _is_count(warmup) or warmup < 0:
-            raise ArgumentError(f"warmup={warmup!r} must be an int >= 0 (units of step() to reach the full lr).")
-        start_ok = isinstance(warmup_start, (int, float)) and not isinstance(warmup_start, bool)
-        if not start_ok or not 0 < warmup_start <= 1:
-            raise ArgumentError(
-                f"warmup_start={warmup_start!r} must be a ratio in (0, 1]: the share of its lr a newly "
-                "unfrozen group starts with, e.g. warmup_start=0.1 (Lightning's BackboneFinetuning)."
-            )
-        require_choice(warmup_curve, ("linear", "geometric"), "GradualUnfreezing", "warmup_curve")
+        check_warmup(warmup, warmup_start, warmup_curve, "GradualUnfreezing")
         self.scheduler = scheduler
         self.warmup = warmup
         self.warmup_start = float(warmup_start)
@@ -218,9 +219,7 @@ class GradualUnfreezing:
                 "born": count,
             }
             if self.warmup:
-                group = self.optimizer.param_groups[first + k]
-                entry["orig"] = [float(c[key]) for c, key in lr_slots(self.optimizer, self.scheduler, first + k)]
-                entry["lr0"] = float(group["lr"])
+                entry.update(warm_snapshot(self.optimizer, self.scheduler, first + k))
                 self._set_warm(entry, self._factor(0), 1.0)
             self._added.append(entry)
 
@@ -234,21 +233,7 @@ class GradualUnfreezing:
         return {int(e["index"]) for e in self._added if "orig" in e and count - int(e["born"]) <= self.warmup}
 
     def _set_warm(self, entry: Mapping[str, Any], new: float, old: float) -> None:
-        """Scale a group's lr and its scheduler's base/peak/floor lrs from factor ``old`` to ``new``.
-
-        The base values are set from the ones saved when the group was added (exact at the end of
-        the warm-up); the lr itself is rescaled by ``new / old`` when a scheduler drives it (it
-        evolves), else set to the added lr times ``new``.
-        """
-        index = int(entry["index"])
-        group = self.optimizer.param_groups[index]
-        for (container, key), orig in zip(lr_slots(self.optimizer, self.scheduler, index), entry["orig"]):
-            container[key] = _like(container[key], orig * new)
-        if self.scheduler is None:
-            group["lr"] = _like(group["lr"], entry["lr0"] * new)
-        else:
-            group["lr"] = _like(group["lr"], group["lr"] * (new / old))
-        sync_last_lr(self.optimizer, self.scheduler, index)
+        set_warm(self.optimizer, self.scheduler, entry, new, old)
 
     def step(self) -> None:
         """Advance one unit (call once per epoch, or once per step) and apply the schedule.
@@ -438,17 +423,3 @@ def _validate_saved_groups(added: Sequence[Mapping[str, Any]], optimizer: torch.
                     f"state['added_groups'][{k}]['options'][{key!r}]={short_repr(value)}: {problem}. Nothing was "
                     "changed; pass the dict GradualUnfreezing.state_dict() returned, unmodified."
                 )
-
-
-def _copy_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """A saved group entry as plain values (lists copied)."""
-    out = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in entry.items()}
-    out["options"] = dict(entry["options"])
-    return out
-
-
-def _plain(options: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in options.items():
-        out[k] = float(v) if isinstance(v, torch.Tensor) else v
-    return out

@@ -15,16 +15,26 @@ anything changes.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch.optim import lr_scheduler as L
 
-from torchfreeze._core.checks import short_repr
+from torchfreeze._core.checks import require_choice, short_repr
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["SUPPORTED", "check_scheduler", "join", "joined_options", "lr_slots", "sync_last_lr", "warmup_factor"]
+__all__ = [
+    "SUPPORTED",
+    "check_scheduler",
+    "join",
+    "joined_options",
+    "lr_slots",
+    "set_warm",
+    "sync_last_lr",
+    "warm_snapshot",
+    "warmup_factor",
+]
 
 #: Scheduler classes whose per-group state :func:`join` extends (exact types; their children too).
 SUPPORTED: tuple[type, ...] = (
@@ -245,3 +255,77 @@ def warmup_factor(t: int, units: int, start: float, curve: str) -> float:
     if curve == "linear":
         return start + (1.0 - start) * t / units
     return float(start ** (1.0 - t / units))
+
+
+def warm_snapshot(optimizer: torch.optim.Optimizer, scheduler: Any, index: int) -> dict[str, Any]:
+    """What a warm-up of group ``index`` scales from: its lr and base/peak/floor lrs before any factor.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+        >>> warm_snapshot(opt, None, 0)
+        {'orig': [], 'lr0': 0.1}
+    """
+    return {
+        "orig": [float(c[key]) for c, key in lr_slots(optimizer, scheduler, index)],
+        "lr0": float(optimizer.param_groups[index]["lr"]),
+    }
+
+
+def set_warm(
+    optimizer: torch.optim.Optimizer, scheduler: Any, entry: Mapping[str, Any], new: float, old: float
+) -> None:
+    """Move group ``entry["index"]`` from warm-up factor ``old`` to ``new``.
+
+    The base/peak/floor lrs are set from the snapshot (:func:`warm_snapshot`) times ``new``, exact
+    at the end of the warm-up; the lr itself is rescaled by ``new / old`` when a scheduler drives
+    it (it evolves), else set to the snapshot's lr times ``new``. ``get_last_lr()`` follows.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+        >>> entry = {"index": 0, **warm_snapshot(opt, None, 0)}
+        >>> set_warm(opt, None, entry, 0.5, 1.0); opt.param_groups[0]["lr"]
+        0.05
+    """
+    index = int(entry["index"])
+    group = optimizer.param_groups[index]
+    for (container, key), orig in zip(lr_slots(optimizer, scheduler, index), entry["orig"]):
+        container[key] = _like(container[key], orig * new)
+    if scheduler is None:
+        group["lr"] = _like(group["lr"], entry["lr0"] * new)
+    else:
+        group["lr"] = _like(group["lr"], group["lr"] * (new / old))
+    sync_last_lr(optimizer, scheduler, index)
+
+
+def check_warmup(warmup: object, start: object, curve: object, verb: str) -> None:
+    """Validate warm-up options (``warmup`` units, ``warmup_start`` ratio, ``warmup_curve``).
+
+    Raises:
+        ArgumentError: a negative or non-int ``warmup``, a ratio outside (0, 1], an unknown curve.
+
+    Example:
+        >>> check_warmup(3, 0.1, "linear", "GradualUnfreezing")
+    """
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ArgumentError(f"warmup={warmup!r} must be an int >= 0 (units of step() to reach the full lr).")
+    ok = isinstance(start, (int, float)) and not isinstance(start, bool) and 0 < start <= 1
+    if not ok:
+        raise ArgumentError(
+            f"warmup_start={start!r} must be a ratio in (0, 1]: the share of its lr a newly unfrozen group "
+            "starts with, e.g. warmup_start=0.1 (Lightning's BackboneFinetuning)."
+        )
+    require_choice(curve, ("linear", "geometric"), verb, "warmup_curve")
+
+
+def _copy_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved group entry of GradualUnfreezing as plain values (lists copied)."""
+    out = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in entry.items()}
+    out["options"] = dict(entry["options"])
+    return out
+
+
+def _plain(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Group options with tensors (a tensor lr) as floats, for a state dict."""
+    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in options.items()}
