@@ -173,7 +173,9 @@ def drift_table(drift: Drift) -> Table:
         (
             "BatchNorm running statistics",
             f"{drift.bn_stats_changed} of {drift.bn_stats_total} tensors changed (largest change "
-            f"{_num(drift.bn_stats_max_change)})",
+            f"{_num(drift.bn_stats_max_change)})"
+            if drift.bn_stats_total
+            else "none in this model",
             "unchanged (pinned eval)",
         ),
         (
@@ -245,11 +247,14 @@ def side_by_side(
     out.render(history_table(ours, plain, head_epochs))
     out.render(drift_table(drift))
     (lead_epoch, lead), (trail_epoch, trail) = gaps(ours, plain)
-    out.line(
-        f"final held-out accuracy: torchfreeze {ours.accuracy[-1]:.1%}, plain {plain.accuracy[-1]:.1%}; "
-        f"torchfreeze led most at epoch {lead_epoch} ({lead:+.1f} points) and trailed most at epoch "
-        f"{trail_epoch} ({trail:+.1f} points)"
-    )
+    final = f"final held-out accuracy: torchfreeze {ours.accuracy[-1]:.1%}, plain {plain.accuracy[-1]:.1%}"
+    if lead == trail == 0:
+        out.line(f"{final}; the same accuracy at every epoch (the losses differ, see the table)")
+    else:
+        out.line(
+            f"{final}; torchfreeze led most at epoch {lead_epoch} ({lead:+.1f} points) and trailed most at epoch "
+            f"{trail_epoch} ({trail:+.1f} points)"
+        )
     out.line(
         "the plain run's 'frozen' backbone is no longer the pretrained one (table above): what it saves as "
         "'the trainable part' does not reproduce the model it evaluated"

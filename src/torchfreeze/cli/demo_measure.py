@@ -144,13 +144,20 @@ def compare(
         f"about {comparison['time_saved_head_phase_s']:.1f} s over the {head_steps} head-only steps "
         f"of this run, and {comparison['peak_rss_saved_mb']:.0f} MiB of peak memory (RSS)."
     )
-    out.line(
-        f"against plain freezing (requires_grad=False, train mode, AdamW over everything): "
-        f"{comparison['time_saved_vs_plain_ms']:.1f} ms per step and "
-        f"{comparison['peak_rss_saved_vs_plain_mb']:.0f} MiB of peak memory; the plain script's optimizer "
-        "skips parameters whose .grad is None, so most of its cost is the frozen part running in train mode "
-        "(BatchNorm statistics, dropout) and autograd bookkeeping."
-    )
+    vs_plain = comparison["time_saved_vs_plain_ms"]
+    if abs(vs_plain) < 0.15 * fz["step_ms_best"] and abs(comparison["peak_rss_saved_vs_plain_mb"]) < 5:
+        out.line(
+            f"against plain freezing (requires_grad=False, train mode, AdamW over everything): about the same "
+            f"({vs_plain:+.1f} ms per step, {comparison['peak_rss_saved_vs_plain_mb']:+.0f} MiB): requires_grad=False "
+            "already stops autograd at the frozen part; what plain freezing gets wrong here is correctness "
+            "(section 3), not speed."
+        )
+    else:
+        out.line(
+            f"against plain freezing (requires_grad=False, train mode, AdamW over everything): {vs_plain:+.1f} ms "
+            f"per step and {comparison['peak_rss_saved_vs_plain_mb']:+.0f} MiB of peak memory saved (the plain "
+            "run keeps the frozen part in train mode: dropout, BatchNorm statistics)."
+        )
     if abs(comparison["peak_rss_saved_mb"]) < 5:
         out.line(
             f"(memory: this model's weights are only {full_bytes / 2**20:.1f} MiB, so the process's "
