@@ -356,3 +356,12 @@ def test_a_group_warming_up_is_never_the_reference_of_the_next_one(warmup: int) 
     gu.step()  # "0" joins while "1" is (or just stopped) warming up
     start = warmup_factor(1, warmup, 0.1, "linear")
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.8, 0.4 * start, 0.2 * 0.1], rel=1e-12)
+
+
+def test_issue_example_adamw_gradual_unfreezing_takes_the_ladder_not_adamw_defaults() -> None:
+    """Issue 10.2 as reported: the unfrozen group got AdamW's lr 0.001 and weight decay 0.01."""
+    m = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 2))
+    freeze(m, "0")
+    opt = torch.optim.AdamW(param_groups(m, 0.1))
+    GradualUnfreezing(m, opt, {1: "0"}).step()
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.1, 0.0), (0.1, 0.0)]
