@@ -215,6 +215,9 @@ def _fixed(argv: list[str], err: str) -> list[list[str]]:
         for name in re.findall(r"'([^']*)'", err.split("which match:", 1)[1].split(";", 1)[0]):
             out.append([*argv[:bad], name, *argv[bad + 1 :]])
     out += [[*argv, "--freeze", name] for name in re.findall(r"add --freeze '([^']*)'", err)]
+    for name in re.findall(r"use --freeze '([^']*)' instead", err):
+        bad = argv.index("--freeze") + 1
+        out.append([*argv[:bad], name, *argv[bad + 1 :]])
     if "--shared freeze" in err:
         out.append([*argv, "--shared", "freeze"])
     return out
@@ -235,6 +238,8 @@ def _settles(argv: list[str], capsys: pytest.CaptureFixture[str], depth: int = 2
     [
         pytest.param("wte", "'**.wte'", id="name-deeper-in-the-model"),
         pytest.param("encoder.wte", "--shared freeze", id="tied-parameter"),
+        pytest.param("", "--freeze '**'", id="empty-selector"),
+        pytest.param("wet", "torchfreeze inspect", id="typo"),
     ],
 )
 def test_inspect_can_apply_every_fix_it_suggests(

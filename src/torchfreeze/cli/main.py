@@ -210,6 +210,24 @@ def _load_factory(target: str) -> Any:
     return obj
 
 
+def _in_cli_words(message: str, target: str) -> str:
+    """A freeze error's fixes as ``inspect`` options, so that every fix it suggests can be applied."""
+    for python, cli in (
+        ("pass shared='freeze'", "pass --shared freeze"),
+        ("Fix: add ", "Fix: add --freeze "),
+        (
+            "Fix: pass no selector at all to mean the whole model.",
+            "Fix: use --freeze '**' instead to freeze every part.",
+        ),
+        (
+            "call torchfreeze.select(model, ...) to see what a selector matches.",
+            f"run `torchfreeze inspect {target}` without --freeze to see the model's names.",
+        ),
+    ):
+        message = message.replace(python, cli)
+    return message
+
+
 def _inspect(args: argparse.Namespace) -> int:
     import warnings
 
@@ -218,7 +236,7 @@ def _inspect(args: argparse.Namespace) -> int:
     import torchfreeze as tf
     from torchfreeze._core.render import Table
     from torchfreeze.cli.console import Output
-    from torchfreeze.errors import SharedParameterError
+    from torchfreeze.errors import SelectorError, SharedParameterError
     from torchfreeze.hub import model_spec
     from torchfreeze.hub.registry import known_plans
 
@@ -274,9 +292,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if selectors:
         try:
             tf.freeze(model, *selectors, mode=args.mode, shared=args.shared)
-        except SharedParameterError as exc:  # the fix, in the words of the command line
-            message = str(exc).replace("pass shared='freeze'", "pass --shared freeze")
-            return _fail("inspect", message.replace("Fix: add ", "Fix: add --freeze ", 1), 2)
+        except (SharedParameterError, SelectorError) as exc:  # the fix, in the words of the command line
+            return _fail("inspect", _in_cli_words(str(exc), args.target), 2)
     out.render(tf.summary(model, depth=args.depth))
     return 0
 
