@@ -128,4 +128,4 @@ def test_demo_config_validation() -> None:
         with pytest.raises(ArgumentError):
             config.resolved()
     setup, epochs, batch = DemoConfig().resolved()
-    assert (setup.registry, epochs, batch) == ("digits-cnn", 8, 32)
+    assert (setup.registry, epochs, batch) == ("digits-cnn", 10, 32)

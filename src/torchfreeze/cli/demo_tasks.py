@@ -75,7 +75,7 @@ class ModelSetup:
 MODELS: dict[str, ModelSetup] = {
     "digits-cnn": ModelSetup(
         registry="digits-cnn",
-        epochs=8,
+        epochs=10,
         batch_size=32,
         head_lr=3e-2,
         backbone_lr=1e-3,

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="total epochs: the first half (rounded up) trains the head only; in the rest "
         "GradualUnfreezing unfreezes the last two backbone blocks, one per epoch, and they train "
-        "with the head (default: 8 for digits-cnn, 8 for minilm)",
+        "with the head (default: 10 for digits-cnn, 8 for minilm)",
     )
     demo.add_argument(
         "--batch-size",
