@@ -34,3 +34,21 @@ def test_rich_tables_wrap_long_module_names_and_honour_columns(monkeypatch: pyte
     assert max(len(line) for line in text.splitlines()) <= 50
     assert "…" not in text
     assert name in "".join(line.split("│")[1].strip() for line in text.splitlines() if line.count("│") >= 2)
+
+
+def test_the_summary_table_wraps_long_module_names_instead_of_cutting_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("rich")
+    import torch
+
+    import torchfreeze
+
+    model = torch.nn.Sequential()
+    model.add_module("a_rather_long_encoder_name", torch.nn.Sequential())
+    model.get_submodule("a_rather_long_encoder_name").add_module("attention_output_projection", torch.nn.Linear(2, 2))
+    monkeypatch.setenv("COLUMNS", "60")
+    out = Output(progress=False, stream=io.StringIO())
+    out.render(torchfreeze.summary(model))
+    text = out.stream.getvalue()  # type: ignore[attr-defined]
+    assert "…" not in text
+    first_cells = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.count("│") >= 2)
+    assert "a_rather_long_encoder_name.attention_output_projection" in first_cells

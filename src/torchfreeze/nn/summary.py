@@ -112,7 +112,8 @@ class Summary:
 
         table = Table(title="torchfreeze summary", caption=self._footer(), show_lines=False)
         for column in self.columns:
-            table.add_column(column, justify="right" if column in ("params", "trainable", "frozen") else "left")
+            justify = "right" if column in ("params", "trainable", "frozen") else "left"
+            table.add_column(column, justify=justify, overflow="fold")  # names wrap, never cut
         for row in self.rows:
             style = "dim" if row.parameters and not row.trainable else None
             table.add_row(*self._cells(row), style=style)
