@@ -238,3 +238,75 @@ def _segments_match(parts: list[str], segments: list[str]) -> bool:
     if not segments:
         return False
     return fnmatch.fnmatchcase(segments[0], head) and _segments_match(rest, segments[1:])
+
+
+def _linear_stack() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+
+
+LONG_SELECTORS = [
+    ("long-name", lambda m: "a" * 100_000, SelectorError),
+    ("long-glob", lambda m: "*" + "b" * 50_000, SelectorError),
+    ("long-regex", lambda m: re.compile("c" * 50_000), SelectorError),
+    ("parameter", lambda m: m[0].weight, SelectorTypeError),
+    ("big-tensor", lambda m: torch.zeros(1000, 1000), SelectorTypeError),
+    ("optimizer", lambda m: torch.optim.SGD(m.parameters(), lr=0.1), SelectorTypeError),
+    ("long-list-of-ints", lambda m: [7] * 10_000, SelectorTypeError),
+    ("long-tuple-of-types", lambda m: (nn.Linear,) * 5_000 + (int,), SelectorTypeError),
+]
+
+
+@pytest.mark.parametrize("make,error", [c[1:] for c in LONG_SELECTORS], ids=[c[0] for c in LONG_SELECTORS])
+@pytest.mark.parametrize("verb", ["select", "freeze", "unfreeze", "is_frozen", "freeze_batchnorm", "pin_mode"])
+def test_selector_message_is_bounded_and_names_the_verb(make, error, verb):
+    """A huge selector (or a tensor / optimizer with a long repr) gives a short message naming the verb."""
+    import torchfreeze
+
+    m = _linear_stack()
+    before = [p.requires_grad for p in m.parameters()]
+    call = getattr(torchfreeze, verb)
+    with pytest.raises(error) as info:
+        call(m, make(m))
+    message = str(info.value)
+    assert len(message) < 600, len(message)
+    assert message.startswith(f"{verb}(selectors=")
+    assert "tensor([[" not in message and "Parameter Group" not in message  # no tensor / optimizer repr
+    assert [p.requires_grad for p in m.parameters()] == before
+
+
+def test_parameter_selector_suggests_its_name():
+    """freeze(m, m[0].weight): the message names the parameter's qualified name as the selector to pass."""
+    import torchfreeze
+
+    m = _linear_stack()
+    with pytest.raises(SelectorTypeError, match=r"pass '0\.weight'") as info:
+        torchfreeze.freeze(m, m[0].weight)
+    assert isinstance(info.value, TypeError)
+    torchfreeze.freeze(m, "0.weight")  # the suggestion works
+    assert not m[0].weight.requires_grad
+
+
+def test_shared_parameter_selector_suggests_every_name():
+    lin = nn.Linear(2, 2)
+    m = nn.Sequential(lin, lin)
+    with pytest.raises(SelectorTypeError, match=r"pass '0\.weight' or '1\.weight'"):
+        select(m, lin.weight)
+
+
+def test_foreign_tensor_selector_says_it_is_not_in_the_model():
+    with pytest.raises(SelectorTypeError, match="not a parameter of the model"):
+        select(_linear_stack(), nn.Parameter(torch.zeros(2)))
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_wrapper_prefixed_selector_is_refused_with_the_canonical_name(prefix):
+    m = _linear_stack()
+    with pytest.raises(SelectorError, match=r"names are canonical.*Fix: pass '0\.weight'"):
+        select(m, prefix + "0.weight")
+    with pytest.raises(SelectorError, match=r"Fix: pass '1'"):
+        select(nn.DataParallel(m), prefix + "1")
+
+
+def test_resolve_without_a_verb_names_the_selector_alone():
+    with pytest.raises(SelectorError, match=r"^selector 'nope' matched no module"):
+        resolve(_linear_stack(), "nope")

@@ -143,7 +143,7 @@ def pin_mode(model: nn.Module, *selectors: Selector, mode: Mode = "eval") -> nn.
     require_module(model, "pin_mode")
     model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
     check_mode(mode)
-    selection = resolve(model, *selectors)
+    selection = resolve(model, *selectors, verb="pin_mode")
     for module in selection.unique_modules().values():
         set_pin(module, mode, "user")
     return model
@@ -172,7 +172,7 @@ def unpin_mode(model: nn.Module, *selectors: Selector) -> nn.Module:
     """
     require_module(model, "unpin_mode")
     model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
-    selection = resolve(model, *selectors)
+    selection = resolve(model, *selectors, verb="unpin_mode")
     unpin_modules(model, selection.unique_modules().values(), origins=None)
     return model
 

@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+import torch
 from torch import nn
 
-from torchfreeze._core.checks import require_module
+from torchfreeze._core.checks import _REPR_LIMIT, bind_problem, require_module, short_repr
 from torchfreeze._core.wrappers import unwrap
 from torchfreeze.errors import SelectorError, SelectorTypeError
 
@@ -149,13 +150,41 @@ def parameter_paths(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _describe(selector: Any) -> str:
+    """A bounded description of a selector for messages (about 80 characters at most, never a tensor's values)."""
     if isinstance(selector, re.Pattern):
-        return f"re.compile({selector.pattern!r})"
+        return "re.compile(" + short_repr(selector.pattern, _REPR_LIMIT - 12) + ")"
+    if selector is None or isinstance(selector, (str, int, float, list, tuple)):
+        return short_repr(selector)
+    if isinstance(selector, torch.Tensor):
+        kind = "Parameter" if isinstance(selector, nn.Parameter) else "tensor"
+        return f"<{kind} of shape {tuple(selector.shape)}>"
     if isinstance(selector, type):
-        return selector.__name__
-    if isinstance(selector, nn.Module):
-        return f"<{type(selector).__name__} object>"
-    return repr(selector)
+        text = selector.__name__
+    elif callable(selector) and not isinstance(selector, nn.Module) and hasattr(selector, "__qualname__"):
+        text = f"<function {selector.__qualname__}>"
+    else:  # a module, an optimizer...: their reprs can be huge
+        text = f"<{type(selector).__name__} object>"
+    return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
+
+
+def _head(verb: str | None, argument: str, selector: Any) -> str:
+    """How a message names the selector: ``"freeze(selectors=<it>): the selector"`` when the verb is known,
+    else ``"selector <it>"``."""
+    if verb is None:
+        return f"selector {_describe(selector)}"
+    return f"{verb}({argument}={_describe(selector)}): the selector"
+
+
+def _tensor_hint(selector: Any, param_items: list[tuple[str, nn.Parameter]]) -> str:
+    """For a tensor selector: its names in the model as the selector to pass, else the general fix."""
+    names = [n for n, p in param_items if p is selector]
+    if names:
+        shown = " or ".join(repr(n) for n in names[:3])
+        return f"Fix: select a parameter by its name: pass {shown}."
+    return (
+        "This tensor is not a parameter of the model. Fix: pass the qualified name of the parameter to "
+        "select (see model.named_parameters())."
+    )
 
 
 def _closest(target: str, names: Iterable[str], count: int = 5) -> list[str]:
@@ -176,28 +205,43 @@ def _suggestions(
     if target and not target.startswith("**"):
         deeper = f"**.{target}"
         try:
-            if _match_one(deeper, module_paths, param_items):
+            if _match_one(deeper, module_paths, param_items, "selector"):
                 out.append(deeper)
         except SelectorError:  # target is not a valid glob: no glob suggestion
             pass
     for name in _closest(target, names):
-        if name not in out and _match_one(name, module_paths, param_items):
+        if name not in out and _match_one(name, module_paths, param_items, "selector"):
             out.append(name)
     return out
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def _no_match(
-    selector: Any, module_paths: list[tuple[str, nn.Module]], param_items: list[tuple[str, nn.Parameter]]
+    selector: Any,
+    module_paths: list[tuple[str, nn.Module]],
+    param_items: list[tuple[str, nn.Parameter]],
+    head: str,
 ) -> SelectorError:
+    if isinstance(selector, str):
+        for wrapper in _WRAPPER_PREFIXES:  # a name seen on a DDP / torch.compile wrapper
+            inner = selector[len(wrapper) :]
+            if selector.startswith(wrapper) and inner and _match_one(inner, module_paths, param_items, head):
+                return SelectorError(
+                    f"{head} matched no module or parameter of the model: names are canonical, those of the "
+                    f"model inside DDP / DataParallel / torch.compile, without the wrapper's {wrapper!r}. "
+                    f"Fix: pass {short_repr(inner)}."
+                )
     if isinstance(selector, str):
         target = selector
     elif isinstance(selector, re.Pattern):
         target = selector.pattern
     else:
         target = _describe(selector)
-    suggestions = ", ".join(repr(n) for n in _suggestions(target, module_paths, param_items))
+    suggestions = ", ".join(short_repr(n) for n in _suggestions(target[:200], module_paths, param_items))
     return SelectorError(
-        f"selector {_describe(selector)} matched no module or parameter of the model. "
+        f"{head} matched no module or parameter of the model. "
         + (f"Fix: use one of these selectors, which match: {suggestions}; " if suggestions else "Fix: ")
         + "call torchfreeze.select(model, ...) to see what a selector matches."
     )
@@ -207,12 +251,13 @@ def _match_one(
     selector: Any,
     module_paths: list[tuple[str, nn.Module]],
     param_items: list[tuple[str, nn.Parameter]],
+    head: str,
 ) -> list[str]:
-    """Return the qualified names (modules and parameters) one selector matches."""
+    """Return the qualified names (modules and parameters) one selector matches (``head`` names it in errors)."""
     if isinstance(selector, str):
         if not selector:
             raise SelectorError(
-                "selector '' (an empty string) names nothing; expected a dotted name or glob such as "
+                f"{head} (an empty string) names nothing; expected a dotted name or glob such as "
                 "'encoder' or '**.bias'. Fix: pass no selector at all to mean the whole model."
             )
         exact = [n for n, _ in module_paths if n == selector] + [n for n, _ in param_items if n == selector]
@@ -222,7 +267,7 @@ def _match_one(
             regex = re.compile(glob_to_regex(selector))
         except re.error as error:
             raise SelectorError(
-                f"selector {selector!r} is not a valid glob ({error}); expected '*' within a segment, "
+                f"{head} is not a valid glob ({error}); expected '*' within a segment, "
                 "'**' for any segments, '?' or a character class such as '[0-3]'. "
                 "Fix: correct the pattern, or pass a compiled regex."
             ) from None
@@ -236,7 +281,7 @@ def _match_one(
     if isinstance(selector, type):
         if not issubclass(selector, nn.Module):
             raise SelectorTypeError(
-                f"selector type {selector.__name__} is not an nn.Module subclass; "
+                f"{head} (a type) is not an nn.Module subclass; "
                 "expected a module type such as nn.BatchNorm2d. Fix: pass a module class or a tuple of them."
             )
         return [n for n, m in module_paths if isinstance(m, selector)]
@@ -244,7 +289,7 @@ def _match_one(
         for t in selector:
             if not issubclass(t, nn.Module):
                 raise SelectorTypeError(
-                    f"selector tuple contains {t.__name__}, which is not an nn.Module subclass; expected "
+                    f"{head} (a tuple of types) contains {short_repr(t.__name__)}, which is not an nn.Module subclass; expected "
                     "module classes only, e.g. (nn.BatchNorm1d, nn.BatchNorm2d). Fix: put other selectors "
                     "in a list instead."
                 )
@@ -252,41 +297,54 @@ def _match_one(
     if isinstance(selector, nn.Module):
         return [n for n, m in module_paths if m is selector]
     if callable(selector):
+        if bind_problem(selector, "name", module_paths[0][1]) is not None:
+            raise SelectorTypeError(
+                f"{head} (a predicate) cannot be called as predicate(name, module); expected a function "
+                "of two arguments returning a bool. Fix: e.g. lambda name, module: name.startswith('encoder')."
+            )
         matched = []
         for name, module in module_paths:
             result = selector(name, module)
             if not isinstance(result, bool):
                 raise SelectorTypeError(
-                    f"predicate selector {_describe(selector)} returned {type(result).__name__} for "
-                    f"{name!r}; expected a bool from (name, module) -> bool. Fix: return True or False."
+                    f"{head} (a predicate) returned {type(result).__name__} for "
+                    f"{short_repr(name)}; expected a bool from (name, module) -> bool. Fix: return True or False."
                 )
             if result:
                 matched.append(name)
         return matched
+    if isinstance(selector, torch.Tensor):  # a common slip: suggest the parameter's name
+        raise SelectorTypeError(f"{head} is a tensor, not a selector. " + _tensor_hint(selector, param_items))
     raise SelectorTypeError(
-        f"selector {selector!r} of type {type(selector).__name__} is not understood; expected a dotted "
+        f"{head} of type {type(selector).__name__} is not understood; expected a dotted "
         "name or glob (str), a compiled regex, a module type or tuple of types, a predicate "
         "(name, module) -> bool, a module object in the model, or a list of these. Fix: pass one of "
         "these kinds (several selectors go in a list, not a tuple)."
     )
 
 
-def _flatten(selectors: Sequence[Any]) -> list[Any]:
+def _flatten(selectors: Sequence[Any], verb: str | None, argument: str) -> list[Any]:
     flat: list[Any] = []
     for selector in selectors:
         if isinstance(selector, list):
             if not selector:
                 raise SelectorError(
-                    "selector [] (an empty list) selects nothing; expected at least one selector in the list. "
+                    f"{_head(verb, argument, selector)} (an empty list) selects nothing; expected at least one selector in the list. "
                     "Fix: pass no selector to mean the whole model, or list the parts to select."
                 )
-            flat.extend(_flatten(selector))
+            flat.extend(_flatten(selector, verb, argument))
         else:
             flat.append(selector)
     return flat
 
 
-def resolve(model: nn.Module, *selectors: Selector, allow_empty: bool = False) -> Selection:
+def resolve(
+    model: nn.Module,
+    *selectors: Selector,
+    allow_empty: bool = False,
+    verb: str | None = None,
+    argument: str = "selectors",
+) -> Selection:
     """Resolve selectors (a union) into every module and parameter path they name.
 
     The one resolver every verb is built on. A selected module brings its whole
@@ -298,6 +356,9 @@ def resolve(model: nn.Module, *selectors: Selector, allow_empty: bool = False) -
         *selectors: as for :func:`select`; none means the whole model.
         allow_empty: return an empty part for a selector that matches nothing
             instead of raising.
+        verb: the public verb resolving the selectors, named in error messages
+            (``"freeze(selectors=...): ..."``); None names the selector alone.
+        argument: the verb's argument that holds the selectors.
 
     Returns:
         A :class:`Selection`: ``matched`` (the names matched directly),
@@ -316,17 +377,18 @@ def resolve(model: nn.Module, *selectors: Selector, allow_empty: bool = False) -
         >>> sel.matched, list(sel.modules), list(sel.parameters)
         (['1'], ['1'], ['1.weight', '1.bias'])
     """
-    require_module(model, "resolve")
+    require_module(model, verb or "resolve")
     model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
     module_paths = _module_paths(model)
     param_items = _parameter_items(model)
     matched: dict[str, None] = {}  # ordered set
     if not selectors:
         matched[""] = None  # no selector: the whole model
-    for selector in _flatten(selectors):
-        names = _match_one(selector, module_paths, param_items)
+    for selector in _flatten(selectors, verb, argument):
+        head = _head(verb, argument, selector)
+        names = _match_one(selector, module_paths, param_items, head)
         if not names and not allow_empty:
-            raise _no_match(selector, module_paths, param_items)
+            raise _no_match(selector, module_paths, param_items, head)
         matched.update(dict.fromkeys(names))
 
     module_names = {n for n, _ in module_paths}
@@ -371,4 +433,4 @@ def select(model: nn.Module, *selectors: Selector) -> list[str]:
         ['0', '2']
     """
     require_module(model, "select")
-    return list(resolve(model, *selectors).matched)
+    return list(resolve(model, *selectors, verb="select").matched)

@@ -347,7 +347,7 @@ def freeze_batchnorm(model: nn.Module, *selectors: Selector, convert: bool = Fal
     """
     require_module(model, "freeze_batchnorm")
     require_bool(convert, "freeze_batchnorm", "convert")
-    selection = resolve(model, *selectors)
+    selection = resolve(model, *selectors, verb="freeze_batchnorm")
     modules = selection.unique_modules().values()
     batchnorms = [m for m in modules if isinstance(m, _BatchNorm)]
     if not batchnorms and not any(isinstance(m, _FrozenBatchNorm) for m in modules):

@@ -185,7 +185,7 @@ def freeze(
     """
     require_module(model, "freeze")
     check_mode(mode, allow_none=True)
-    selection = resolve(model, *selectors)
+    selection = resolve(model, *selectors, verb="freeze")
     params, pin_targets = _plan(model, selection, requires_grad=False, train_bn=train_bn, shared=shared, verb="freeze")
     set_requires_grad(params, False)
     if mode is not None:
@@ -232,7 +232,7 @@ def unfreeze(model: nn.Module, *selectors: Selector, shared: Shared = "error") -
         (True, True)
     """
     require_module(model, "unfreeze")
-    selection = resolve(model, *selectors)
+    selection = resolve(model, *selectors, verb="unfreeze")
     params, _ = _plan(model, selection, requires_grad=True, train_bn=False, shared=shared, verb="unfreeze")
     params = [p for p in params if _can_train(p)]  # integer parameters cannot require grad: left as they are
     _restore_full_precision(model, params)
@@ -273,7 +273,7 @@ def is_frozen(model: nn.Module, *selectors: Selector) -> bool:
         (True, False)
     """
     require_module(model, "is_frozen")
-    selection = resolve(model, *selectors)
+    selection = resolve(model, *selectors, verb="is_frozen")
     uses = parameter_uses(model)
     return not any(uses[id(p)].trainable for p in selection.parameters.values())
 
@@ -363,13 +363,14 @@ def freeze_to(
     frozen_part, trainable_part = list(groups[:n]), list(groups[n:])
     norm_ids: set[int] = set()
     if require_bool(train_bn, "freeze_to", "train_bn") and frozen_part:  # fastai: their norms train
-        norms = {k: m for k, m in resolve(model, frozen_part).modules.items() if k and is_norm(m)}
+        frozen_sel = resolve(model, frozen_part, verb="freeze_to", argument="groups")
+        norms = {k: m for k, m in frozen_sel.modules.items() if k and is_norm(m)}
         trainable_part += list(norms)
         norm_ids = {id(p) for m in norms.values() for p in m.parameters(recurse=False)}
     selections: dict[bool, Selection] = {}
     for part, requires_grad, verb in ((frozen_part, False, "freeze"), (trainable_part, True, "unfreeze")):
         if part:
-            selections[requires_grad] = resolve(model, list(part))
+            selections[requires_grad] = resolve(model, list(part), verb="freeze_to", argument="groups")
             _plan(
                 model,
                 selections[requires_grad],
