@@ -125,3 +125,16 @@ def test_missing_trainable_parameters_are_reported(tmp_path: Path) -> None:
         trainer.train()
     (problem,) = [p for p in cb.problems if p.code == "trainable-not-in-optimizer"]
     assert "bert.encoder.layer.0.attention.self.query.weight" in problem.names
+
+
+def test_epoch_interval_unfreezes_at_the_second_epoch(tmp_path: Path) -> None:
+    model = tiny_bert()
+    cb = callback(schedule={1: "bert.encoder.layer.1"}, interval="epoch")
+    args = arguments(tmp_path, max_steps=-1, num_train_epochs=2, save_strategy="no")
+    trainer = FreezeTrainer(model=model, args=args, train_dataset=Rows(), callbacks=[cb])
+    trainer.train()
+    assert cb.run.unfreezing is not None and cb.run.unfreezing.last == 1
+    assert not torchfreeze.is_frozen(model, "bert.encoder.layer.1") and torchfreeze.is_frozen(
+        model, "bert.encoder.layer.0"
+    )
+    assert trainer.optimizer is not None and "unfrozen0" in [g.get("name") for g in trainer.optimizer.param_groups]
