@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from torchfreeze._core.checks import _REPR_LIMIT, bind_problem, require_module, short_repr
+from torchfreeze._core.glob import glob_to_regex
 from torchfreeze._core.wrappers import unwrap
 from torchfreeze.errors import SelectorError, SelectorTypeError
 
