@@ -120,3 +120,58 @@ def test_a_frozen_wrapper_does_not_borrow_the_wrapped_models_own_groups() -> Non
 
     assert layer_groups(Custom(nn.Linear(2, 2), nn.Linear(2, 2))) == [["0"], ["1"]]
     assert layer_groups(Frozen(Custom(nn.Linear(2, 2), nn.Linear(2, 2)))) == [["module.0"], ["module.1"]]
+
+
+def _stack() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    import torch
+
+    compiled: nn.Module = torch.compile(model)  # type: ignore[assignment]  # lazy: nothing compiles until a forward
+    return compiled
+
+
+WRAPPERS = [
+    ("DataParallel", lambda m: nn.DataParallel(m)),
+    ("torch.compile", _compiled),
+    ("DataParallel-of-compiled", lambda m: nn.DataParallel(_compiled(m))),
+]
+
+
+@pytest.mark.parametrize("wrap", [c[1] for c in WRAPPERS], ids=[c[0] for c in WRAPPERS])
+def test_layer_groups_and_freeze_to_see_through_wrappers(wrap) -> None:
+    """Issue: layer_groups(DataParallel(m)) gave 'module.0', which the resolver (it unwraps) did not match."""
+    plain, inner = _stack(), _stack()
+    wrapped = wrap(inner)
+    assert layer_groups(wrapped) == layer_groups(plain) == [["0"], ["1"], ["2"]]
+    freeze_to(wrapped, 1)
+    freeze_to(plain, 1)
+    assert [p.requires_grad for p in inner.parameters()] == [p.requires_grad for p in plain.parameters()]
+    assert [p.requires_grad for p in inner.parameters()] == [False, False, True, True, True, True]
+
+
+@pytest.mark.parametrize("wrap", [c[1] for c in WRAPPERS], ids=[c[0] for c in WRAPPERS])
+def test_gradual_unfreezing_default_groups_through_wrappers(wrap) -> None:
+    import torch
+
+    from torchfreeze import GradualUnfreezing
+
+    inner = _stack()
+    wrapped = wrap(inner)
+    optimizer = torch.optim.SGD(list(inner.parameters()), lr=0.1)
+    scheduler = GradualUnfreezing(wrapped, optimizer, "one_group_per_epoch")
+    assert scheduler.groups == [["0"], ["1"], ["2"]]
+    assert [p.requires_grad for p in inner.parameters()] == [False, False, False, False, True, True]
+    scheduler.step()
+    assert [p.requires_grad for p in inner.parameters()] == [False, False, True, True, True, True]
+
+
+def test_a_wrapper_prefixed_group_is_refused_with_the_canonical_name() -> None:
+    from torchfreeze.errors import SelectorError
+
+    inner = _stack()
+    with pytest.raises(SelectorError, match=r"freeze_to\(groups=.*Fix: pass '0'"):
+        freeze_to(nn.DataParallel(inner), 1, groups=["module.0", "module.1"])
+    assert all(p.requires_grad for p in inner.parameters())
