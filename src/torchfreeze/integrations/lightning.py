@@ -24,6 +24,7 @@ from torchfreeze.distributed import DDPHandle, wrap
 from torchfreeze.integrations.plan import FreezeRun, Interval, OnMissing, Schedule
 from torchfreeze.nn.freezing import Shared
 from torchfreeze.training import Problem
+from torchfreeze.training.schedule import WarmupCurve
 
 try:
     import lightning.pytorch as pl
@@ -66,6 +67,9 @@ class FreezeCallback(pl.Callback):
         interval: ``"epoch"`` or ``"step"`` (optimizer steps, ``trainer.global_step``).
         guard: verify after every optimizer step that frozen tensors are bit-identical.
         on_missing: ``"warn"``, ``"error"`` or ``"add"`` for trainable parameters in no optimizer.
+        warmup, warmup_start, warmup_curve: warm-up of each newly unfrozen group (see
+            :class:`~torchfreeze.GradualUnfreezing`); ``warmup_start=0.1, warmup_curve="geometric"``
+            is Lightning's ``BackboneFinetuning``.
 
     Raises:
         ArgumentTypeError, ArgumentError: a bad option (see :class:`FreezeRun`).
@@ -90,6 +94,9 @@ class FreezeCallback(pl.Callback):
         interval: Interval = "epoch",
         guard: bool = False,
         on_missing: OnMissing = "warn",
+        warmup: int = 0,
+        warmup_start: float = 0.1,
+        warmup_curve: WarmupCurve = "linear",
     ) -> None:
         super().__init__()
         self.run = FreezeRun(
@@ -103,6 +110,9 @@ class FreezeCallback(pl.Callback):
             interval=interval,
             guard=guard,
             on_missing=on_missing,
+            warmup=warmup,
+            warmup_start=warmup_start,
+            warmup_curve=warmup_curve,
         )
         #: What :func:`torchfreeze.check` found at fit start.
         self.problems: list[Problem] = []

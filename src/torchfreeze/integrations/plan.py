@@ -24,7 +24,8 @@ from torchfreeze.errors import ArgumentError, ArgumentTypeError, CheckpointError
 from torchfreeze.nn import freeze
 from torchfreeze.nn.freezing import Shared
 from torchfreeze.training import GradualUnfreezing, Guard, Problem, add_unfrozen, check, guard
-from torchfreeze.training.schedule import Preset
+from torchfreeze.training.schedule import Preset, WarmupCurve
+from torchfreeze.training.schedulers import check_warmup
 from torchfreeze.training.state import freeze_state, load_freeze_state
 
 __all__ = ["FreezeRun", "Interval", "OnMissing", "Schedule"]
@@ -57,6 +58,11 @@ class FreezeRun:
         lr: learning rate of the groups the schedule adds (default: the optimizer's).
         interval: ``"epoch"`` or ``"step"`` (optimizer steps).
         guard: verify after every optimizer step that frozen tensors are bit-identical.
+        warmup: warm each newly unfrozen group up over this many ``interval`` units (``0``: no
+            warm-up), as :class:`~torchfreeze.GradualUnfreezing` does; Lightning's
+            ``BackboneFinetuning`` is ``warmup_start=0.1, warmup_curve="geometric"``.
+        warmup_start: the new group's first lr as a fraction of its target.
+        warmup_curve: ``"linear"`` or ``"geometric"`` ramp from ``warmup_start`` to 1.
         on_missing: what to do when a trainable parameter is in no optimizer: ``"warn"``,
             ``"error"`` (raise :class:`~torchfreeze.errors.ArgumentError`) or ``"add"`` it to the
             first optimizer (:func:`torchfreeze.add_unfrozen`).
@@ -90,8 +96,12 @@ class FreezeRun:
         interval: Interval = "epoch",
         guard: bool = False,
         on_missing: OnMissing = "warn",
+        warmup: int = 0,
+        warmup_start: float = 0.1,
+        warmup_curve: WarmupCurve = "linear",
     ) -> None:
         verb = type(self).__name__
+        check_warmup(warmup, warmup_start, warmup_curve, verb)
         if isinstance(freeze, (str, bytes)) or not isinstance(freeze, Sequence):
             raise ArgumentTypeError(
                 f"{verb}(freeze={short_repr(freeze)}): expected a list of selectors, got {type(freeze).__name__}. "
@@ -120,6 +130,9 @@ class FreezeRun:
         self.interval: Interval = interval
         self.guard = guard
         self.on_missing: OnMissing = on_missing
+        self.warmup = warmup
+        self.warmup_start = float(warmup_start)
+        self.warmup_curve: WarmupCurve = warmup_curve
         self.model: nn.Module | None = None
         self.unfreezing: GradualUnfreezing | None = None
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -189,6 +202,9 @@ class FreezeRun:
                 lr=self.lr,
                 shared=self.shared,
                 scheduler=attached[0] if attached else None,
+                warmup=self.warmup,
+                warmup_start=self.warmup_start,
+                warmup_curve=self.warmup_curve,
             )
         if self._pending is not None:
             pending, self._pending = self._pending, None

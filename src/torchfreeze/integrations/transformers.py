@@ -31,6 +31,7 @@ from torchfreeze.errors import ArgumentError, CheckpointError
 from torchfreeze.integrations.plan import FreezeRun, Interval, OnMissing, Schedule
 from torchfreeze.nn.freezing import Shared
 from torchfreeze.training import Problem
+from torchfreeze.training.schedule import WarmupCurve
 
 try:
     from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -72,6 +73,9 @@ class FreezeCallback(TrainerCallback):
         interval: ``"step"`` (optimizer steps) or ``"epoch"``.
         guard: verify after every optimizer step that frozen tensors are bit-identical.
         on_missing: ``"warn"``, ``"error"`` or ``"add"`` for trainable parameters in no optimizer.
+        warmup, warmup_start, warmup_curve: warm-up of each newly unfrozen group (see
+            :class:`~torchfreeze.GradualUnfreezing`); ``warmup_start=0.1, warmup_curve="geometric"``
+            is Lightning's ``BackboneFinetuning``.
 
     Raises:
         ArgumentTypeError, ArgumentError: a bad option (see :class:`~torchfreeze.integrations.FreezeRun`).
@@ -96,6 +100,9 @@ class FreezeCallback(TrainerCallback):
         interval: Interval = "step",
         guard: bool = False,
         on_missing: OnMissing = "warn",
+        warmup: int = 0,
+        warmup_start: float = 0.1,
+        warmup_curve: WarmupCurve = "linear",
     ) -> None:
         self.run = FreezeRun(
             freeze=freeze,
@@ -108,6 +115,9 @@ class FreezeCallback(TrainerCallback):
             interval=interval,
             guard=guard,
             on_missing=on_missing,
+            warmup=warmup,
+            warmup_start=warmup_start,
+            warmup_curve=warmup_curve,
         )
         #: What :func:`torchfreeze.check` found when training started.
         self.problems: list[Problem] = []
