@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
-from torchfreeze._core.checks import require_bool, require_choice, require_module, short_repr
+from torchfreeze._core.checks import (
+    bind_problem,
+    refuse_meta,
+    require_bool,
+    require_choice,
+    require_module,
+    short_repr,
+)
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 
 
@@ -33,3 +41,28 @@ def test_require_bool_and_choice() -> None:
         require_choice("frozen", ("train", "eval"), "pin_mode", "mode")
     with pytest.raises(ArgumentError):
         require_choice(True, (1, 0), "f", "x")  # True == 1, but it is not the option
+
+
+BIND_CASES = [
+    pytest.param(lambda name: True, ("a", None), "too many positional arguments", id="predicate-one-argument"),
+    pytest.param(lambda name, module: True, ("a", None), None, id="predicate-two-arguments"),
+    pytest.param(lambda *args: True, ("a", None), None, id="varargs"),
+    pytest.param(nn.Linear(2, 2).forward, (), "missing a required argument", id="forward-without-input"),
+    pytest.param(print, ("a", None), None, id="builtin"),
+]
+
+
+@pytest.mark.parametrize(("func", "args", "problem"), BIND_CASES)
+def test_bind_problem_reads_the_signature_only(func, args, problem) -> None:
+    found = bind_problem(func, *args)
+    assert found == problem if problem is None else problem in found
+
+
+def test_refuse_meta_names_the_tensors_and_the_fix() -> None:
+    refuse_meta(nn.Linear(2, 2), "fold_batchnorm")  # a materialised model passes
+    with torch.device("meta"):
+        layer = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    with pytest.raises(
+        ArgumentError, match=r"^fold_batchnorm\(model=\.\.\.\): 7 tensor\(s\) are on the meta device.*Fix:"
+    ):
+        refuse_meta(layer, "fold_batchnorm")

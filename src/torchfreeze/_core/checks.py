@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import Callable, Iterable
 from typing import Any, TypeGuard
 
+import torch
 from torch import nn
 
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["require_module", "require_bool", "require_choice", "short_repr"]
+__all__ = ["require_module", "require_bool", "require_choice", "short_repr", "bind_problem", "refuse_meta"]
 
 _REPR_LIMIT = 80
 
@@ -81,3 +83,45 @@ def require_choice(value: Any, choices: Iterable[Any], verb: str, argument: str)
         return value
     listed = ", ".join(repr(c) for c in options)
     raise ArgumentError(f"{verb}({argument}={short_repr(value)}): expected one of {listed}. Fix: pass one of them.")
+
+
+def bind_problem(func: Callable[..., Any], *args: Any) -> str | None:
+    """Why ``func(*args)`` cannot be called with that many arguments, or ``None`` if it can.
+
+    Reads the signature only (``func`` is not called), so a verb can refuse a
+    predicate of the wrong arity, or a forward missing its inputs, before it
+    changes anything. A callable whose signature cannot be read answers ``None``.
+
+    >>> bind_problem(lambda name: True, "a", None)
+    'too many positional arguments'
+    >>> bind_problem(lambda name, module: True, "a", None) is None
+    True
+    """
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # no signature to read (some builtins): the call itself will tell
+        return None
+    try:
+        signature.bind(*args)
+    except TypeError as error:
+        return str(error)
+    return None
+
+
+def refuse_meta(model: nn.Module, verb: str) -> None:
+    """Raise :class:`ArgumentError` if ``model`` has tensors on the meta device (no values to read).
+
+    >>> with torch.device("meta"):
+    ...     layer = nn.Linear(2, 2)
+    >>> refuse_meta(layer, "fold_batchnorm")
+    Traceback (most recent call last):
+    ...
+    torchfreeze.errors.ArgumentError: fold_batchnorm(model=...): 2 tensor(s) are on the meta device ...
+    """
+    meta = [n for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor) and t.is_meta]
+    if meta:
+        raise ArgumentError(
+            f"{verb}(model=...): {len(meta)} tensor(s) are on the meta device and hold no values "
+            f"({short_repr(meta[:5])}). Fix: materialise the model first (model.to_empty(device='cpu') "
+            "and load its weights)."
+        )

@@ -13,9 +13,9 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from torchfreeze._core.behaviour import is_normalization, tracks_running_stats
+from torchfreeze._core.checks import refuse_meta  # re-exported: guard and the checkpoint split use it here
 from torchfreeze._core.mode import pins
 from torchfreeze._core.uses import frozen_map
-from torchfreeze.errors import ArgumentError
 from torchfreeze.nn.batchnorm import is_converted_batchnorm
 
 __all__ = [
@@ -165,13 +165,3 @@ def buffers_mutated_while_frozen(model: nn.Module, frozen: set[int], eval_ids: s
             prefix = f"{name}." if name else ""
             found += [prefix + b for b in names]
     return found
-
-
-def refuse_meta(model: nn.Module, verb: str) -> None:
-    """Raise :class:`ArgumentError` if ``model`` has tensors on the meta device (no values to compare or save)."""
-    meta = [n for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor) and t.is_meta]
-    if meta:
-        raise ArgumentError(
-            f"{verb}(model=...): {len(meta)} tensor(s) are on the meta device and hold no values ({meta[:5]}). "
-            "Fix: materialise the model first (model.to_empty(device='cpu') and load its weights)."
-        )
