@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import partial
 from typing import Any
 
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module
 
+from torchfreeze._core.canonical import make_state_dict_transparent
 from torchfreeze._core.checks import require_module
 from torchfreeze._core.mode import Mode, check_mode, set_pin
 from torchfreeze._core.uses import FrozenUse
 from torchfreeze.errors import ArgumentError
 
-__all__ = ["Frozen", "make_state_dict_transparent"]
+__all__ = ["Frozen"]
 
 #: methods of the wrapped module that compute with its weights: reached through ``Frozen`` they
 #: run with the weights detached, like ``forward`` (the backbone protocol's ``forward_features``)
@@ -71,7 +71,7 @@ class Frozen(FrozenUse):
     """
 
     module: nn.Module
-    #: ``state_dict`` keys do not show the ``module`` level (see ``training._watch.TRANSPARENT_CHILD``)
+    #: ``state_dict`` keys do not show the ``module`` level (see ``torchfreeze._core.canonical``)
     state_dict_transparent_child = "module"
 
     def __init__(self, module: nn.Module, *, mode: Mode | None = None) -> None:
@@ -85,7 +85,7 @@ class Frozen(FrozenUse):
         if mode is not None:
             for sub in module.modules():
                 set_pin(sub, mode, "Frozen")
-        make_state_dict_transparent(self, "module")
+        make_state_dict_transparent(self)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped module with its parameters detached (buffers as they are)."""
@@ -135,49 +135,3 @@ class Frozen(FrozenUse):
 
     def __bool__(self) -> bool:  # a module is truthy, whether or not the wrapped one has a length
         return True
-
-
-def make_state_dict_transparent(module: nn.Module, child: str) -> None:
-    """Hide ``module``'s level in ``state_dict``: keys of ``child`` appear as ``module``'s own.
-
-    Saving strips ``<prefix><child>.``; loading accepts keys with or without it
-    (strict loading still reports what is really missing or unexpected).
-
-    Args:
-        module: the wrapper, whose only state is the child ``child``.
-        child: the attribute name of the wrapped module.
-
-    Example:
-        >>> wrapper = nn.Module()
-        >>> wrapper.inner = nn.Linear(1, 1)
-        >>> make_state_dict_transparent(wrapper, "inner")
-        >>> sorted(wrapper.state_dict())
-        ['bias', 'weight']
-    """
-    post = getattr(module, "register_state_dict_post_hook", None) or module._register_state_dict_hook  # torch < 2.5
-    post(partial(_strip_child, child + "."))
-    module.register_load_state_dict_pre_hook(partial(_add_child, child + "."))  # type: ignore[no-untyped-call]
-
-
-def _strip_child(segment: str, _module: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any) -> None:
-    """State-dict hook: ``<prefix><child>.x`` is saved as ``<prefix>x``."""
-    inner = prefix + segment
-    for key in [k for k in state_dict if k.startswith(inner)]:
-        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
-    meta = getattr(state_dict, "_metadata", None)
-    if meta is not None:
-        for key in [k for k in meta if k == inner[:-1] or k.startswith(inner)]:
-            meta[prefix + key[len(inner) :]] = meta.pop(key)
-
-
-def _add_child(segment: str, _module: nn.Module, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
-    """Load pre-hook: ``<prefix>x`` loads into ``<prefix><child>.x`` (keys with the child segment load as they are)."""
-    inner = prefix + segment
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
-        if inner + key[len(prefix) :] not in state_dict:
-            state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
-    meta = getattr(state_dict, "_metadata", None)
-    if meta is not None:
-        for key in [k for k in meta if k.startswith(prefix) and k != prefix[:-1] and not k.startswith(inner)]:
-            if inner + key[len(prefix) :] not in meta:
-                meta[inner + key[len(prefix) :]] = meta.pop(key)

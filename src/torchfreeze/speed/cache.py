@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from torchfreeze._core.canonical import make_state_dict_transparent
 from torchfreeze._core.checks import require_choice, require_module, short_repr
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, CacheRefusedError
 from torchfreeze.speed._entry import Entry, detached, flatten_output, row_entries, stack_entries
@@ -84,7 +85,7 @@ class FeatureCache(nn.Module):
     #: ``Composite`` need not check its parameters on every call
     manages_autograd = True
     #: ``state_dict`` keys do not show the ``module`` level: freeze states and trainable checkpoints
-    #: name tensors and modules the same with or without the cache (``training._watch.canonical_modules``)
+    #: name tensors and modules the same with or without the cache (``torchfreeze._core.canonical``)
     state_dict_transparent_child = "module"
 
     def __init__(
@@ -113,9 +114,7 @@ class FeatureCache(nn.Module):
         self._watch = ModuleWatch(module)
         if self.directory is not None:
             self._fingerprint = module_fingerprint(module, salt=salt)
-        post = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook  # torch < 2.5
-        post(_strip_module_prefix)
-        self.register_load_state_dict_pre_hook(_add_module_prefix)  # type: ignore[no-untyped-call]
+        make_state_dict_transparent(self)
 
     # -- plumbing -----------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -283,37 +282,6 @@ class FeatureCache(nn.Module):
                 found[r] = entry
             self._store.insert([(keys[r], entry) for r, entry in zip(missing, rows, strict=True)])
         return stack_entries([e for e in found if e is not None], device)
-
-
-def _strip_module_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    inner = prefix + "module."
-    keys = [k for k in state_dict if k.startswith(inner)]
-    for k in keys:
-        state_dict[prefix + k[len(inner) :]] = state_dict.pop(k)
-    meta = getattr(state_dict, "_metadata", None)
-    if meta is not None:
-        for k in [k for k in meta if k == inner[:-1] or k.startswith(inner)]:
-            meta[prefix + k[len(inner) :]] = meta.pop(k)
-
-
-def _add_module_prefix(
-    module: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: Any,
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    inner = prefix + "module."
-    keys = [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]
-    for k in keys:
-        state_dict[inner + k[len(prefix) :]] = state_dict.pop(k)
-    meta = getattr(state_dict, "_metadata", None)
-    if meta is not None:
-        for k in [k for k in meta if k.startswith(prefix) and k != prefix[:-1] and not k.startswith(inner)]:
-            meta[inner + k[len(prefix) :]] = meta.pop(k)
 
 
 def cache_features(

@@ -26,17 +26,10 @@ __all__ = [
     "stats_update_while_frozen",
     "watched_norms",
     "materialised",
-    "canonical_modules",
-    "canonical_parameter_names",
     "mutating_buffers",
     "buffers_mutated_while_frozen",
     "refuse_meta",
 ]
-
-#: the class attribute naming the child of a wrapper whose ``state_dict`` keys do not show the
-#: wrapper's level (``FeatureCache`` sets it to ``"module"``): checkpoints and freeze states use
-#: the names ``state_dict`` gives, so a model saves and loads the same with or without the wrapper
-TRANSPARENT_CHILD = "state_dict_transparent_child"
 
 
 def frozen_ids(model: nn.Module) -> set[int]:
@@ -86,41 +79,6 @@ def watched_norms(model: nn.Module, frozen: set[int]) -> list[tuple[str, nn.Modu
 def materialised(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors that hold values: lazy (uninitialised) parameters and buffers left out."""
     return {name: t for name, t in tensors.items() if not is_lazy(t)}
-
-
-def canonical_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-    """``(path, canonical path, module)`` for every module at every path (``remove_duplicate=False`` order).
-
-    The canonical path is the one ``state_dict`` keys use: the level of a wrapper that hides
-    itself from ``state_dict`` (see :data:`TRANSPARENT_CHILD`) is left out, so
-    ``backbone.module.0`` of a cached backbone is ``backbone.0``, as in the uncached model.
-    """
-    out: list[tuple[str, str, nn.Module]] = []
-    stack: list[tuple[str, str, nn.Module]] = [("", "", model)]
-    while stack:
-        raw, canon, module = stack.pop()
-        out.append((raw, canon, module))
-        hidden = getattr(type(module), TRANSPARENT_CHILD, None)
-        children = []
-        for name, child in module._modules.items():
-            if child is None:
-                continue
-            child_raw = f"{raw}.{name}" if raw else name
-            child_canon = canon if name == hidden else (f"{canon}.{name}" if canon else name)
-            children.append((child_raw, child_canon, child))
-        stack.extend(reversed(children))
-    return out
-
-
-def canonical_parameter_names(model: nn.Module) -> dict[int, list[str]]:
-    """Parameter id -> its canonical names (every path, model order; see :func:`canonical_modules`)."""
-    names: dict[int, list[str]] = {}
-    for _, canon, module in canonical_modules(model):
-        prefix = f"{canon}." if canon else ""
-        for pname, p in module._parameters.items():
-            if p is not None:
-                names.setdefault(id(p), []).append(prefix + pname)
-    return names
 
 
 def mutating_buffers(module: nn.Module) -> list[str]:

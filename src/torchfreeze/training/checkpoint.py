@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from torchfreeze._core.behaviour import is_normalization, tracks_running_stats
+from torchfreeze._core.canonical import canonical_parameter_names
 from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.files import read_regular_file, reason, require_path, write_bytes_atomic
 from torchfreeze._core.fingerprint import fingerprint
@@ -26,7 +27,6 @@ from torchfreeze._core.uses import parameter_uses
 from torchfreeze._core.wrappers import copy_full_into, full_tensors, sharded, unwrap
 from torchfreeze.errors import ArgumentError, CheckpointError, FreezeStateError
 from torchfreeze.training._watch import (
-    canonical_parameter_names,
     eval_pinned_ids,
     frozen_ids,
     is_frozen_batchnorm,

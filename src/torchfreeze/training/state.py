@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
+from torchfreeze._core.canonical import canonical_modules, canonical_parameter_names
 from torchfreeze._core.checks import require_bool, require_module, short_repr
 from torchfreeze._core.mode import get_pin, set_pin, unpin_modules
 from torchfreeze._core.mode import pins as module_pins
@@ -26,7 +27,7 @@ from torchfreeze.errors import FreezeStateError
 from torchfreeze.nn import Frozen
 from torchfreeze.nn.batchnorm import freeze_batchnorm, unconvert_batchnorm
 from torchfreeze.nn.freezing import _restore_full_precision
-from torchfreeze.training._watch import canonical_modules, canonical_parameter_names, is_frozen_batchnorm
+from torchfreeze.training._watch import is_frozen_batchnorm
 
 __all__ = ["freeze_state", "load_freeze_state"]
 
