@@ -310,3 +310,64 @@ def test_wrapper_prefixed_selector_is_refused_with_the_canonical_name(prefix):
 def test_resolve_without_a_verb_names_the_selector_alone():
     with pytest.raises(SelectorError, match=r"^selector 'nope' matched no module"):
         resolve(_linear_stack(), "nope")
+
+
+# --------------------------------------------------------------------------- predicate arity
+def _state(m: nn.Module) -> tuple[dict[str, bool], dict[str, bool], dict[str, str]]:
+    import torchfreeze
+
+    grads = {n: p.requires_grad for n, p in m.named_parameters()}
+    flags = {n: sub.training for n, sub in m.named_modules()}
+    return grads, flags, torchfreeze.pinned_modes(m)
+
+
+def _verbs() -> dict[str, object]:
+    import torchfreeze
+
+    return {
+        "select": torchfreeze.select,
+        "freeze": torchfreeze.freeze,
+        "unfreeze": torchfreeze.unfreeze,
+        "is_frozen": torchfreeze.is_frozen,
+        "pin_mode": torchfreeze.pin_mode,
+        "unpin_mode": torchfreeze.unpin_mode,
+        "freeze_batchnorm": torchfreeze.freeze_batchnorm,
+        "fold_batchnorm": torchfreeze.fold_batchnorm,
+    }
+
+
+#: predicates every verb must refuse before calling them: they cannot take (name, module)
+WRONG_ARITY_PREDICATES = [
+    pytest.param(lambda name: True, id="one-argument"),
+    pytest.param(lambda: True, id="no-argument"),
+    pytest.param(lambda name, module, extra: True, id="three-arguments"),
+    pytest.param(lambda *, name, module: True, id="keyword-only"),
+]
+
+
+@pytest.mark.parametrize("verb", list(_verbs()))
+@pytest.mark.parametrize("predicate", WRONG_ARITY_PREDICATES)
+def test_predicate_of_the_wrong_arity_is_an_argument_type_error(verb: str, predicate) -> None:
+    m = model()
+    before = _state(m)
+    with pytest.raises(SelectorTypeError) as info:
+        _verbs()[verb](m, predicate)  # type: ignore[operator]
+    message = str(info.value)
+    assert isinstance(info.value, TypeError)
+    assert message.startswith(f"{verb}(selectors=<function")
+    assert "predicate(name, module)" in message and "Fix:" in message and len(message) < 400
+    assert _state(m) == before
+
+
+def test_predicate_that_raises_propagates_its_own_error_and_changes_nothing() -> None:
+    import torchfreeze
+
+    m = model()
+    before = _state(m)
+
+    def broken(name: str, module: nn.Module) -> bool:
+        raise ZeroDivisionError("the user's own bug")
+
+    with pytest.raises(ZeroDivisionError, match="the user's own bug"):
+        torchfreeze.freeze(m, "head", broken, mode="eval")
+    assert _state(m) == before

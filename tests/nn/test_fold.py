@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -367,3 +368,52 @@ def test_a_batchnorm_subclass_with_an_activation_is_never_folded() -> None:
         assert reason is not None and "NormAct" in reason and "does more than BatchNorm" in reason
         with pytest.raises(tf.errors.FreezeStateError, match="does more than BatchNorm"):
             fold_batchnorm(model, strict=True)
+
+
+def prepared_conv1d() -> nn.Module:
+    return prepared(conv1d_net)
+
+
+def meta_conv1d_net() -> nn.Module:
+    with torch.device("meta"):
+        model = conv1d_net()
+    tf.freeze(model, mode="eval")
+    return tf.freeze_batchnorm(model)
+
+
+#: value errors of fold_batchnorm: (model builder, call, message pattern); each names the verb and argument,
+#: says what was expected and ends with the fix, and changes nothing
+FOLD_VALUE_ERRORS = [
+    pytest.param(
+        prepared_conv1d,
+        lambda m: fold_batchnorm(m, pairs=[("0", "zz")]),
+        r"^fold_batchnorm\(pairs=\[\('0', 'zz'\)\]\): 'zz' is no submodule.*e\.g\. \['0', '1', '2'\]\. Fix: ",
+        id="pairs-unknown-name-lists-real-names",
+    ),
+    pytest.param(
+        prepared_conv1d,
+        lambda m: fold_batchnorm(m, pairs=[("", "1")]),
+        r"^fold_batchnorm\(pairs=.*'' is no submodule.*Fix: ",
+        id="pairs-root-name",
+    ),
+    pytest.param(
+        meta_conv1d_net,
+        fold_batchnorm,
+        r"^fold_batchnorm\(model=\.\.\.\): \d+ tensor\(s\) are on the meta device.*Fix: materialise",
+        id="meta-model",
+    ),
+]
+
+
+@pytest.mark.parametrize(("build", "call", "match"), FOLD_VALUE_ERRORS)
+def test_fold_value_errors_name_the_argument_and_the_fix(build, call, match: str) -> None:
+    model = build()
+    keys = list(model.state_dict())
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(tf.errors.ArgumentError) as caught:
+        call(model)
+    assert isinstance(caught.value, ValueError) and not isinstance(caught.value, TypeError)
+    assert re.search(match, str(caught.value)), str(caught.value)
+    assert len(str(caught.value)) < 400
+    assert folded_batchnorms(model) == {} and list(model.state_dict()) == keys
+    assert [type(m) for m in model.modules()] == types

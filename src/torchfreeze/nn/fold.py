@@ -35,7 +35,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from torchfreeze._core.checks import require_bool, require_module
+from torchfreeze._core.checks import refuse_meta, require_bool, require_module, short_repr
 from torchfreeze._core.fingerprint import fingerprint
 from torchfreeze._core.select import Selector, resolve
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, FreezeStateError
@@ -130,9 +130,12 @@ def _explicit_pairs(model: nn.Module, pairs: Any) -> list[tuple[str, str, str | 
             )
         for s in item:
             if s not in names or not s:
-                close = difflib.get_close_matches(s, list(names), n=3)
+                known = [n for n in names if n]
+                close = difflib.get_close_matches(s, known, n=3) or known[:3]
                 raise ArgumentError(
-                    f"fold_batchnorm: pairs names {s!r}, which is no submodule of the model; closest: {close}."
+                    f"fold_batchnorm(pairs={short_repr(pairs)}): {short_repr(s)} is no submodule of the model; "
+                    f"expected qualified module names (model.named_modules()), e.g. {short_repr(close)}. "
+                    "Fix: name each layer as named_modules() does."
                 )
         found.append((item[0], item[1], why_not(model, item[0], item[1])))
     used = [n for c, b, _ in found for n in (c, b)]
@@ -191,8 +194,9 @@ def fold_batchnorm(
     """
     require_module(model, "fold_batchnorm")
     require_bool(strict, "fold_batchnorm", "strict")
+    scope = set(resolve(model, *selectors, verb="fold_batchnorm").modules) if selectors else None
     found = foldable_pairs(model) if pairs is None else _explicit_pairs(model, pairs)
-    scope = set(resolve(model, *selectors).modules) if selectors else None
+    refuse_meta(model, "fold_batchnorm")  # the folded weights are computed from the values
     if scope is not None:
         found = [f for f in found if f[1] in scope]
     bad = [f for f in found if f[2] is not None]
