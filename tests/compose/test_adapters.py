@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from _compose_models import mlp
 from torch import nn
 
 import torchfreeze
-from _helpers import Counting
 from torchfreeze import Composite
 from torchfreeze.compose import HFEncoder, ModuleBackbone
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
-
-
-def mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), Counting(nn.Linear(6, 5)), nn.ReLU(), Counting(nn.Linear(5, 2)))
-
-
-class ProtocolBackbone(nn.Module):
-    feature_dim = 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(2, 3)
-        self.b = nn.Linear(3, 3)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - not used by Composite
-        raise AssertionError("Composite must call forward_features")
-
-    def layer_groups(self) -> list:
-        return ["a", "b"]
 
 
 # ---------------------------------------------------------------------------- ModuleBackbone
@@ -153,6 +132,78 @@ def test_adapters_wrong_types(call, match: str) -> None:
         call()
 
 
+#: bad arguments of the adapters: (call, class, message pattern); each message names the adapter and
+#: the argument, says what was expected and ends with the fix, and the wrapped module is left unchanged
+ADAPTER_ERRORS = [
+    pytest.param(
+        lambda m: ModuleBackbone(m, output=5),
+        ArgumentTypeError,
+        r"^ModuleBackbone\(output=5\): expected a qualified submodule name \(str\) or None, got int\. Fix: ",
+        id="output-int",
+    ),
+    pytest.param(
+        lambda m: ModuleBackbone(m, output="9"),
+        ArgumentError,
+        r"^ModuleBackbone\(output='9'\): no submodule.*closest: .*Fix: ",
+        id="output-unknown",
+    ),
+    pytest.param(
+        lambda m: ModuleBackbone(m, stop="no"),
+        ArgumentTypeError,
+        r"^ModuleBackbone\(stop='no'\): expected True or False, got str\. Fix: ",
+        id="stop-str",
+    ),
+    pytest.param(
+        lambda m: ModuleBackbone(m, pool="mean"),
+        ArgumentError,
+        r"^ModuleBackbone\(pool='mean'\): expected one of None, 'flatten', 'avg', 'max'\. Fix: ",
+        id="pool-unknown",
+    ),
+    pytest.param(
+        lambda m: ModuleBackbone(m, feature_dim="8"),
+        ArgumentTypeError,
+        r"^ModuleBackbone\(feature_dim='8'\): expected a positive int, got str\. Fix: ",
+        id="feature-dim-str",
+    ),
+    pytest.param(
+        lambda m: ModuleBackbone(m, feature_dim=-1),
+        ArgumentError,
+        r"^ModuleBackbone\(feature_dim=-1\): expected a positive int\. Fix: ",
+        id="feature-dim-negative",
+    ),
+    pytest.param(
+        lambda m: HFEncoder(m),
+        ArgumentError,
+        r"^HFEncoder\(model=Sequential\(\.\.\.\)\): expected a transformers encoder.*Fix: .*ModuleBackbone",
+        id="hf-module-that-is-not-transformers",
+    ),
+    pytest.param(
+        lambda m: HFEncoder(None),
+        ArgumentTypeError,
+        r"^HFEncoder\(model=None\): expected a torch.nn.Module, got NoneType\. Fix: ",
+        id="hf-not-a-module",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), ADAPTER_ERRORS)
+def test_adapter_errors_follow_the_error_rule(call, error: type[Exception], match: str) -> None:
+    from _helpers import requires_grad_map, tensors_snapshot, training_map
+
+    m = mlp()
+    before = (requires_grad_map(m), training_map(m), tensors_snapshot(m))
+    with pytest.raises(error) as caught:
+        call(m)
+    builtin = TypeError if error is ArgumentTypeError else ValueError
+    other = ValueError if builtin is TypeError else TypeError
+    assert isinstance(caught.value, builtin) and not isinstance(caught.value, other)
+    assert re.search(match, str(caught.value)), str(caught.value)
+    assert len(str(caught.value)) < 400
+    after = (requires_grad_map(m), training_map(m), tensors_snapshot(m))
+    assert after[:2] == before[:2]
+    assert all(torch.equal(after[2][k], v) for k, v in before[2].items())
+
+
 def test_unknown_feature_dim_is_explained() -> None:
     bb = ModuleBackbone(mlp())
     with pytest.raises(ArgumentError, match="example_input"):
@@ -243,6 +294,39 @@ def test_hf_tensor_input_and_normalize(tiny_bert: nn.Module) -> None:
 def test_hf_bad_arguments(tiny_bert: nn.Module, call, match: str) -> None:
     with pytest.raises(ArgumentError, match=match):
         call(tiny_bert)
+
+
+#: bad flags of HFEncoder around a real (tiny) encoder: (kwargs, class, message pattern)
+HF_FLAG_ERRORS = [
+    pytest.param(
+        {"normalize": "yes"},
+        ArgumentTypeError,
+        r"^HFEncoder\(normalize='yes'\): expected True or False, got str\. Fix: ",
+        id="normalize-str",
+    ),
+    pytest.param(
+        {"tokenizer": 5},
+        ArgumentTypeError,
+        r"^HFEncoder\(tokenizer=5\): expected a tokenizer .*got int\. Fix: ",
+        id="tokenizer-int",
+    ),
+    pytest.param(
+        {"pooling": "max"},
+        ArgumentError,
+        r"^HFEncoder\(pooling='max'\): expected one of 'mean', 'cls', 'none'\. Fix: ",
+        id="pooling-unknown",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), HF_FLAG_ERRORS)
+def test_hf_flag_errors_follow_the_error_rule(tiny_bert: nn.Module, kwargs: dict, error, match: str) -> None:
+    flags = {n: m.training for n, m in tiny_bert.named_modules()}
+    with pytest.raises(error) as caught:
+        HFEncoder(tiny_bert, **kwargs)
+    assert isinstance(caught.value, TypeError if error is ArgumentTypeError else ValueError)
+    assert re.search(match, str(caught.value)), str(caught.value)
+    assert {n: m.training for n, m in tiny_bert.named_modules()} == flags
 
 
 def test_hf_input_of_the_wrong_type(tiny_bert: nn.Module) -> None:
