@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from torchfreeze._core.checks import require_module
+from torchfreeze._core.checks import require_bool, require_choice, require_module, short_repr
 from torchfreeze._core.select import Selector
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.nn.groups import layer_groups
@@ -58,6 +58,20 @@ def _prefixed(prefix: str, groups: list[list[str]]) -> list[Selector]:
     return [[f"{prefix}.{n}" if n else prefix for n in group] for group in groups]
 
 
+def _require_feature_dim(feature_dim: Any) -> int:
+    if isinstance(feature_dim, bool) or not isinstance(feature_dim, int):
+        raise ArgumentTypeError(
+            f"ModuleBackbone(feature_dim={short_repr(feature_dim)}): expected a positive int, got "
+            f"{type(feature_dim).__name__}. Fix: pass the features' last dimension, e.g. feature_dim=512."
+        )
+    if feature_dim <= 0:
+        raise ArgumentError(
+            f"ModuleBackbone(feature_dim={feature_dim}): expected a positive int. "
+            "Fix: pass the features' last dimension, e.g. feature_dim=512, or example_input=... to measure it."
+        )
+    return feature_dim
+
+
 class ModuleBackbone(nn.Module):
     """Adapt any ``nn.Module`` into a backbone, optionally tapping a named submodule.
 
@@ -78,7 +92,8 @@ class ModuleBackbone(nn.Module):
         stop: stop the forward pass once ``output`` has run (default True).
 
     Raises:
-        ArgumentTypeError: ``module`` is not an ``nn.Module``, ``feature_dim`` not an int.
+        ArgumentTypeError: ``module`` is not an ``nn.Module``, ``output`` not a str,
+            ``feature_dim`` not an int, ``stop`` not a bool.
         ArgumentError: ``output`` names no submodule, ``pool`` is unknown, or
             ``feature_dim`` can be neither read nor measured.
 
@@ -100,27 +115,32 @@ class ModuleBackbone(nn.Module):
         stop: bool = True,
     ) -> None:
         super().__init__()
-        require_module(module, "ModuleBackbone", "module")
-        if pool not in (None, "flatten", "avg", "max"):
-            raise ArgumentError(f"pool={pool!r}: expected one of None, 'flatten', 'avg', 'max'.")
+        verb = "ModuleBackbone"
+        require_module(module, verb, "module")
+        require_choice(pool, (None, "flatten", "avg", "max"), verb, "pool")
+        require_bool(stop, verb, "stop")
         if output is not None:
+            if not isinstance(output, str):
+                raise ArgumentTypeError(
+                    f"{verb}(output={short_repr(output)}): expected a qualified submodule name (str) or None, "
+                    f"got {type(output).__name__}. Fix: pass the name as named_modules() gives it, e.g. output='layer3'."
+                )
             names = [n for n, _ in module.named_modules() if n]
             if output not in names:
                 close = difflib.get_close_matches(output, names, n=5) or names[:5]
                 raise ArgumentError(
-                    f"output={output!r}: no submodule of {type(module).__name__} has that name; "
-                    f"expected a qualified module name, closest: {close}."
+                    f"{verb}(output={short_repr(output)}): no submodule of {type(module).__name__} has that name; "
+                    f"expected a qualified module name, closest: {short_repr(close)}. Fix: pass one of the names "
+                    "module.named_modules() gives, or output=None for the module's own output."
                 )
+        if feature_dim is not None:
+            _require_feature_dim(feature_dim)
         self.module = module
         self.output = output
         self.pool = pool
-        self.stop = bool(stop)
+        self.stop = stop
         if feature_dim is None and example_input is not None:
-            feature_dim = self._measure(example_input)
-        if feature_dim is not None and (isinstance(feature_dim, bool) or not isinstance(feature_dim, int)):
-            raise ArgumentTypeError(f"feature_dim={feature_dim!r}: expected a positive int.")
-        if feature_dim is not None and feature_dim <= 0:
-            raise ArgumentError(f"feature_dim={feature_dim!r}: expected a positive int.")
+            feature_dim = _require_feature_dim(self._measure(example_input))
         self._feature_dim = feature_dim
 
     @property
@@ -128,8 +148,8 @@ class ModuleBackbone(nn.Module):
         """Size of the features' last dimension."""
         if self._feature_dim is None:
             raise ArgumentError(
-                "feature_dim is unknown for this ModuleBackbone: pass feature_dim=... or "
-                "example_input=... when building it."
+                "ModuleBackbone.feature_dim is unknown: it was built without feature_dim or example_input. "
+                "Fix: pass feature_dim=... or example_input=... when building it."
             )
         return self._feature_dim
 
@@ -165,8 +185,8 @@ class ModuleBackbone(nn.Module):
             handle.remove()
         if not captured:
             raise ArgumentError(
-                f"output={self.output!r}: that submodule did not run during forward; choose a "
-                f"submodule that the module's forward calls."
+                f"ModuleBackbone(output={short_repr(self.output)}): that submodule did not run during forward. "
+                "Fix: choose a submodule that the module's forward calls."
             )
         out = captured[0]
         if isinstance(out, (tuple, list)):
@@ -201,8 +221,10 @@ class HFEncoder(nn.Module):
         tokenizer: optional tokenizer kept for :meth:`tokenize` (not a module).
 
     Raises:
-        ArgumentTypeError: ``model`` is not an ``nn.Module``.
-        ArgumentError: unknown ``pooling`` or a model without ``config.hidden_size``.
+        ArgumentTypeError: ``model`` is not an ``nn.Module``, ``normalize`` not a bool,
+            ``tokenizer`` not callable.
+        ArgumentError: unknown ``pooling``, or a module without ``config.hidden_size``
+            (not a ``transformers`` model).
 
     >>> from transformers import BertConfig, BertModel
     >>> bert = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
@@ -223,24 +245,34 @@ class HFEncoder(nn.Module):
     ) -> None:
         super().__init__()
         require_module(model, "HFEncoder")
-        if pooling not in ("mean", "cls", "none"):
-            raise ArgumentError(f"pooling={pooling!r}: expected 'mean', 'cls' or 'none'.")
+        require_choice(pooling, ("mean", "cls", "none"), "HFEncoder", "pooling")
+        require_bool(normalize, "HFEncoder", "normalize")
+        if tokenizer is not None and not callable(tokenizer):
+            raise ArgumentTypeError(
+                f"HFEncoder(tokenizer={short_repr(tokenizer)}): expected a tokenizer (a callable such as "
+                f"AutoTokenizer.from_pretrained(...)) or None, got {type(tokenizer).__name__}. "
+                "Fix: pass the model's tokenizer, or leave tokenizer out."
+            )
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        if hidden is None:
+        if hidden is None:  # a module, but not one of transformers: a wrong value, not a wrong type
             raise ArgumentError(
-                f"model={type(model).__name__}: expected a transformers encoder with "
-                f"config.hidden_size (for example AutoModel.from_pretrained(...))."
+                f"HFEncoder(model={type(model).__name__}(...)): expected a transformers encoder with "
+                "config.hidden_size. Fix: pass e.g. AutoModel.from_pretrained(...), or wrap other "
+                "modules with ModuleBackbone."
             )
         self.model = model
         self.pooling = pooling
-        self.normalize = bool(normalize)
+        self.normalize = normalize
         self.tokenizer = tokenizer
         self.feature_dim = int(hidden)
 
     def tokenize(self, texts: Sequence[str], *, max_length: int = 128) -> Mapping[str, torch.Tensor]:
         """Tokenize ``texts`` with the stored tokenizer (padding, truncation, tensors)."""
         if self.tokenizer is None:
-            raise ArgumentError("tokenize: this HFEncoder was built without tokenizer=...; pass one.")
+            raise ArgumentError(
+                "HFEncoder.tokenize: this HFEncoder was built without a tokenizer. "
+                "Fix: build it with HFEncoder(model, tokenizer=AutoTokenizer.from_pretrained(...))."
+            )
         batch: Mapping[str, torch.Tensor] = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
@@ -254,11 +286,15 @@ class HFEncoder(nn.Module):
             inputs = {"input_ids": x}
         else:
             raise ArgumentTypeError(
-                f"x={type(x).__name__}: expected tokenizer output (a mapping with 'input_ids') "
-                f"or a tensor of input ids."
+                f"HFEncoder.forward_features(x={short_repr(x)}): expected tokenizer output (a mapping with "
+                f"'input_ids') or a tensor of input ids, got {type(x).__name__}. Fix: pass tokenizer(texts, "
+                "return_tensors='pt') or HFEncoder.tokenize(texts)."
             )
         if "input_ids" not in inputs:
-            raise ArgumentError(f"x: expected an 'input_ids' entry, got keys {sorted(x)}.")
+            raise ArgumentError(
+                f"HFEncoder.forward_features(x=...): expected an 'input_ids' entry, got keys "
+                f"{short_repr(sorted(map(str, x)))}. Fix: pass the tokenizer's output as it is."
+            )
         mask = inputs.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(inputs["input_ids"])
