@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -139,6 +141,63 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(tf.errors.ArgumentError, match=match):
         explain(model, x(), **kwargs)
     assert model[0].weight.grad is None and model[3].weight.grad is None
+
+
+#: explain's refusals, before anything runs: (example inputs, kwargs, class, message pattern)
+EXPLAIN_ERRORS = [
+    pytest.param(
+        (),
+        {},
+        tf.errors.ArgumentError,
+        r"^explain\(example_inputs=\(\)\): Sequential\.forward cannot take no example inputs "
+        r"\(missing a required argument: 'input'\).*Fix: pass them after the model, e.g\. explain\(model, batch\)",
+        id="no-example-inputs",
+    ),
+    pytest.param(
+        (torch.zeros(2, 8), torch.zeros(2, 8)),
+        {},
+        tf.errors.ArgumentError,
+        r"^explain\(example_inputs=\(tensor of shape \(2, 8\), tensor of shape \(2, 8\)\)\): Sequential\.forward cannot take 2 example input\(s\).*Fix: ",
+        id="too-many-example-inputs",
+    ),
+    pytest.param(
+        (torch.zeros(2, 8),),
+        {"warmup": "yes"},
+        tf.errors.ArgumentTypeError,
+        r"^explain\(warmup='yes'\): expected True or False, got str\. Fix: ",
+        id="warmup-str",
+    ),
+]
+
+
+@pytest.mark.parametrize(("inputs", "kwargs", "error", "match"), EXPLAIN_ERRORS)
+def test_explain_refuses_before_running_anything(inputs: tuple, kwargs: dict, error, match: str) -> None:
+    model = tf.freeze(mlp(), "0")
+    model.train()
+    calls: list[int] = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    rng = torch.get_rng_state()
+    with pytest.raises(error) as caught:
+        explain(model, *inputs, **kwargs)
+    assert isinstance(caught.value, TypeError if error is tf.errors.ArgumentTypeError else ValueError)
+    assert re.search(match, str(caught.value)), str(caught.value)
+    assert len(str(caught.value)) < 400
+    assert calls == [] and all(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(rng, torch.get_rng_state())
+
+
+def test_a_forward_without_inputs_is_explained() -> None:
+    class Generator(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seed = nn.Parameter(torch.ones(1, 4))
+            self.body = nn.Linear(4, 4)
+
+        def forward(self) -> torch.Tensor:
+            return self.body(self.seed)
+
+    report = explain(tf.freeze(Generator(), "body"))
+    assert [p.name for p in report.parts] == ["body"]
 
 
 def test_loss_fn_that_is_not_callable() -> None:

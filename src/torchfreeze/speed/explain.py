@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from torchfreeze._core.checks import require_choice, require_module
+from torchfreeze._core.checks import bind_problem, require_bool, require_choice, require_module, short_repr
 from torchfreeze._core.tree import tensor_leaves
 from torchfreeze._core.uses import parameter_uses
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
@@ -63,6 +63,24 @@ def _scalar_loss(loss: Any) -> Tensor | None:
         f"explain: loss_fn must return a scalar tensor, got {type(loss).__name__}"
         + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else "")
         + ". Fix: reduce it, e.g. loss_fn=lambda out: out.logits.sum()."
+    )
+
+
+def _require_inputs(model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
+    """Refuse example inputs that ``model.forward`` cannot take (checked on its signature, nothing runs)."""
+    if model._forward_pre_hooks:  # a pre-hook may supply or change the arguments: the call will tell
+        return
+    problem = bind_problem(model.forward, *example_inputs)
+    if problem is None:
+        return
+    given = "no example inputs" if not example_inputs else f"{len(example_inputs)} example input(s)"
+    shown = ", ".join(
+        f"tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else short_repr(t, 30) for t in example_inputs[:3]
+    ) + (", ..." if len(example_inputs) > 3 else "")
+    raise ArgumentError(
+        f"explain(example_inputs=({shown})): {type(model).__name__}.forward cannot take "
+        f"{given} ({problem}); expected the positional inputs of one training batch. "
+        "Fix: pass them after the model, e.g. explain(model, batch)."
     )
 
 
@@ -124,8 +142,10 @@ def explain(
         An :class:`~torchfreeze.speed.Explanation` (``print`` it, or read ``.parts`` and ``.steps``).
 
     Raises:
-        ArgumentTypeError: ``model`` is not a module, or ``loss_fn`` is not callable.
-        ArgumentError: a bad ``mode``, or ``loss_fn`` returned something other than a scalar tensor.
+        ArgumentTypeError: ``model`` is not a module, ``loss_fn`` is not callable, or
+            ``warmup`` not a bool.
+        ArgumentError: a bad ``mode``, example inputs that ``model.forward`` cannot take
+            (none given, or too many), or ``loss_fn`` returned something other than a scalar tensor.
 
     >>> from torchfreeze import freeze
     >>> model = freeze(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "0")
@@ -135,11 +155,13 @@ def explain(
     """
     require_module(model, "explain")
     require_choice(mode, ("train", "eval", None), "explain", "mode")
+    require_bool(warmup, "explain", "warmup")
     if loss_fn is not None and not callable(loss_fn):
         raise ArgumentTypeError(
             f"explain(loss_fn={loss_fn!r}): expected a callable or None, got {type(loss_fn).__name__}. "
             "Fix: pass a function of the model's output, e.g. loss_fn=lambda out: out.sum()."
         )
+    _require_inputs(model, example_inputs)
 
     uses = parameter_uses(model)
     trainable = {key for key, entry in uses.items() if entry.trainable}
