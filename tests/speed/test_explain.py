@@ -219,3 +219,9 @@ def test_composite_backbone_called_through_forward_features_is_found_and_lifted(
     report = explain(model, x())
     assert [p.name for p in report.parts] == ["backbone.module"]
     assert report.steps[0].startswith("Cache 'backbone' with `model.backbone = cache_features(model.backbone)`")
+
+
+def test_a_compiled_model_without_inputs_is_refused_by_its_inner_forward() -> None:
+    compiled = torch.compile(tf.freeze(mlp(), "0"))
+    with pytest.raises(tf.errors.ArgumentError, match=r"Sequential\.forward cannot take no example inputs"):
+        explain(compiled)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchfreeze._core.checks import bind_problem, require_bool, require_choice, require_module, short_repr
 from torchfreeze._core.tree import tensor_leaves
 from torchfreeze._core.uses import parameter_uses
+from torchfreeze._core.wrappers import unwrap
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.speed._advice import frozen_part, speed_up_steps
 from torchfreeze.speed._recorder import ModelSnapshot, StepRecorder
@@ -68,9 +69,10 @@ def _scalar_loss(loss: Any) -> Tensor | None:
 
 def _require_inputs(model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
     """Refuse example inputs that ``model.forward`` cannot take (checked on its signature, nothing runs)."""
-    if model._forward_pre_hooks:  # a pre-hook may supply or change the arguments: the call will tell
+    inner = unwrap(model)  # DDP / DataParallel / torch.compile pass the inputs on to the inner forward
+    if model._forward_pre_hooks or inner._forward_pre_hooks:  # a pre-hook may supply the arguments
         return
-    problem = bind_problem(model.forward, *example_inputs)
+    problem = bind_problem(inner.forward, *example_inputs)
     if problem is None:
         return
     given = "no example inputs" if not example_inputs else f"{len(example_inputs)} example input(s)"
@@ -78,7 +80,7 @@ def _require_inputs(model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
         f"tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else short_repr(t, 30) for t in example_inputs[:3]
     ) + (", ..." if len(example_inputs) > 3 else "")
     raise ArgumentError(
-        f"explain(example_inputs=({shown})): {type(model).__name__}.forward cannot take "
+        f"explain(example_inputs=({shown})): {type(inner).__name__}.forward cannot take "
         f"{given} ({problem}); expected the positional inputs of one training batch. "
         "Fix: pass them after the model, e.g. explain(model, batch)."
     )
