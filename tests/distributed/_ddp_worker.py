@@ -57,6 +57,18 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _reduced_step(
+    module: nn.Module, opt: torch.optim.Optimizer, rank: int, step: int, sizes: list[int], *, set_to_none: bool
+) -> int:
+    """One training step of ``module`` on this rank's batch; returns the bytes DDP all-reduced in it."""
+    x, y = batch(rank, step)
+    sizes.clear()
+    opt.zero_grad(set_to_none=set_to_none)
+    nn.functional.cross_entropy(module(x), y).backward()
+    opt.step()
+    return sum(sizes)
+
+
 def prepare(rank: int) -> dict[str, Any]:
     """Freeze before wrapping with prepare_for_distributed; a raw DDP; guard; all-reduced bytes."""
     model = torchfreeze.freeze(Model(), "backbone", mode="eval")
@@ -71,12 +83,7 @@ def prepare(rank: int) -> dict[str, Any]:
     per_step = []
     with torchfreeze.guard(model, opt):
         for step in range(3):
-            x, y = batch(rank, step)
-            sizes.clear()
-            opt.zero_grad(set_to_none=False)
-            nn.functional.cross_entropy(ddp(x), y).backward()
-            opt.step()
-            per_step.append(sum(sizes))
+            per_step.append(_reduced_step(ddp, opt, rank, step, sizes, set_to_none=False))
     end = _state(model)
     trainable = [n for n, _ in torchfreeze.trainable_parameters(model)]
     return {
@@ -105,12 +112,8 @@ def handle(rank: int) -> dict[str, Any]:
     steps = []
     with torchfreeze.guard(model, opt):
         for step in range(6):
-            x, y = batch(rank, step)
-            sizes.clear()
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(h(x), y).backward()
-            opt.step()
-            steps.append({"reduced": sum(sizes), "trainable": trainable_bytes(model)})
+            reduced = _reduced_step(h, opt, rank, step, sizes, set_to_none=True)
+            steps.append({"reduced": reduced, "trainable": trainable_bytes(model)})
             sched.step()
     end = _state(model)
     never = [n for n in start if n.startswith(("stem", "blocks.0", "blocks.1"))]
@@ -275,12 +278,8 @@ def compiled(rank: int) -> dict[str, Any]:
     sched = torchfreeze.GradualUnfreezing(model, opt, {3: "blocks.3"})
     steps = []
     for step in range(6):
-        x, y = batch(rank, step)
-        sizes.clear()
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(h(x), y).backward()
-        opt.step()
-        steps.append({"reduced": sum(sizes), "trainable": trainable_bytes(model), "compiles": len(graphs)})
+        reduced = _reduced_step(h, opt, rank, step, sizes, set_to_none=True)
+        steps.append({"reduced": reduced, "trainable": trainable_bytes(model), "compiles": len(graphs)})
         sched.step()
     end = _state(model)
     h.release()
