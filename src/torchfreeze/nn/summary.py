@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 
@@ -112,7 +112,7 @@ class Summary:
 
         table = Table(title="torchfreeze summary", caption=self._footer(), show_lines=False)
         for column in self.columns:
-            justify = "right" if column in ("params", "trainable", "frozen") else "left"
+            justify: Literal["right", "left"] = "right" if column in ("params", "trainable", "frozen") else "left"
             table.add_column(column, justify=justify, overflow="fold")  # names wrap, never cut
         for row in self.rows:
             style = "dim" if row.parameters and not row.trainable else None
