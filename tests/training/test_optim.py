@@ -127,7 +127,15 @@ def test_groups_work_with_optimizers_and_keep_names(opt_cls: Any) -> None:
     [
         pytest.param({"lr": 0.0}, ArgumentError, "lr=0.0", id="lr-zero"),
         pytest.param({"lr": float("nan")}, ArgumentError, "lr=nan", id="lr-nan"),
-        pytest.param({"lr": "1e-3"}, ArgumentError, "lr='1e-3'", id="lr-str"),
+        pytest.param(
+            {"lr": "1e-3"}, ArgumentTypeError, r"^param_groups\(lr='1e-3'\): expected a finite number", id="lr-str"
+        ),
+        pytest.param({"lr": None}, ArgumentTypeError, r"^param_groups\(lr=None\): .*got NoneType", id="lr-none"),
+        pytest.param({"lr": [0.1]}, ArgumentTypeError, r"^param_groups\(lr=\[0\.1\]\): .*got list", id="lr-list"),
+        pytest.param({"lr": torch.tensor(0.1)}, ArgumentTypeError, r"^param_groups\(lr=tensor", id="lr-tensor"),
+        pytest.param({"lr": True}, ArgumentTypeError, r"^param_groups\(lr=True\): .*got bool", id="lr-bool"),
+        pytest.param({"lr": 1e-3, "weight_decay": "0"}, ArgumentTypeError, r"weight_decay='0'", id="decay-str"),
+        pytest.param({"lr": 1e-3, "lr_mult": "2.6"}, ArgumentTypeError, r"lr_mult='2\.6'", id="mult-str"),
         pytest.param({"lr": 1e-3, "weight_decay": -1.0}, ArgumentError, "weight_decay", id="negative-decay"),
         pytest.param({"lr": 1e-3, "lr_mult": 0.0}, ArgumentError, "lr_mult", id="mult-zero"),
         pytest.param({"lr": 1e-3, "lr_mult": (1.0, 2.0, 3.0)}, ArgumentError, "lr_mult", id="mult-triple"),
@@ -137,8 +145,11 @@ def test_groups_work_with_optimizers_and_keep_names(opt_cls: Any) -> None:
         pytest.param(
             {"lr": 1e-3, "lr_mult": (0.0, 1.0), "groups": ["head"]}, ArgumentError, "lr_mult", id="pair-zero-one-group"
         ),
-        pytest.param({"lr": 1e-3, "groups": "head"}, ArgumentError, "groups", id="groups-str"),
-        pytest.param({"lr": 1e-3, "groups": []}, ArgumentError, "groups", id="groups-empty"),
+        pytest.param(
+            {"lr": 1e-3, "groups": "head"}, ArgumentTypeError, r"^param_groups\(groups='head'\)", id="groups-str"
+        ),
+        pytest.param({"lr": 1e-3, "groups": 5}, ArgumentTypeError, r"^param_groups\(groups=5\)", id="groups-int"),
+        pytest.param({"lr": 1e-3, "groups": []}, ArgumentError, r"^param_groups\(groups=\[\]\)", id="groups-empty"),
         pytest.param({"lr": 1e-3, "groups": ["layers.9"]}, SelectorError, "layers.9", id="unknown-selector"),
     ],
 )
@@ -146,14 +157,16 @@ def test_bad_input_raises_and_changes_nothing(kwargs: Any, error: Any, match: st
     model = Stack()
     before = requires_grad_map(model)
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as caught:
         param_groups(model, **kwargs)
+    assert isinstance(caught.value, TypeError if error is ArgumentTypeError else ValueError)
+    assert "Fix:" in str(caught.value) and len(str(caught.value)) < 400
     assert requires_grad_map(model) == before
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
 def test_everything_frozen_is_an_error() -> None:
-    with pytest.raises(ArgumentError, match="no trainable parameter"):
+    with pytest.raises(ArgumentError, match=r"^param_groups\(model=\.\.\.\): found no trainable parameter.*Fix: "):
         param_groups(freeze(Stack()), 1e-3)
 
 

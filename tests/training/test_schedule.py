@@ -173,12 +173,22 @@ def test_state_dict_is_plain_data() -> None:
         pytest.param({1: "layers.7"}, None, SelectorError, "layers.7", id="unknown-selector"),
         pytest.param({1: 9}, None, ArgumentError, "model has 4", id="group-count-too-large"),
         pytest.param({-1: 2}, None, ArgumentError, "key -1", id="negative-key"),
-        pytest.param({"1": 2}, None, ArgumentError, "key '1'", id="string-key"),
+        pytest.param({"1": 2}, None, ArgumentTypeError, "key '1'", id="string-key"),
+        pytest.param({1.5: 2}, None, ArgumentTypeError, r"key 1\.5 is a float", id="float-key"),
         pytest.param("one_layer_per_day", None, ArgumentError, "preset", id="unknown-preset"),
         pytest.param(0, None, ArgumentError, "period", id="period-zero"),
-        pytest.param({}, None, ArgumentError, "non-empty", id="empty"),
+        pytest.param({}, None, ArgumentError, r"^GradualUnfreezing\(schedule=\{\}\): the dict is empty", id="empty"),
+        pytest.param(None, None, ArgumentTypeError, r"^GradualUnfreezing\(schedule=None\): .*got NoneType", id="none"),
+        pytest.param([1, 2], None, ArgumentTypeError, r"^GradualUnfreezing\(schedule=\[1, 2\]\)", id="list"),
+        pytest.param(1.5, None, ArgumentTypeError, r"^GradualUnfreezing\(schedule=1\.5\)", id="float"),
+        pytest.param(True, None, ArgumentTypeError, r"^GradualUnfreezing\(schedule=True\)", id="bool"),
+        pytest.param(
+            1, [], ArgumentError, r"^GradualUnfreezing\(groups=\[\]\): names no layer group", id="groups-empty"
+        ),
         pytest.param({1: 2}, ["layers.0", "nope"], SelectorError, "nope", id="unknown-group"),
-        pytest.param({1: 2}, "layers.0", ArgumentError, "groups=", id="groups-str"),
+        pytest.param(
+            {1: 2}, "layers.0", ArgumentTypeError, r"^GradualUnfreezing\(groups='layers\.0'\)", id="groups-str"
+        ),
         pytest.param({0: 3}, None, ArgumentError, "lr=-1.0", id="bad-lr-with-entry-at-0"),
     ],
 )
@@ -190,8 +200,11 @@ def test_bad_schedule_raises_and_changes_nothing(
     opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
     before = requires_grad_map(model), len(opt.param_groups)
     lr = -1.0 if "lr" in match else None
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as caught:
         GradualUnfreezing(model, opt, schedule, groups=groups, lr=lr)
+    assert isinstance(caught.value, TypeError if error is ArgumentTypeError else ValueError)
+    assert "Fix:" in str(caught.value) and len(str(caught.value)) < 600
+    assert "schedule=" not in str(caught.value) or "groups=" not in match  # the argument at fault is named
     assert (requires_grad_map(model), len(opt.param_groups)) == before
 
 
@@ -221,6 +234,9 @@ def test_layer_groups_of_the_test_model() -> None:
         pytest.param(lambda s: s.pop("freeze_state"), FreezeStateError, "freeze_state", id="no-freeze-state"),
         pytest.param(lambda s: s.update(added_groups=[{"params": 3}]), ArgumentError, "added_groups",
                      id="malformed-added-groups"),
+        pytest.param(lambda s: s.update(version=99), ArgumentError, r"state\['version'\]=99: .*Fix: ",
+                     id="unknown-version"),
+        pytest.param(lambda s: s.update(version=True), ArgumentError, r"state\['version'\]=True", id="bool-version"),
     ],
 )  # fmt: skip
 def test_bad_scheduler_state_changes_nothing(mutate: Any, error: Any, match: str) -> None:
@@ -230,9 +246,30 @@ def test_bad_scheduler_state_changes_nothing(mutate: Any, error: Any, match: str
     mutate(state)
     model2, opt2, sched2 = _build("adamw", "one_group_per_epoch")
     before = requires_grad_map(model2), len(opt2.param_groups), sched2.last
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as caught:
         sched2.load_state_dict(state)
+    assert isinstance(caught.value, ValueError) and "Fix" in str(caught.value)
     assert (requires_grad_map(model2), len(opt2.param_groups), sched2.last) == before
+
+
+#: what is not a scheduler state at all: a wrong type, whatever its value
+NOT_A_SCHEDULER_STATE = [
+    pytest.param(None, "NoneType", id="none"),
+    pytest.param([], "list", id="list"),
+    pytest.param("state.pt", "str", id="path"),
+]
+
+
+@pytest.mark.parametrize(("state", "kind"), NOT_A_SCHEDULER_STATE)
+def test_scheduler_state_of_the_wrong_type(state: Any, kind: str) -> None:
+    model, opt, sched = _build("adamw", "one_group_per_epoch")
+    before = requires_grad_map(model), len(opt.param_groups), sched.last
+    with pytest.raises(ArgumentTypeError) as caught:
+        sched.load_state_dict(state)
+    message = str(caught.value)
+    assert isinstance(caught.value, TypeError)
+    assert message.startswith("GradualUnfreezing.load_state_dict(state=") and f"got {kind}. Fix: " in message
+    assert (requires_grad_map(model), len(opt.param_groups), sched.last) == before
 
 
 def test_optimizer_state_must_be_loaded_after_the_scheduler() -> None:

@@ -116,7 +116,6 @@ def _edit(**changes: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     "state, match",
     [
-        pytest.param([], "must be the dict", id="not-a-dict"),
         pytest.param(_edit(format="other"), "format", id="wrong-format"),
         pytest.param(_edit(version=2), "newer", id="newer-version"),
         pytest.param(_edit(version="1"), "version", id="version-str"),
@@ -131,9 +130,34 @@ def _edit(**changes: Any) -> dict[str, Any]:
 def test_malformed_state_raises_and_changes_nothing(state: Any, match: str) -> None:
     model = Model()
     before = requires_grad_map(model)
-    with pytest.raises(FreezeStateError, match=match):
+    with pytest.raises(FreezeStateError, match=match) as caught:
         load_freeze_state(model, state)
+    message = str(caught.value)
+    assert message.startswith("load_freeze_state(state=...): the state") and "Fix: " in message
+    assert isinstance(caught.value, ValueError) and not isinstance(caught.value, TypeError)
     assert requires_grad_map(model) == before
+
+
+#: a state that is not a mapping at all: a wrong type (TypeError), whatever its value
+STATE_OF_THE_WRONG_TYPE = [
+    pytest.param(None, "NoneType", id="none"),
+    pytest.param([], "list", id="list"),
+    pytest.param("freeze.json", "str", id="path"),
+    pytest.param(1, "int", id="int"),
+]
+
+
+@pytest.mark.parametrize(("state", "kind"), STATE_OF_THE_WRONG_TYPE)
+def test_state_of_the_wrong_type_is_an_argument_type_error(state: Any, kind: str) -> None:
+    model = freeze(Model(), "backbone", mode="eval")
+    before = requires_grad_map(model), training_map(model), pinned_modes(model)
+    with pytest.raises(ArgumentTypeError) as caught:
+        load_freeze_state(model, state)
+    message = str(caught.value)
+    assert isinstance(caught.value, TypeError) and not isinstance(caught.value, ValueError)
+    assert message.startswith(f"load_freeze_state(state={state!r}): expected the dict returned by")
+    assert f"got {kind}. Fix: " in message
+    assert (requires_grad_map(model), training_map(model), pinned_modes(model)) == before
 
 
 # ------------------------------------------------------------------ invariants

@@ -17,20 +17,13 @@ from torchfreeze._core.uses import trainable_map
 from torchfreeze._core.wrappers import unwrap
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.nn import is_norm, layer_groups
+from torchfreeze.training._args import layer_group_list, positive
 from torchfreeze.training.schedulers import _like, check_scheduler, join, joined_options
 
 __all__ = ["param_groups", "add_unfrozen"]
 
 #: Key of the optimizer-group entry where param_groups records its ladder.
 LADDER = "torchfreeze_ladder"
-
-
-def _positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ArgumentError(f"{name}={value!r} must be a finite number {bound}; for example {name}=1e-3.")
-    return float(value)
 
 
 def _no_decay_ids(model: nn.Module) -> set[int]:
@@ -51,15 +44,15 @@ def _group_lrs(lr: float, lr_mult: Any, n: int) -> list[float]:
     if isinstance(lr_mult, (tuple, list)):
         if len(lr_mult) != 2:
             raise ArgumentError(
-                f"lr_mult={lr_mult!r} must be a float ratio or a (low, high) pair of multipliers, "
-                "e.g. lr_mult=2.6 or lr_mult=(0.01, 1.0)."
+                f"param_groups(lr_mult={short_repr(lr_mult)}): expected a float ratio or a (low, high) pair of "
+                "multipliers. Fix: pass e.g. lr_mult=2.6 or lr_mult=(0.01, 1.0)."
             )
-        low = _positive(lr_mult[0], "lr_mult[0]")
-        high = _positive(lr_mult[1], "lr_mult[1]")
+        low = positive(lr_mult[0], "lr_mult", "param_groups", shown=lr_mult)
+        high = positive(lr_mult[1], "lr_mult", "param_groups", shown=lr_mult)
         if n == 1:
             return [lr]
         return [lr * low * (high / low) ** (i / (n - 1)) for i in range(n)]
-    ratio = _positive(lr_mult, "lr_mult")
+    ratio = positive(lr_mult, "lr_mult", "param_groups")
     return [lr * ratio ** -(n - 1 - i) for i in range(n)]  # n == 1: [lr]
 
 
@@ -112,24 +105,16 @@ def param_groups(
     """
     require_module(model, "param_groups")
     model = unwrap(model)  # canonical names under DDP / torch.compile wrappers
-    lr = _positive(lr, "lr")
-    weight_decay = _positive(weight_decay, "weight_decay", allow_zero=True)
-    if groups is None:
-        selectors: list[Selector] | None = list(layer_groups(model)) if lr_mult is not None else None
-    else:
-        if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
-            raise ArgumentError(
-                f"groups={groups!r} must be a list of selectors, one per layer group (input side first), "
-                "e.g. groups=['encoder.layer.0', 'encoder.layer.1', 'head']."
-            )
-        if len(groups) == 0:
-            raise ArgumentError("groups=[] names no layer group; pass None for one group or a list of selectors.")
-        selectors = list(groups)
+    lr = positive(lr, "lr", "param_groups")
+    weight_decay = positive(weight_decay, "weight_decay", "param_groups", allow_zero=True)
+    selectors = layer_group_list(groups, "param_groups")
+    if selectors is None and lr_mult is not None:
+        selectors = list(layer_groups(model))
     trainable = trainable_map(model)
     if not trainable:
         raise ArgumentError(
-            "param_groups found no trainable parameter in the model (everything is frozen); "
-            "unfreeze something first, e.g. torchfreeze.unfreeze(model, 'head')."
+            "param_groups(model=...): found no trainable parameter in the model (everything is frozen); "
+            "expected at least one. Fix: unfreeze something first, e.g. torchfreeze.unfreeze(model, 'head')."
         )
     # resolve every group before building anything (bad selectors raise, nothing changes)
     if selectors is None:
@@ -206,7 +191,7 @@ def _new_groups(
     The callers have checked ``model`` and ``optimizer``.
     """
     if lr is not None:
-        lr = _positive(lr, "lr")
+        lr = positive(lr, "lr", "add_unfrozen")
     held = _held_ids(optimizer)
     new = [(n, p) for n, p in trainable_map(model).items() if id(p) not in held]
     if not new:

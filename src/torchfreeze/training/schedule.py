@@ -14,7 +14,8 @@ from torchfreeze._core.wrappers import require_no_raw_ddp, unwrap
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.nn import freeze_to, is_frozen, layer_groups, unfreeze
 from torchfreeze.nn.freezing import Shared
-from torchfreeze.training.optim import _add_groups, _held_ids, _new_groups, _positive, _warn_unjoined
+from torchfreeze.training._args import layer_group_list, positive, saved_groups, schedule_kind
+from torchfreeze.training.optim import _add_groups, _held_ids, _new_groups, _warn_unjoined
 from torchfreeze.training.schedulers import (
     _copy_entry,
     _plain,
@@ -129,7 +130,7 @@ class GradualUnfreezing:
                 f"{type(optimizer).__name__}. Fix: pass the optimizer that trains the model."
             )
         if lr is not None:
-            _positive(lr, "lr")  # validated before anything changes
+            positive(lr, "lr", "GradualUnfreezing")  # validated before anything changes
         require_choice(shared, ("error", "freeze"), "GradualUnfreezing", "shared")
         check_scheduler(scheduler, optimizer, "GradualUnfreezing")
         check_warmup(warmup, warmup_start, warmup_curve, "GradualUnfreezing")
@@ -141,38 +142,36 @@ class GradualUnfreezing:
         self.optimizer = optimizer
         self.lr = lr
         self.shared: Shared = shared
-        if groups is not None and (isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence)):
-            raise ArgumentError(
-                f"groups={groups!r} must be a list of selectors, one per layer group (input side first), "
-                "e.g. groups=['encoder.layer.0', 'encoder.layer.1', 'head']."
-            )
-        self.groups: list[Selector] = list(layer_groups(model) if groups is None else groups)
+        self.groups: list[Selector] = layer_group_list(groups, "GradualUnfreezing") or list(layer_groups(model))
         n = len(self.groups)
+        schedule_kind(schedule, sorted(_PRESETS), "GradualUnfreezing")
         entries: object = schedule
         if isinstance(entries, str):
             if entries not in _PRESETS:
                 raise ArgumentError(
-                    f"schedule={entries!r} is not a preset; expected one of {sorted(_PRESETS)}, an int period "
-                    "or a dict {count: selector or group count}."
+                    f"GradualUnfreezing(schedule={short_repr(entries)}): not a preset; expected one of "
+                    f"{sorted(_PRESETS)}. Fix: pass one of them, an int period or a dict {{count: selector}}."
                 )
             entries = _PRESETS[entries]
         if _is_count(entries):
             period = entries
             if period < 1:
-                raise ArgumentError(f"schedule={period!r}: a period must be an int >= 1 (units per new group).")
+                raise ArgumentError(
+                    f"GradualUnfreezing(schedule={period}): a period must be an int >= 1 (units per new group). "
+                    "Fix: pass e.g. schedule=1 (one more group every epoch)."
+                )
             entries = {i * period: i + 1 for i in range(n)}
-        if not isinstance(entries, Mapping) or not entries:
-            raise ArgumentError(
-                f"schedule={schedule!r} must be a non-empty dict {{count: selector or group count}}, a preset "
-                f"name ({sorted(_PRESETS)}) or an int period."
-            )
+        entries = cast(Mapping[int, Any], entries)
         for group in self.groups:
             resolve(model, group)  # a group that names nothing raises SelectorError here
         plan: dict[int, Selector | int] = {}
         for key in sorted(entries, key=lambda k: (not _is_count(k), k if _is_count(k) else 0)):
             value = entries[key]
-            if not _is_count(key) or key < 0:
-                raise ArgumentError(f"schedule key {key!r} must be an int >= 0 (an epoch or step count).")
+            if key < 0:
+                raise ArgumentError(
+                    f"GradualUnfreezing(schedule={short_repr(schedule)}): the key {key} is negative; expected "
+                    "int keys >= 0 (an epoch or step count). Fix: count from 0."
+                )
             if _is_count(value):
                 if not 0 <= value <= n:
                     raise ArgumentError(
@@ -319,39 +318,38 @@ class GradualUnfreezing:
             >>> sched2.last, m2[0].weight.requires_grad, len(opt2.param_groups)
             (1, True, 2)
         """
-        if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
-            raise ArgumentError(
-                "state must be the dict returned by GradualUnfreezing.state_dict(), got "
-                f"{type(state).__name__} with format {getattr(state, 'get', lambda k: None)('format')!r}."
+        where = "GradualUnfreezing.load_state_dict"
+        fix = "Fix: pass the dict GradualUnfreezing.state_dict() returned, unmodified."
+        if not isinstance(state, Mapping):
+            raise ArgumentTypeError(
+                f"{where}(state={short_repr(state)}): expected the dict GradualUnfreezing.state_dict() "
+                f"returned, got {type(state).__name__}. {fix}"
             )
-        if list(state.get("schedule_keys", [])) != sorted(self.schedule):
+        if state.get("format") != _FORMAT:
             raise ArgumentError(
-                f"state was saved with schedule keys {state.get('schedule_keys')!r} but this scheduler has "
-                f"{sorted(self.schedule)!r}; build the scheduler with the same schedule before resuming."
+                f"{where}(state=...): state['format']={short_repr(state.get('format'))}; expected "
+                f"{_FORMAT!r} (a freeze state or optimizer state is not a scheduler state). {fix}"
             )
         version = state.get("version", 1)
         if not _is_count(version) or version not in (1, 2):
             raise ArgumentError(
-                f"state['version']={short_repr(version)}: this torchfreeze reads GradualUnfreezing states of "
-                "version 1 and 2. Fix: resume with the torchfreeze that saved it, or upgrade torchfreeze."
+                f"{where}(state=...): state['version']={short_repr(version)}: this torchfreeze reads "
+                "GradualUnfreezing states of version 1 and 2. Fix: resume with the torchfreeze that saved it, "
+                "or upgrade torchfreeze."
+            )
+        if list(state.get("schedule_keys", [])) != sorted(self.schedule):
+            raise ArgumentError(
+                f"{where}(state=...): saved with schedule keys {short_repr(state.get('schedule_keys'))} but this "
+                f"scheduler has {short_repr(sorted(self.schedule))}. Fix: build the scheduler with the same "
+                "schedule before resuming."
             )
         last = state.get("last")
         if not _is_count(last) or last < 0:
-            raise ArgumentError(f"state['last']={last!r} must be an int >= 0.")
-        _validate_freeze_state(self.model, state.get("freeze_state"), strict=True, arg="state['freeze_state']")
-        added = state.get("added_groups", [])
-        if not isinstance(added, (list, tuple)) or not all(
-            isinstance(g, Mapping)
-            and isinstance(g.get("params"), (list, tuple))
-            and all(isinstance(n, str) for n in g["params"])
-            and isinstance(g.get("options"), Mapping)
-            for g in added
-        ):
-            raise ArgumentError(
-                "state['added_groups'] must be a list of {'params': [names], 'options': {...}} dicts, as "
-                "GradualUnfreezing.state_dict() writes them; pass the dict it returned, unmodified."
-            )
-        _validate_saved_groups(added, self.optimizer)
+            raise ArgumentError(f"{where}(state=...): state['last']={short_repr(last)}; expected an int >= 0. {fix}")
+        _validate_freeze_state(
+            self.model, state.get("freeze_state"), strict=True, arg="state['freeze_state']", verb=where
+        )
+        added = saved_groups(state.get("added_groups", []), self.optimizer, where)
         by_name = dict(self.model.named_parameters(remove_duplicate=False))
         held = _held_ids(self.optimizer)
         todo: list[tuple[list[str], dict[str, Any], int, float]] = []
@@ -359,21 +357,28 @@ class GradualUnfreezing:
             names = list(g["params"])
             unknown = [n for n in names if n not in by_name]
             if unknown:
-                raise ArgumentError(f"state['added_groups'] names parameters the model lacks: {unknown[:5]}.")
+                raise ArgumentError(
+                    f"{where}(state=...): state['added_groups'] names parameters the model lacks: "
+                    f"{short_repr(unknown[:5])}. Fix: resume into the model the state was saved from."
+                )
             inside = [n for n in names if id(by_name[n]) in held]
             if inside and len(inside) != len(names):
                 raise ArgumentError(
-                    f"the optimizer already holds some but not all parameters of a saved group ({inside[:3]}); "
-                    "build the optimizer exactly as in the interrupted run before resuming."
+                    f"{where}(state=...): the optimizer already holds some but not all parameters of a saved "
+                    f"group ({short_repr(inside[:3])}). Fix: build the optimizer exactly as in the interrupted run."
                 )
             ref, scale = g.get("ref", 0), g.get("scale", 1.0)
             if not _is_count(ref) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
                 raise ArgumentError(
-                    f"state['added_groups'] has ref={ref!r}, scale={scale!r}; expected an int and a float."
+                    f"{where}(state=...): state['added_groups'] has ref={short_repr(ref)}, "
+                    f"scale={short_repr(scale)}; expected an int and a float. {fix}"
                 )
             if not inside:
                 if ref >= len(self.optimizer.param_groups) + len(todo):
-                    raise ArgumentError(f"state['added_groups'] refers to optimizer group {ref}, which does not exist.")
+                    raise ArgumentError(
+                        f"{where}(state=...): state['added_groups'] refers to optimizer group {ref}, which does "
+                        "not exist. Fix: build the optimizer exactly as in the interrupted run."
+                    )
                 todo.append((names, dict(g["options"]), ref, float(scale)))
         if todo:
             check_scheduler(self.scheduler, self.optimizer, "GradualUnfreezing.load_state_dict")
@@ -386,40 +391,3 @@ class GradualUnfreezing:
 
     def __repr__(self) -> str:
         return f"GradualUnfreezing(last={self.last}, schedule={self.schedule!r})"
-
-
-#: options that must be finite numbers >= 0 when they are numbers in the optimizer's defaults
-_NON_NEGATIVE = ("lr", "weight_decay", "momentum", "dampening", "eps", "initial_lr", "max_lr", "min_lr")
-
-
-def _validate_saved_groups(added: Sequence[Mapping[str, Any]], optimizer: torch.optim.Optimizer) -> None:
-    """Refuse saved groups whose options or parameters could not have come from ``state_dict`` (nothing changed)."""
-    seen: dict[str, int] = {}
-    for k, g in enumerate(added):
-        for n in g["params"]:
-            if n in seen:
-                raise ArgumentError(
-                    f"state['added_groups'] lists parameter {n!r} in groups {seen[n]} and {k}; a parameter "
-                    "belongs to one optimizer group. Pass the dict GradualUnfreezing.state_dict() returned, unmodified."
-                )
-            seen[n] = k
-        for key, value in g["options"].items():
-            default = optimizer.defaults.get(key)
-            numeric = isinstance(default, (int, float, torch.Tensor)) and not isinstance(default, bool)
-            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            problem = None
-            if key == "params":
-                problem = "'params' is not an option (the group's parameters are listed in 'params' beside it)"
-            elif numeric and not is_number:
-                problem = f"expected a number like the optimizer's default {short_repr(default)}"
-            elif isinstance(default, bool) and not isinstance(value, bool):
-                problem = "expected True or False"
-            elif is_number and (value != value or value in (float("inf"), float("-inf"))):
-                problem = "expected a finite number"
-            elif is_number and key in _NON_NEGATIVE and value < 0:
-                problem = "expected a number >= 0"
-            if problem:
-                raise ArgumentError(
-                    f"state['added_groups'][{k}]['options'][{key!r}]={short_repr(value)}: {problem}. Nothing was "
-                    "changed; pass the dict GradualUnfreezing.state_dict() returned, unmodified."
-                )

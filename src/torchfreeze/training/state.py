@@ -23,7 +23,7 @@ from torchfreeze._core.mode import get_pin, set_pin, unpin_modules
 from torchfreeze._core.mode import pins as module_pins
 from torchfreeze._core.uses import set_requires_grad
 from torchfreeze._core.wrappers import unwrap
-from torchfreeze.errors import FreezeStateError
+from torchfreeze.errors import ArgumentTypeError, FreezeStateError
 from torchfreeze.nn import Frozen
 from torchfreeze.nn.batchnorm import freeze_batchnorm, unconvert_batchnorm
 from torchfreeze.nn.freezing import _restore_full_precision
@@ -143,49 +143,59 @@ def _is_shape(value: Any) -> bool:
     )
 
 
-def _check_types(state: Any, arg: str) -> None:
-    """Raise FreezeStateError for a state of the wrong shape (types, format, version)."""
+def _check_types(state: Any, arg: str, verb: str) -> None:
+    """Raise for a state of the wrong shape (types, format, version).
+
+    ``ArgumentTypeError`` when the argument itself (``arg == "state"``) is not a mapping;
+    ``FreezeStateError`` for everything else (a state nested in another, a file's content).
+    """
+    where = f"{verb}(state=...): " + ("the state" if arg == "state" else arg)
+    fix = "Fix: pass the dict torchfreeze.freeze_state(model) returned, unmodified."
     if not isinstance(state, Mapping):
-        raise FreezeStateError(
-            f"{arg} must be the dict returned by torchfreeze.freeze_state(model), got {type(state).__name__}."
-        )
+        expected = f"expected the dict returned by torchfreeze.freeze_state(model), got {type(state).__name__}"
+        if arg == "state":
+            raise ArgumentTypeError(f"{verb}(state={short_repr(state)}): {expected}. {fix}")
+        raise FreezeStateError(f"{where}: {expected}. {fix}")
     if state.get("format") != STATE_FORMAT:
         raise FreezeStateError(
-            f"{arg}['format'] must be {STATE_FORMAT!r}, got {short_repr(state.get('format'))}; "
-            "pass the dict returned by torchfreeze.freeze_state(model)."
+            f"{where}['format']={short_repr(state.get('format'))}; expected {STATE_FORMAT!r} (a freeze state). {fix}"
         )
     version = state.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise FreezeStateError(f"{arg}['version'] must be a positive int, got {short_repr(version)}.")
+        raise FreezeStateError(f"{where}['version']={short_repr(version)}; expected a positive int. {fix}")
     if version > STATE_VERSION:
         raise FreezeStateError(
-            f"{arg}['version'] is {version}, newer than this torchfreeze understands ({STATE_VERSION}); "
-            "upgrade torchfreeze."
+            f"{where}['version'] is {version}, newer than this torchfreeze understands ({STATE_VERSION}). "
+            "Fix: upgrade torchfreeze."
         )
     for key in ("frozen", "frozen_uses"):
         if not _names(state.get(key)):
-            raise FreezeStateError(f"{arg}[{key!r}] must be a list of names (str), got {short_repr(state.get(key))}.")
+            raise FreezeStateError(
+                f"{where}[{key!r}]={short_repr(state.get(key))}; expected a list of names (str). {fix}"
+            )
     pins = state.get("pins")
     if not isinstance(pins, Mapping) or not all(isinstance(k, str) and v in ("train", "eval") for k, v in pins.items()):
-        raise FreezeStateError(f"{arg}['pins'] must map module names to 'train' or 'eval', got {short_repr(pins)}.")
+        raise FreezeStateError(f"{where}['pins']={short_repr(pins)}; expected module names -> 'train' or 'eval'. {fix}")
     origins = state.get("pin_origins")
     if origins is not None and (
         not isinstance(origins, Mapping)
         or not all(isinstance(k, str) and k in pins and v in PIN_ORIGINS for k, v in origins.items())
     ):
         raise FreezeStateError(
-            f"{arg}['pin_origins'] must map pinned module names to one of {PIN_ORIGINS}, got {short_repr(origins)}."
+            f"{where}['pin_origins']={short_repr(origins)}; expected pinned module names -> one of {PIN_ORIGINS}. {fix}"
         )
     if not _names(state.get("converted_norms", [])):
         raise FreezeStateError(
-            f"{arg}['converted_norms'] must be a list of module names, got {short_repr(state.get('converted_norms'))}."
+            f"{where}['converted_norms']={short_repr(state.get('converted_norms'))}; expected a list of module "
+            f"names. {fix}"
         )
     shapes = state.get("parameters")
     if shapes is not None and (
         not isinstance(shapes, Mapping) or not all(isinstance(k, str) and _is_shape(v) for k, v in shapes.items())
     ):
         raise FreezeStateError(
-            f"{arg}['parameters'] must map parameter names to shapes (lists of ints) or None, got {short_repr(shapes)}."
+            f"{where}['parameters']={short_repr(shapes)}; expected parameter names -> shapes (lists of ints) or "
+            f"None. {fix}"
         )
 
 
@@ -207,13 +217,15 @@ def _unfit_parameters(model: nn.Module, state: Mapping[str, Any]) -> tuple[list[
     return problems, unfit
 
 
-def _validate_freeze_state(model: nn.Module, state: Any, *, strict: bool, arg: str = "state") -> list[str]:
+def _validate_freeze_state(
+    model: nn.Module, state: Any, *, strict: bool, arg: str = "state", verb: str = "load_freeze_state"
+) -> list[str]:
     """Check ``state`` against ``model`` without changing anything.
 
     Raises FreezeStateError for a malformed state, or (strict) for any mismatch, listing every
     mismatch. Returns the list of mismatches that were tolerated (non-strict).
     """
-    _check_types(state, arg)
+    _check_types(state, arg, verb)
     problems: list[str] = []
     table = _module_table(model)
     param_names = {n for names in canonical_parameter_names(model).values() for n in names}
@@ -246,9 +258,11 @@ def _validate_freeze_state(model: nn.Module, state: Any, *, strict: bool, arg: s
         listing = "\n  - ".join(problems[:20]) + (
             f"\n  - ... ({len(problems) - 20} more)" if len(problems) > 20 else ""
         )
+        where = f"{verb}(state=...): " + ("the state" if arg == "state" else arg)
+        tolerant = " or pass strict=False to apply what fits" if verb == "load_freeze_state" else ""
         raise FreezeStateError(
-            f"{arg} does not fit this model ({len(problems)} mismatch(es)); nothing was changed:\n  - {listing}\n"
-            "Load it into a model of the same architecture, or pass strict=False to apply what fits."
+            f"{where} does not fit this model ({len(problems)} mismatch(es)); nothing was changed:\n  - {listing}\n"
+            f"Fix: load it into a model of the same architecture{tolerant}."
         )
     return problems
 
@@ -288,7 +302,8 @@ def load_freeze_state(model: nn.Module, state: Mapping[str, Any], *, strict: boo
         The model.
 
     Raises:
-        ArgumentTypeError: ``model`` is not an ``nn.Module`` or ``strict`` not a bool (``None`` too).
+        ArgumentTypeError: ``model`` is not an ``nn.Module``, ``state`` not a mapping, or ``strict``
+            not a bool (``None`` too).
         FreezeStateError: the state is malformed or (strict) does not fit the model; the message
             lists every mismatch.
 
