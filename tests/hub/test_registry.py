@@ -129,9 +129,28 @@ def test_model_name_of_the_wrong_type(name: object) -> None:
         get_model(name)  # type: ignore[arg-type]
 
 
-def test_unknown_model_suggests_close_names() -> None:
-    with pytest.raises(ArgumentError, match="did you mean 'digits-cnn'"):
-        get_model("digit-cnn")
+#: get_model's refusals: (name, keywords, class, message pattern); each names the verb and the argument,
+#: says what was expected and ends with the fix; nothing is built
+GET_MODEL_ERRORS = [
+    pytest.param("digit-cnn", {}, ArgumentError, r"^get_model\(name='digit-cnn'\): .*Fix: pass 'digits-cnn'", id="close-name"),
+    pytest.param(" digits-cnn", {}, ArgumentError, r"Fix: pass 'digits-cnn' \(the closest name\)", id="padded-name"),
+    pytest.param("DIGITS-CNN", {}, ArgumentError, r"Fix: pass 'digits-cnn'", id="upper-case-name"),
+    pytest.param("", {}, ArgumentError, r"^get_model\(name=''\): .*Fix: pass one of them", id="empty-name"),
+    pytest.param("zzz", {}, ArgumentError, r"known models: \[.*'digits-cnn'.*\]\. Fix: ", id="unknown-name"),
+    pytest.param("digits-cnn", {"weights": "nope"}, ArgumentError, r"^get_model\(weights='nope'\): .*known: \['default'\]\. Fix: ", id="unknown-weights"),
+    pytest.param("digits-cnn", {"freeze": ""}, ArgumentError, r"^get_model\(freeze=''\): .*Fix: ", id="empty-plan"),
+    pytest.param("digits-cnn", {"bogus": 1}, ArgumentTypeError, r"^get_model\('digits-cnn', bogus=1\): .*unexpected keyword argument 'bogus'.*Fix: pass only what it takes: \(\*, num_classes", id="unknown-keyword"),
+    pytest.param("digits-cnn", {"num_classes": -1}, ArgumentError, r"^digits_cnn\(num_classes=-1\): expected an int >= 1\. Fix: ", id="num-classes-negative"),
+    pytest.param("digits-cnn", {"num_classes": "5"}, ArgumentTypeError, r"^digits_cnn\(num_classes='5'\): expected an int >= 1, got str\. Fix: ", id="num-classes-str"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "kwargs", "error", "match"), GET_MODEL_ERRORS)
+def test_get_model_errors_follow_the_error_rule(name: str, kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match) as caught:
+        get_model(name, **kwargs)
+    assert isinstance(caught.value, TypeError if error is ArgumentTypeError else ValueError)
+    assert len(str(caught.value)) < 400
 
 
 def test_unknown_weights_name(toy: str) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 import torchfreeze
 from torchfreeze import Weights
-from torchfreeze.errors import ArgumentError, WeightsError
+from torchfreeze.errors import ArgumentError, ArgumentTypeError, WeightsError
 from torchfreeze.hub.weights import sha256_file
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -186,29 +186,50 @@ def test_unknown_target(tmp_path: Path, source_state: dict) -> None:
         w.load_into(Small())
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        pytest.param({"name": "", "source": "x", "sha256": "0" * 64}, "name=", id="empty-name"),
-        pytest.param({"name": "a", "source": "", "sha256": "0" * 64}, "source=", id="empty-source"),
-        pytest.param({"name": "a", "source": "x", "sha256": "abc"}, "64 hex", id="short-sha"),
-        pytest.param({"name": "a", "source": "x", "sha256": "z" * 64}, "64 hex", id="not-hex"),
-        pytest.param(
-            {"name": "a", "source": "x", "sha256": "0" * 64, "ignore_keys": "pooler.w"},
-            "ignore_keys=",
-            id="ignore-keys-str",
-        ),
-        pytest.param(
-            {"name": "a", "source": "x", "sha256": "0" * 64, "metadata": ["MIT"]},
-            "metadata=",
-            id="metadata-not-mapping",
-        ),
-        pytest.param({"name": "a", "source": "x", "sha256": "0" * 64, "target": None}, "target=", id="target-none"),
-    ],
-)
-def test_invalid_descriptions(kwargs: dict, match: str) -> None:
-    with pytest.raises(ArgumentError, match=match):
-        Weights(**kwargs)
+_OK = {"name": "a", "source": "x", "sha256": "0" * 64}
+
+#: bad Weights(...) arguments: (changes to a valid description, class, message pattern). A wrong type is an
+#: ArgumentTypeError (TypeError), a wrong value an ArgumentError (ValueError); each names the argument and the fix
+INVALID_DESCRIPTIONS = [
+    pytest.param({"name": ""}, ArgumentError, r"^Weights\(name=''\): expected a non-empty name", id="empty-name"),
+    pytest.param({"name": None}, ArgumentTypeError, r"^Weights\(name=None\): .*got NoneType", id="name-none"),
+    pytest.param({"source": ""}, ArgumentError, r"^Weights\(source=''\)", id="empty-source"),
+    pytest.param({"source": 5}, ArgumentTypeError, r"^Weights\(source=5\): .*got int", id="source-int"),
+    pytest.param({"sha256": "abc"}, ArgumentError, r"^Weights\(sha256='abc'\): expected 64 hex", id="short-sha"),
+    pytest.param({"sha256": "z" * 64}, ArgumentError, "64 hex", id="not-hex"),
+    pytest.param({"sha256": None}, ArgumentTypeError, r"^Weights\(sha256=None\): .*got NoneType", id="sha-none"),
+    pytest.param({"ignore_keys": "pooler.w"}, ArgumentTypeError, r"^Weights\(ignore_keys=", id="ignore-keys-str"),
+    pytest.param({"metadata": ["MIT"]}, ArgumentTypeError, r"^Weights\(metadata=\['MIT'\]\)", id="metadata-list"),
+    pytest.param({"metadata": 5}, ArgumentTypeError, r"^Weights\(metadata=5\): expected a mapping, got int", id="metadata-int"),
+    pytest.param({"target": None}, ArgumentTypeError, r"^Weights\(target=None\)", id="target-none"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("changes", "error", "match"), INVALID_DESCRIPTIONS)
+def test_invalid_descriptions(changes: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match) as caught:
+        Weights(**{**_OK, **changes})
+    message = str(caught.value)
+    assert isinstance(caught.value, TypeError if error is ArgumentTypeError else ValueError)
+    assert ". Fix: " in message and len(message) < 300
+
+
+#: 'package:relative/path' sources that name no package directory: (source, message pattern)
+NOT_A_PACKAGE_DIRECTORY = [
+    pytest.param("os:x.safetensors", r"'os' is a standard-library module, not a package directory", id="stdlib-module"),
+    pytest.param("sys:x.safetensors", r"'sys' is a standard-library module, not a package directory", id="builtin"),
+    pytest.param("nonexistentpkg_tf:x.safetensors", r"package 'nonexistentpkg_tf' is not installed.*pip install", id="missing"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("source", "match"), NOT_A_PACKAGE_DIRECTORY)
+def test_package_source_that_is_no_package_directory(source: str, match: str) -> None:
+    weights = Weights("w", source, "0" * 64)
+    with pytest.raises(WeightsError, match=match) as caught:
+        _ = weights.path
+    assert "Fix: " in str(caught.value)
+    if "standard-library" in match:
+        assert "pip install" not in str(caught.value)
 
 
 def test_load_into_rejects_non_module(tmp_path: Path, source_state: dict) -> None:

@@ -11,7 +11,15 @@ from torch import nn
 
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["require_module", "require_bool", "require_choice", "short_repr", "bind_problem", "refuse_meta"]
+__all__ = [
+    "require_module",
+    "require_bool",
+    "require_choice",
+    "require_positive_int",
+    "short_repr",
+    "bind_problem",
+    "refuse_meta",
+]
 
 _REPR_LIMIT = 80
 
@@ -85,12 +93,31 @@ def require_choice(value: Any, choices: Iterable[Any], verb: str, argument: str)
     raise ArgumentError(f"{verb}({argument}={short_repr(value)}): expected one of {listed}. Fix: pass one of them.")
 
 
-def bind_problem(func: Callable[..., Any], *args: Any) -> str | None:
-    """Why ``func(*args)`` cannot be called with that many arguments, or ``None`` if it can.
+def require_positive_int(value: Any, verb: str, argument: str, example: int) -> int:
+    """Return ``value`` if it is an int >= 1; a non-int raises :class:`ArgumentTypeError`, others :class:`ArgumentError`.
+
+    >>> require_positive_int(0, "digits_cnn", "num_classes", 5)
+    Traceback (most recent call last):
+    ...
+    torchfreeze.errors.ArgumentError: digits_cnn(num_classes=0): expected an int >= 1. Fix: pass e.g. num_classes=5.
+    """
+    fix = f"Fix: pass e.g. {argument}={example}."
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(
+            f"{verb}({argument}={short_repr(value)}): expected an int >= 1, got {type(value).__name__}. {fix}"
+        )
+    if value < 1:
+        raise ArgumentError(f"{verb}({argument}={value}): expected an int >= 1. {fix}")
+    return value
+
+
+def bind_problem(func: Callable[..., Any], *args: Any, **kwargs: Any) -> str | None:
+    """Why ``func(*args, **kwargs)`` cannot take those arguments, or ``None`` if it can.
 
     Reads the signature only (``func`` is not called), so a verb can refuse a
     predicate of the wrong arity, or a forward missing its inputs, before it
-    changes anything. A callable whose signature cannot be read answers ``None``.
+    changes anything; a builder given a keyword it does not have is refused the same way.
+    A callable whose signature cannot be read answers ``None``.
 
     >>> bind_problem(lambda name: True, "a", None)
     'too many positional arguments'
@@ -102,7 +129,7 @@ def bind_problem(func: Callable[..., Any], *args: Any) -> str | None:
     except (TypeError, ValueError):  # no signature to read (some builtins): the call itself will tell
         return None
     try:
-        signature.bind(*args)
+        signature.bind(*args, **kwargs)
     except TypeError as error:
         return str(error)
     return None

