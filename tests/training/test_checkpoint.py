@@ -167,10 +167,26 @@ def _other_arch(path: Path) -> Any:
     save_trainable(freeze(Other(), "encoder"), path)
 
 
+def _symlink_to_dev_zero(path: Path) -> Any:
+    os.remove(path)
+    os.symlink("/dev/zero", path)
+
+
+def _directory(path: Path) -> Any:
+    os.remove(path)
+    os.mkdir(path)
+
+
 @pytest.mark.parametrize(
     "damage, match",
     [
         pytest.param(_corrupt_data, "corrupted", id="flipped-byte"),
+        pytest.param(
+            _symlink_to_dev_zero,
+            r"the path \(a symbolic link to '/dev/zero'\) is a character device, not a regular file",
+            id="symlink-to-dev-zero",
+        ),
+        pytest.param(_directory, r"the path is a directory", id="directory"),
         pytest.param(_truncate, "truncated or corrupted", id="truncated"),
         pytest.param(_garbage, "not a readable safetensors", id="garbage"),
         pytest.param(_plain_safetensors, "not a torchfreeze trainable checkpoint", id="plain-safetensors"),
@@ -183,8 +199,54 @@ def test_bad_files_raise_checkpoint_error_and_leave_the_model_alone(tmp_path: Pa
     damage(path)
     model = Model(0)
     before = (tensors_snapshot(model), requires_grad_map(model), pinned_modes(model))
-    with pytest.raises(CheckpointError, match=match):
+    with pytest.raises(CheckpointError, match=match) as caught:
         load_trainable(model, path)
+    assert str(caught.value).startswith("load_trainable(path=") and "Fix: " in str(caught.value)
+    assert "[Errno" not in str(caught.value)
+    assert same_tensors(tensors_snapshot(model), before[0])
+    assert (requires_grad_map(model), pinned_modes(model)) == before[1:]
+
+
+def _file_as_directory(tmp_path: Path) -> Path:
+    (tmp_path / "plain.txt").write_text("x")
+    return tmp_path / "plain.txt" / "t.safetensors"
+
+
+#: destinations save_trainable cannot write: (destination builder, message pattern, a fix that must not be
+#: suggested); each names the argument, says why and gives the fix that applies, and writes nothing
+SAVE_PATH_ERRORS = [
+    pytest.param(
+        lambda tmp: Path("/proc/self/t.safetensors"),
+        r"no file can be created in '/proc/self' \(a virtual file system.*Fix: pass a path in an ordinary writable",
+        "free disk space",
+        id="proc",
+        marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="Linux /proc"),
+    ),
+    pytest.param(
+        _file_as_directory,
+        r"'.*plain\.txt' is not a directory\. Fix: pass a path inside a directory",
+        "makedirs",
+        id="file-as-directory",
+    ),
+    pytest.param(lambda tmp: tmp / "nope" / "t.safetensors", r"does not exist\. Fix: create it first", "disk", id="missing-directory"),
+    pytest.param(lambda tmp: tmp, r"the path is a directory\. Fix: pass a file path", "disk", id="directory"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("destination", "match", "wrong_fix"), SAVE_PATH_ERRORS)
+def test_save_path_errors_say_why_and_the_fix_that_applies(
+    tmp_path: Path, destination: Any, match: str, wrong_fix: str
+) -> None:
+    model = _trained()
+    before = (tensors_snapshot(model), requires_grad_map(model), pinned_modes(model))
+    target = destination(tmp_path)
+    listing = sorted(os.listdir(tmp_path))
+    with pytest.raises(CheckpointError, match=match) as caught:
+        save_trainable(model, target)
+    message = str(caught.value)
+    assert message.startswith("save_trainable(path=") and wrong_fix not in message and len(message) < 400
+    assert isinstance(caught.value, ValueError)
+    assert sorted(os.listdir(tmp_path)) == listing
     assert same_tensors(tensors_snapshot(model), before[0])
     assert (requires_grad_map(model), pinned_modes(model)) == before[1:]
 

@@ -219,13 +219,17 @@ def atomic_write(
     shown = f"{verb}({argument}={short_repr(str(dest))})"
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
-        raise CheckpointError(
-            f"{shown}: the directory {str(parent)!r} does not exist; "
-            f"create it first (os.makedirs({str(parent)!r}, exist_ok=True))."
+        what = "is not a directory" if parent.exists() else "does not exist"
+        fix = (
+            f"create it first (os.makedirs({short_repr(str(parent))}, exist_ok=True))."
+            if not parent.exists()
+            else "pass a path inside a directory."
         )
+        raise CheckpointError(f"{shown}: {short_repr(str(parent))} {what}. Fix: {fix}")
     if dest.is_dir():
         raise CheckpointError(
-            f"{shown} is a directory; pass a file path such as {str(dest / 'trainable.safetensors')!r}."
+            f"{shown}: the path is a directory. Fix: pass a file path such as "
+            f"{short_repr(str(dest / 'trainable.safetensors'))}."
         )
     try:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{dest.name}.", suffix=".tmp")
@@ -270,7 +274,13 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, **kwargs: Any)
 
 
 def _write_error(shown: str, parent: Path, error: OSError) -> CheckpointError:
-    return CheckpointError(
-        f"{shown}: the file {reason(error)} (in {str(parent)!r}); nothing was written and no temporary "
-        "file is left. Fix: free disk space, or pass a path in a writable directory."
-    )
+    """The message of a failed write: what failed and the fix that applies to that failure."""
+    where = f"(in {str(parent)!r})"
+    if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        why, fix = f"the file {reason(error)} {where}", "free disk space, or pass a path on another disk."
+    elif isinstance(error, FileNotFoundError):  # the directory exists but takes no new file (/proc, removed)
+        why = f"no file can be created in {str(parent)!r} (a virtual file system such as /proc, or a removed directory)"
+        fix = "pass a path in an ordinary writable directory."
+    else:  # permission denied, read-only file system, anything else
+        why, fix = f"the file {reason(error)} {where}", "pass a path in a writable directory."
+    return CheckpointError(f"{shown}: {why}; nothing was written and no temporary file is left. Fix: {fix}")

@@ -202,9 +202,17 @@ def _header_metadata(data: bytes, where: str) -> dict[str, str]:
     except (struct.error, ValueError, RecursionError, AttributeError) as e:
         raise CheckpointError(
             f"{where} is not a readable safetensors file (truncated or corrupted?): {short_repr(str(e))}. "
-            "Save it again with torchfreeze.save_trainable."
+            "Fix: save it again with torchfreeze.save_trainable, or use another copy."
         ) from e
     return meta
+
+
+def _link_target(path: Path) -> str:
+    """`` (a symbolic link to '<target>')`` when ``path`` is a link, for messages; else ``""``."""
+    try:
+        return f" (a symbolic link to {short_repr(os.readlink(path), 60)})" if path.is_symlink() else ""
+    except OSError:
+        return ""
 
 
 def _read_checkpoint(path: str | os.PathLike[str], verb: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -215,7 +223,8 @@ def _read_checkpoint(path: str | os.PathLike[str], verb: str) -> tuple[dict[str,
         data = read_regular_file(p)
     except OSError as e:
         raise CheckpointError(
-            f"{where}: the path {reason(e)}; pass the file written by torchfreeze.save_trainable."
+            f"{where}: the path{_link_target(p)} {reason(e)}; expected the file torchfreeze.save_trainable "
+            "wrote. Fix: pass that file's path."
         ) from e
     from safetensors import SafetensorError
 
@@ -225,23 +234,23 @@ def _read_checkpoint(path: str | os.PathLike[str], verb: str) -> tuple[dict[str,
     except (SafetensorError, ValueError, RuntimeError) as e:  # what safetensors raises for a bad file
         raise CheckpointError(
             f"{where} is not a readable safetensors file (truncated or corrupted?): {short_repr(str(e))}. "
-            "Save it again with torchfreeze.save_trainable."
+            "Fix: save it again with torchfreeze.save_trainable, or use another copy."
         ) from e
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{where} is a safetensors file but not a torchfreeze trainable checkpoint "
-            f"(metadata format={short_repr(meta.get('format'))}, expected {CHECKPOINT_FORMAT!r}); load a full "
+            f"(metadata format={short_repr(meta.get('format'))}, expected {CHECKPOINT_FORMAT!r}). Fix: load a full "
             "state_dict with safetensors.torch.load_file + model.load_state_dict instead."
         )
     if meta.get("version") != str(CHECKPOINT_VERSION):
         raise CheckpointError(
             f"{where} has checkpoint version {short_repr(meta.get('version'))}; this torchfreeze reads "
-            f"version {CHECKPOINT_VERSION}. Upgrade torchfreeze."
+            f"version {CHECKPOINT_VERSION}. Fix: upgrade torchfreeze."
         )
     if fingerprint(tensors) != meta.get("content_sha256"):
         raise CheckpointError(
             f"{where} is corrupted: its tensors do not match the checksum stored when it was "
-            "saved. Use another copy or save it again."
+            "saved. Fix: use another copy or save it again."
         )
     return meta, tensors
 
@@ -252,14 +261,18 @@ def _metadata(meta: Mapping[str, str], where: str) -> tuple[dict[str, Any], list
         state = json.loads(meta["freeze_state"])
         frozen_names = json.loads(meta["frozen_tensors"])
     except (KeyError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{where}: metadata is damaged ({short_repr(str(e))}); save the checkpoint again.") from e
+        raise CheckpointError(
+            f"{where}: metadata is damaged ({short_repr(str(e))}). Fix: save the checkpoint again."
+        ) from e
     if not isinstance(frozen_names, list) or not all(isinstance(n, str) for n in frozen_names):
         raise CheckpointError(
-            f"{where}: metadata 'frozen_tensors' must be a list of tensor names, got {short_repr(frozen_names)}; "
-            "save the checkpoint again."
+            f"{where}: metadata 'frozen_tensors' must be a list of tensor names, got {short_repr(frozen_names)}. "
+            "Fix: save the checkpoint again."
         )
     if not isinstance(state, dict):
-        raise CheckpointError(f"{where}: metadata 'freeze_state' must be a dict, got {short_repr(state)}.")
+        raise CheckpointError(
+            f"{where}: metadata 'freeze_state' must be a dict, got {short_repr(state)}. Fix: save the checkpoint again."
+        )
     return state, frozen_names
 
 
@@ -336,9 +349,13 @@ def load_trainable(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     where = f"load_trainable(path={short_repr(os.fspath(path))})"
     state, frozen_names = _metadata(meta, where)
     try:
-        problems = _validate_freeze_state(model, state, strict=False, arg="the checkpoint's freeze state")
+        problems = _validate_freeze_state(
+            model, state, strict=False, arg="the checkpoint's freeze state", verb="load_trainable"
+        )
     except FreezeStateError as e:
-        raise CheckpointError(f"{where}: metadata is damaged: {e}") from e
+        raise CheckpointError(
+            f"{where}: metadata is damaged ({short_repr(str(e), 200)}). Fix: save the checkpoint again."
+        ) from e
     other = " (it was saved from another architecture)" if problems else ""
     problems += _contradictions(model, state, frozen_names, tensors)
 
@@ -367,14 +384,15 @@ def load_trainable(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         )
         raise CheckpointError(
             f"{where} does not fit this model{other} ({len(problems)} mismatch(es)); nothing was changed:\n  - {listing}"
+            "\nFix: load it into the model it was saved from (same architecture, same frozen part)."
         )
     base = fingerprint(full_tensors({n: live[n] for n in frozen_names}))  # FSDP2: gathered on every rank
     if base != meta.get("base_fingerprint"):
         raise CheckpointError(
             f"{where} was saved on a different frozen base: the frozen weights of this model have "
             f"fingerprint {base[:19]}..., the checkpoint expects {str(meta.get('base_fingerprint'))[:19]}...; "
-            "load the same pretrained weights into the model first (the checkpoint holds only the "
-            "trained part). Nothing was changed."
+            "nothing was changed. Fix: load the same pretrained weights into the model first (the checkpoint "
+            "holds only the trained part)."
         )
     load_freeze_state(model, state)
     # restoring the state may swap BatchNorm <-> FrozenBatchNorm modules: copy into the current tensors

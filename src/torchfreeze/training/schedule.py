@@ -347,7 +347,7 @@ class GradualUnfreezing:
         if not _is_count(last) or last < 0:
             raise ArgumentError(f"{where}(state=...): state['last']={short_repr(last)}; expected an int >= 0. {fix}")
         _validate_freeze_state(
-            self.model, state.get("freeze_state"), strict=True, arg="state['freeze_state']", verb=where
+            self.model, state.get("freeze_state"), strict=True, arg="state['freeze_state']", verb=f"{where}(state=...)"
         )
         added = saved_groups(state.get("added_groups", []), self.optimizer, where)
         by_name = dict(self.model.named_parameters(remove_duplicate=False))

@@ -149,7 +149,7 @@ def _check_types(state: Any, arg: str, verb: str) -> None:
     ``ArgumentTypeError`` when the argument itself (``arg == "state"``) is not a mapping;
     ``FreezeStateError`` for everything else (a state nested in another, a file's content).
     """
-    where = f"{verb}(state=...): " + ("the state" if arg == "state" else arg)
+    where = f"{verb}(state=...): the state" if arg == "state" else f"{verb}: {arg}"
     fix = "Fix: pass the dict torchfreeze.freeze_state(model) returned, unmodified."
     if not isinstance(state, Mapping):
         expected = f"expected the dict returned by torchfreeze.freeze_state(model), got {type(state).__name__}"
@@ -258,7 +258,7 @@ def _validate_freeze_state(
         listing = "\n  - ".join(problems[:20]) + (
             f"\n  - ... ({len(problems) - 20} more)" if len(problems) > 20 else ""
         )
-        where = f"{verb}(state=...): " + ("the state" if arg == "state" else arg)
+        where = f"{verb}(state=...): the state" if arg == "state" else f"{verb}: {arg}"
         tolerant = " or pass strict=False to apply what fits" if verb == "load_freeze_state" else ""
         raise FreezeStateError(
             f"{where} does not fit this model ({len(problems)} mismatch(es)); nothing was changed:\n  - {listing}\n"
