@@ -21,7 +21,14 @@ from torchfreeze import (
     trainable_parameters,
     unfreeze,
 )
-from torchfreeze.errors import ArgumentError, ModeError, SelectorError, SelectorTypeError, SharedParameterError
+from torchfreeze.errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    ModeError,
+    SelectorError,
+    SelectorTypeError,
+    SharedParameterError,
+)
 
 
 def test_freeze_sets_flag_and_clears_grad_without_touching_modes(net):
@@ -346,12 +353,24 @@ def test_freeze_to(n, frozen):
     assert [name for name in ("0", "1", "2") if is_frozen(model, name)] == frozen
 
 
-@pytest.mark.parametrize("n", [4, -4, 1.5, True], ids=["too-many", "too-negative", "float", "bool"])
-def test_freeze_to_bad_n_changes_nothing(n):
+#: bad n= / groups= of freeze_to: (kwargs, class, message pattern); a wrong type is an ArgumentTypeError
+FREEZE_TO_ERRORS = [
+    pytest.param({"n": 4}, ArgumentError, r"^freeze_to\(n=4\): expected an int between -3 and 3.*Fix: ", id="too-many"),
+    pytest.param({"n": -4}, ArgumentError, r"^freeze_to\(n=-4\)", id="too-negative"),
+    pytest.param({"n": 1.5}, ArgumentTypeError, r"^freeze_to\(n=1\.5\): expected an int .*got float\. Fix: ", id="float"),
+    pytest.param({"n": True}, ArgumentTypeError, r"^freeze_to\(n=True\): .*got bool", id="bool"),
+    pytest.param({"n": 1, "groups": 5}, ArgumentTypeError, r"^freeze_to\(groups=5\): expected a list of selectors.*Fix: ", id="groups-int"),
+    pytest.param({"n": 1, "groups": "01"}, ArgumentTypeError, r"^freeze_to\(groups='01'\)", id="groups-str"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), FREEZE_TO_ERRORS)
+def test_freeze_to_bad_arguments_change_nothing(kwargs, error, match):
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
     before = requires_grad_map(model)
-    with pytest.raises(ArgumentError, match="n="):
-        freeze_to(model, n)
+    with pytest.raises(error, match=match) as caught:
+        freeze_to(model, **kwargs)
+    assert isinstance(caught.value, TypeError if error is ArgumentTypeError else ValueError)
     assert requires_grad_map(model) == before
 
 

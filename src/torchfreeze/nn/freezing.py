@@ -347,16 +347,21 @@ def freeze_to(
         [False, False, False, False, True, True]
     """
     require_module(model, "freeze_to")
-    if isinstance(groups, (str, bytes)):
+    if isinstance(groups, (str, bytes)) or (groups is not None and not isinstance(groups, Sequence)):
         raise ArgumentTypeError(
             f"freeze_to(groups={short_repr(groups)}): expected a list of selectors, one per layer group, got "
             f"{type(groups).__name__}. Fix: pass e.g. groups=['embed', 'blocks', 'head'] (a string is one selector)."
         )
     groups = list(layer_groups(model) if groups is None else groups)
-    if isinstance(n, bool) or not isinstance(n, int) or not -len(groups) <= n <= len(groups):
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ArgumentTypeError(
+            f"freeze_to(n={short_repr(n)}): expected an int (a layer-group count), got {type(n).__name__}. "
+            "Fix: pass e.g. n=1 to freeze the first layer group."
+        )
+    if not -len(groups) <= n <= len(groups):
         raise ArgumentError(
-            f"n={n!r} must be an int between {-len(groups)} and {len(groups)} for a model with "
-            f"{len(groups)} layer groups {groups!r}. Fix: pass a group count, or groups=... explicitly."
+            f"freeze_to(n={n}): expected an int between {-len(groups)} and {len(groups)} for a model with "
+            f"{len(groups)} layer groups {short_repr(groups, 120)}. Fix: pass a group count, or groups=... explicitly."
         )
     if n < 0:
         n += len(groups)

@@ -123,7 +123,7 @@ def param_groups(
         taken: set[int] = set()
         members = []
         for sel in selectors:
-            sel_params = resolve(model, sel).unique_parameters()
+            sel_params = resolve(model, sel, verb="param_groups", argument="groups").unique_parameters()
             row = []
             for name, p in trainable.items():
                 if id(p) in sel_params and id(p) not in taken:

@@ -163,7 +163,7 @@ class GradualUnfreezing:
             entries = {i * period: i + 1 for i in range(n)}
         entries = cast(Mapping[int, Any], entries)
         for group in self.groups:
-            resolve(model, group)  # a group that names nothing raises SelectorError here
+            resolve(model, group, verb="GradualUnfreezing", argument="groups")  # SelectorError if it names nothing
         plan: dict[int, Selector | int] = {}
         for key in sorted(entries, key=lambda k: (not _is_count(k), k if _is_count(k) else 0)):
             value = entries[key]
@@ -179,7 +179,7 @@ class GradualUnfreezing:
                         f"{n}: {self.groups!r}. Fix: use a count between 0 and {n}, or pass groups=[...]."
                     )
             else:
-                resolve(model, value)  # raises SelectorError (nothing changed yet)
+                resolve(model, value, verb="GradualUnfreezing", argument="schedule")  # nothing changed yet
             plan[key] = value
         self.schedule = plan
         self.last = 0
