@@ -142,6 +142,8 @@ BAD = [
     ("not-composite", lambda: nn.Linear(2, 2), torch.bfloat16, ArgumentTypeError, "expected a Composite"),
     ("dtype-not-a-dtype", lambda: freeze(composite(), "backbone"), "bf16", ArgumentTypeError, "torch.dtype"),
     ("integer-dtype", lambda: freeze(composite(), "backbone"), torch.int8, ArgumentError, "floating"),
+    ("complex-dtype", lambda: freeze(composite(), "backbone"), torch.complex64, ArgumentError, "floating"),
+    ("dtype-int", lambda: freeze(composite(), "backbone"), 16, ArgumentTypeError, r"dtype=16\): .*got int"),
     ("trainable-backbone", composite, torch.bfloat16, ArgumentError, "still requires grad"),
 ]
 
@@ -150,8 +152,10 @@ BAD = [
 def test_store_frozen_backbone_refuses_and_changes_nothing(make, dtype, error, message):
     model = make()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as caught:
         store_frozen_backbone(model, dtype)
+    assert "Fix: " in str(caught.value) and str(caught.value).startswith("store_frozen_backbone(")
+    assert isinstance(caught.value, TypeError if error is ArgumentTypeError else ValueError)
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
 

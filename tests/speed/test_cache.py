@@ -110,8 +110,9 @@ def test_sample_granularity_needs_a_batch_dimension() -> None:
 def test_directory_that_is_a_file_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_text("x")
-    with pytest.raises(tf.errors.ArgumentError, match="not a directory"):
+    with pytest.raises(tf.errors.ArgumentError, match=r"^cache_features\(directory=.*not a directory\. Fix: "):
         cache_features(frozen_mlp(), directory=f)
+    assert f.read_text() == "x"
 
 
 def test_state_dict_keys_unchanged_and_plain_checkpoint_loads() -> None:

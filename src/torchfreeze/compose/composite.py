@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from torchfreeze._core.checks import require_module
+from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.select import Selector
 from torchfreeze._core.tree import map_tensors, tensor_leaves
 from torchfreeze.compose.adapters import HFEncoder, ModuleBackbone, call_module
@@ -201,18 +201,18 @@ def store_frozen_backbone(model: Composite, dtype: torch.dtype | None) -> Compos
         )
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ArgumentTypeError(
-            f"store_frozen_backbone(dtype={dtype!r}): expected a floating torch.dtype such as torch.bfloat16, "
-            "or None to undo."
+            f"store_frozen_backbone(dtype={short_repr(dtype)}): expected a floating torch.dtype or None, got "
+            f"{type(dtype).__name__}. Fix: pass e.g. torch.bfloat16 (not a string), or None to undo."
         )
     if dtype is not None and not dtype.is_floating_point:
         raise ArgumentError(
-            f"store_frozen_backbone(dtype={dtype!r}): expected a floating torch.dtype such as torch.bfloat16, "
-            "or None to undo."
+            f"store_frozen_backbone(dtype={dtype!r}): expected a floating torch.dtype such as torch.bfloat16. "
+            "Fix: pass torch.bfloat16 or torch.float16, or None to undo."
         )
     trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
     if dtype is not None and trainable:
         raise ArgumentError(
-            f"store_frozen_backbone: backbone parameter {'backbone.' + trainable[0]!r} still requires grad; "
+            f"store_frozen_backbone(model=...): backbone parameter {'backbone.' + trainable[0]!r} still requires grad; "
             "a low-precision copy of a trainable weight would lose its updates. Fix: "
             "freeze(model, 'backbone') first."
         )

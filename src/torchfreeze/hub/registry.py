@@ -196,7 +196,10 @@ def register_model(
         )
     require_bool(overwrite, "register_model", "overwrite")
     if (name in _REGISTRY or name in BUILTIN_MODELS) and not overwrite:
-        raise ArgumentError(f"name={name!r} is already registered; choose another name or pass overwrite=True.")
+        raise ArgumentError(
+            f"register_model(name={short_repr(name)}): that name is already registered. "
+            "Fix: choose another name, or pass overwrite=True to replace it."
+        )
     if weights is None:
         table: dict[str, Weights] = {}
     elif isinstance(weights, Weights):

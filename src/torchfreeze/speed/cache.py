@@ -362,7 +362,8 @@ def cache_features(
             )
         if Path(directory).exists() and not Path(directory).is_dir():
             raise ArgumentError(
-                f"cache_features: directory {str(directory)!r} exists and is not a directory; pass a directory path."
+                f"cache_features(directory={short_repr(str(directory))}): the path exists and is not a directory. "
+                "Fix: pass a directory path (it is created if missing)."
             )
     reasons = cache_refusal_reasons(module)
     if reasons:
