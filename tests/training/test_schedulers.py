@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as L
 
-from torchfreeze import GradualUnfreezing, add_unfrozen, freeze, param_groups, unfreeze
+from torchfreeze import GradualUnfreezing, add_unfrozen, freeze, is_frozen, param_groups, unfreeze
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.training.schedulers import warmup_factor
 
@@ -365,3 +365,31 @@ def test_issue_example_adamw_gradual_unfreezing_takes_the_ladder_not_adamw_defau
     opt = torch.optim.AdamW(param_groups(m, 0.1))
     GradualUnfreezing(m, opt, {1: "0"}).step()
     assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.1, 0.0), (0.1, 0.0)]
+
+
+def _cosine_floor_setup() -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    freeze(model, "0")
+    return model, torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
+
+
+def test_a_cosine_floor_inside_a_chain_is_refused_before_anything_changes() -> None:
+    model, opt = _cosine_floor_setup()
+    groups = len(opt.param_groups)
+    chained = L.ChainedScheduler([L.CosineAnnealingLR(opt, T_max=10, eta_min=0.01), L.ExponentialLR(opt, gamma=0.9)])
+    match = r"eta_min=0\.01 inside a ChainedScheduler.*Fix:"
+    with pytest.raises(ArgumentError, match=match):
+        GradualUnfreezing(model, opt, {1: "0"}, scheduler=chained)
+    assert len(opt.param_groups) == groups and is_frozen(model, "0")
+    unfreeze(model, "0")
+    with pytest.raises(ArgumentError, match=match):  # add_unfrozen refuses it too, leaving the optimizer alone
+        add_unfrozen(model, opt, scheduler=chained)
+    assert len(opt.param_groups) == groups
+
+
+def test_a_cosine_floor_outside_a_chain_is_accepted() -> None:
+    model, opt = _cosine_floor_setup()
+    groups = len(opt.param_groups)
+    gu = GradualUnfreezing(model, opt, {1: "0"}, scheduler=L.CosineAnnealingLR(opt, T_max=10, eta_min=0.01))
+    gu.step()
+    assert len(opt.param_groups) > groups and not is_frozen(model, "0")

@@ -132,8 +132,8 @@ class GradualUnfreezing:
         if lr is not None:
             positive(lr, "lr", "GradualUnfreezing")  # validated before anything changes
         require_choice(shared, ("error", "freeze"), "GradualUnfreezing", "shared")
-        check_scheduler(scheduler, optimizer, "GradualUnfreezing")
         check_warmup(warmup, warmup_start, warmup_curve, "GradualUnfreezing")
+        check_scheduler(scheduler, optimizer, "GradualUnfreezing")
         self.scheduler = scheduler
         self.warmup = warmup
         self.warmup_start = float(warmup_start)

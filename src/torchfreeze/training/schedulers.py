@@ -68,7 +68,11 @@ def _tree(scheduler: Any) -> Iterator[Any]:
 
 
 def check_scheduler(scheduler: object, optimizer: torch.optim.Optimizer, verb: str) -> None:
-    """Refuse a scheduler that :func:`join` cannot extend, before anything changes.
+    """Refuse a scheduler that :func:`join` cannot extend exactly, before anything changes.
+
+    A cosine floor (``eta_min > 0``) is placed exactly for a plain or ``SequentialLR``
+    scheduler; inside a ``ChainedScheduler`` the new group's lr would only approximate the
+    curve, so that combination is refused rather than silently off.
 
     Args:
         scheduler: the scheduler attached to ``optimizer`` (``None`` passes).
@@ -105,6 +109,13 @@ def check_scheduler(scheduler: object, optimizer: torch.optim.Optimizer, verb: s
             raise ArgumentError(
                 f"{verb}(scheduler=<{type(s).__name__}>): the scheduler drives another optimizer. "
                 "Fix: pass the scheduler created over this optimizer."
+            )
+        floored = isinstance(s, (L.CosineAnnealingLR, L.CosineAnnealingWarmRestarts)) and float(s.eta_min) != 0.0
+        if floored and isinstance(scheduler, L.ChainedScheduler):
+            raise ArgumentError(
+                f"{verb}(scheduler=<{type(s).__name__}>): a cosine floor eta_min={s.eta_min} inside a "
+                "ChainedScheduler cannot be extended exactly to a new group. Fix: use eta_min=0, or "
+                "SequentialLR instead of ChainedScheduler."
             )
         for attr in (*_SCALED_LISTS, *_COPIED_LISTS, "_last_lr"):
             value = getattr(s, attr, None)
