@@ -513,6 +513,27 @@ def test_unfreezing_a_backbone_stored_in_fp16_restores_float32(how: str) -> None
     assert not torch.equal(weight.detach(), rounded.float())  # it trained
 
 
+@pytest.mark.parametrize("how", ["unfreeze", "freeze_to-train_bn"])
+def test_a_converted_batchnorm_of_an_fp16_backbone_comes_back_in_float32(how: str) -> None:
+    """Issue 10.3 through BatchNorm conversion: the layer that gets trainable parameters back trains in float32."""
+    from torchfreeze import freeze_batchnorm, freeze_to
+    from torchfreeze.compose import Composite, store_frozen_backbone
+
+    torch.manual_seed(0)
+    model = Composite(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8)), nn.Linear(8, 2))
+    freeze(model, "backbone", mode="eval")
+    freeze_batchnorm(model, "backbone", convert=True)
+    store_frozen_backbone(model, torch.float16)
+    if how == "unfreeze":
+        unfreeze(model, "backbone.1")
+    else:
+        freeze_to(model, 1, groups=["backbone", "head"], train_bn=True)
+    bn = model.backbone[1]
+    assert isinstance(bn, nn.BatchNorm1d) and bn.weight.requires_grad
+    assert bn.weight.dtype == torch.float32 and bn.running_mean.dtype == torch.float32
+    assert model.frozen_storage_dtype is None
+
+
 def test_unfreeze_that_fails_leaves_the_fp16_backbone_alone() -> None:
     from torchfreeze.errors import SelectorError
 

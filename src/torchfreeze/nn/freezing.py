@@ -36,16 +36,23 @@ _SHARED_POLICIES = ("error", "freeze")
 STORAGE_ATTR = "_torchfreeze_storage_dtype"
 
 
-def _restore_full_precision(model: nn.Module, params: Sequence[nn.Parameter]) -> None:
+def _restore_full_precision(
+    model: nn.Module, params: Sequence[nn.Parameter], modules: Sequence[nn.Module] = ()
+) -> None:
     """A module stored in fp16/bf16 goes back to float32 before any of its parameters trains (issue 10.3).
 
+    ``params`` are the parameters about to train; ``modules`` are modules about to get trainable
+    parameters back (converted BatchNorm layers, whose statistics are buffers until then).
     ``Module.to`` swaps ``.data``, so parameter identity (what optimizers hold) is kept.
     """
     ids = {id(p) for p in params}
-    if not ids:
+    module_ids = {id(m) for m in modules}
+    if not ids and not module_ids:
         return
     for module in model.modules():
-        if module.__dict__.get(STORAGE_ATTR) is not None and any(id(p) in ids for p in module.parameters()):
+        if module.__dict__.get(STORAGE_ATTR) is None:
+            continue
+        if any(id(p) in ids for p in module.parameters()) or any(id(m) in module_ids for m in module.modules()):
             module.to(torch.float32)
             del module.__dict__[STORAGE_ATTR]
 
@@ -244,7 +251,9 @@ def unfreeze(model: nn.Module, *selectors: Selector, shared: Shared = "error") -
 def _release(model: nn.Module, selection: Selection) -> None:
     """Undo what freezing did besides the flag: pins set by ``freeze``, converted BatchNorm layers."""
     unpin_modules(model, selection.unique_modules().values(), origins={"freeze"})
-    unconvert_batchnorm(model, [n for n, m in selection.modules.items() if is_converted_batchnorm(m)])
+    converted = [n for n, m in selection.modules.items() if is_converted_batchnorm(m)]
+    _restore_full_precision(model, [], [selection.modules[n] for n in converted])
+    unconvert_batchnorm(model, converted)
     sync_gradient_switches(model.modules())
     release_skipping_parents(model)
 
