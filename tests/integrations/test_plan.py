@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from torchfreeze.errors import ArgumentError
+from torchfreeze import is_frozen, pinned_modes
+from torchfreeze.errors import ArgumentError, ArgumentTypeError, SelectorError
 from torchfreeze.integrations.plan import FreezeRun
 
 
@@ -48,3 +49,29 @@ def test_without_warmup_the_new_group_starts_at_its_target() -> None:
 def test_bad_warmup_options_are_refused_at_construction(options: dict[str, object]) -> None:
     with pytest.raises(ArgumentError, match="warmup"):
         FreezeRun(freeze=["0"], schedule={1: "0"}, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "error"),
+    [
+        pytest.param("one_group_per_epch", ArgumentError, id="preset-typo"),
+        pytest.param({-1: "0"}, ArgumentError, id="negative-key"),
+        pytest.param({1.5: "0"}, ArgumentTypeError, id="float-key"),
+        pytest.param([1], ArgumentTypeError, id="list"),
+        pytest.param(0, ArgumentError, id="zero-period"),
+    ],
+)
+def test_a_bad_schedule_fails_at_construction_not_inside_fit(schedule: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"FreezeRun\(schedule=.*Fix:"):
+        FreezeRun(freeze=["0"], schedule=schedule)  # type: ignore[arg-type]
+
+
+def test_a_run_that_cannot_start_leaves_the_model_as_it_was_before_the_plan() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 1))
+    run = FreezeRun(freeze=["0", "1"], mode="eval", schedule={1: "9"})  # '9' names nothing
+    run.apply_plan(model)
+    assert pinned_modes(model) and is_frozen(model, "0")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(SelectorError):
+        run.attach(model, [opt])
+    assert pinned_modes(model) == {} and not is_frozen(model, "0") and not is_frozen(model, "1")

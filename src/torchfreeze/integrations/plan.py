@@ -24,7 +24,7 @@ from torchfreeze.errors import ArgumentError, ArgumentTypeError, CheckpointError
 from torchfreeze.nn import freeze
 from torchfreeze.nn.freezing import Shared
 from torchfreeze.training import GradualUnfreezing, Guard, Problem, add_unfrozen, check, guard
-from torchfreeze.training.schedule import Preset, WarmupCurve
+from torchfreeze.training.schedule import Preset, WarmupCurve, check_schedule
 from torchfreeze.training.schedulers import check_warmup
 from torchfreeze.training.state import freeze_state, load_freeze_state
 
@@ -115,6 +115,8 @@ class FreezeRun:
         require_choice(on_missing, ("warn", "error", "add"), verb, "on_missing")
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
             raise ArgumentError(f"{verb}(lr={short_repr(lr)}): expected a number > 0 or None. Fix: lr=1e-4.")
+        if schedule is not None:
+            check_schedule(schedule, verb)
         if schedule is None and (groups is not None or lr is not None):
             raise ArgumentError(
                 f"{verb}(groups=..., lr=...) configure the unfreezing schedule but schedule=None. "
@@ -140,6 +142,7 @@ class FreezeRun:
         self._pending: dict[str, Any] | None = None
         self._guard: Guard | None = None
         self._planned: int | None = None
+        self._before: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -152,6 +155,7 @@ class FreezeRun:
         require_module(model, "FreezeRun.apply_plan")
         if self._planned == id(model):
             return
+        self._before = freeze_state(model)  # what attach() puts back if the run cannot start
         if self.freeze:
             freeze(model, *self.freeze, mode=self.mode, train_bn=self.train_bn, shared=self.shared)
         self._planned = id(model)
@@ -177,6 +181,19 @@ class FreezeRun:
             CheckpointError: a restored state that does not fit the model.
         """
         require_module(model, "FreezeRun.attach")
+        try:
+            return self._attach(model, optimizers, schedulers)
+        except BaseException:
+            # the run cannot start (a schedule entry that names nothing, a state that does not fit):
+            # the model goes back to how it was before the plan froze it, pins included
+            if self._before is not None and self._planned == id(model):
+                load_freeze_state(model, self._before)
+                self._planned = None
+            raise
+
+    def _attach(
+        self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any]
+    ) -> list[Problem]:
         self.model = model
         self.optimizers = list(optimizers)
         self.schedulers = list(schedulers)

@@ -28,7 +28,7 @@ from torchfreeze.training.schedulers import (
 )
 from torchfreeze.training.state import _validate_freeze_state, freeze_state, load_freeze_state
 
-__all__ = ["GradualUnfreezing", "Preset", "WarmupCurve"]
+__all__ = ["GradualUnfreezing", "Preset", "WarmupCurve", "check_schedule"]
 
 _FORMAT = "torchfreeze.gradual_unfreezing"
 Preset = Literal["one_group_per_epoch", "one_group_per_step"]
@@ -391,3 +391,30 @@ class GradualUnfreezing:
 
     def __repr__(self) -> str:
         return f"GradualUnfreezing(last={self.last}, schedule={self.schedule!r})"
+
+
+def check_schedule(schedule: object, verb: str) -> None:
+    """Check what can be checked of a schedule before the model exists: type, preset name, keys, period.
+
+    Trainer callbacks call it in their constructor, so a typo fails at once, not inside ``fit``.
+
+    Raises:
+        ArgumentTypeError: not a dict, preset name or int; a key that is not an int.
+        ArgumentError: an unknown preset, an empty dict, a negative key, a period below 1.
+
+    >>> check_schedule("one_group_per_epch", "FreezeCallback")
+    Traceback (most recent call last):
+    ...
+    torchfreeze.errors.ArgumentError: FreezeCallback(schedule='one_group_per_epch'): not a preset; ...
+    """
+    presets = sorted(_PRESETS)
+    schedule_kind(schedule, presets, verb)
+    head = f"{verb}(schedule={short_repr(schedule)})"
+    if isinstance(schedule, str) and schedule not in presets:
+        raise ArgumentError(f"{head}: not a preset; expected one of {list(presets)}. Fix: pass one of them.")
+    if isinstance(schedule, int) and schedule < 1:
+        raise ArgumentError(f"{head}: a period must be an int >= 1. Fix: schedule=1 (one more group per unit).")
+    if isinstance(schedule, Mapping):
+        negative = [k for k in schedule if k < 0]
+        if negative:
+            raise ArgumentError(f"{head}: the key {negative[0]} is negative. Fix: count epochs or steps from 0.")
