@@ -304,19 +304,24 @@ def test_backbone_starts_at_a_tenth_of_the_heads_current_lr_like_lightning() -> 
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        pytest.param({"warmup": -1}, "warmup=-1", id="negative"),
-        pytest.param({"warmup": 2, "warmup_start": 0.0}, "warmup_start=0.0", id="zero-start"),
-        pytest.param({"warmup": 2, "warmup_start": 1.5}, "warmup_start=1.5", id="start-above-one"),
-        pytest.param({"warmup": 2, "warmup_curve": "cosine"}, "warmup_curve", id="curve"),
+        pytest.param({"warmup": -1}, ArgumentError, "warmup=-1", id="negative"),
+        pytest.param({"warmup": 2, "warmup_start": 0.0}, ArgumentError, "warmup_start=0.0", id="zero-start"),
+        pytest.param({"warmup": 2, "warmup_start": 1.5}, ArgumentError, "warmup_start=1.5", id="start-above-one"),
+        pytest.param({"warmup": 2, "warmup_curve": "cosine"}, ArgumentError, "warmup_curve", id="curve"),
+        pytest.param({"warmup": 1.5}, ArgumentTypeError, r"GradualUnfreezing\(warmup=1.5\).*Fix:", id="float"),
+        pytest.param({"warmup": True}, ArgumentTypeError, r"warmup=True.*Fix:", id="bool"),
+        pytest.param({"warmup": 2, "warmup_start": "0.1"}, ArgumentTypeError, "warmup_start='0.1'", id="str-start"),
     ],
 )
-def test_bad_warmup_is_refused_before_anything_changes(kwargs: dict[str, Any], match: str) -> None:
+def test_bad_warmup_is_refused_before_anything_changes(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
     model = freeze(_model(), "0")
     opt = torch.optim.SGD(param_groups(model, 0.1), lr=0.1)
     state = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ArgumentError, match=match):
+    with pytest.raises(error, match=match):
         GradualUnfreezing(model, opt, {0: "0"}, **kwargs)
     assert model.get_parameter("0.weight").requires_grad is False and opt.state_dict() == state
 

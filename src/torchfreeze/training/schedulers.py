@@ -314,18 +314,28 @@ def check_warmup(warmup: object, start: object, curve: object, verb: str) -> Non
     """Validate warm-up options (``warmup`` units, ``warmup_start`` ratio, ``warmup_curve``).
 
     Raises:
-        ArgumentError: a negative or non-int ``warmup``, a ratio outside (0, 1], an unknown curve.
+        ArgumentTypeError: ``warmup`` is not an int, ``warmup_start`` not a number.
+        ArgumentError: a negative ``warmup``, a ratio outside (0, 1], an unknown curve.
 
     Example:
         >>> check_warmup(3, 0.1, "linear", "GradualUnfreezing")
     """
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-        raise ArgumentError(f"warmup={warmup!r} must be an int >= 0 (units of step() to reach the full lr).")
-    ok = isinstance(start, (int, float)) and not isinstance(start, bool) and 0 < start <= 1
-    if not ok:
+    if not isinstance(warmup, int) or isinstance(warmup, bool):
+        raise ArgumentTypeError(
+            f"{verb}(warmup={short_repr(warmup)}): expected an int (units of step() to reach the full lr), got "
+            f"{type(warmup).__name__}. Fix: warmup=3, or warmup=0 for none."
+        )
+    if warmup < 0:
+        raise ArgumentError(f"{verb}(warmup={warmup}): expected an int >= 0. Fix: warmup=0 for no warm-up.")
+    if not isinstance(start, (int, float)) or isinstance(start, bool):
+        raise ArgumentTypeError(
+            f"{verb}(warmup_start={short_repr(start)}): expected a number in (0, 1], got {type(start).__name__}. "
+            "Fix: warmup_start=0.1 (Lightning's BackboneFinetuning)."
+        )
+    if not 0 < start <= 1:
         raise ArgumentError(
-            f"warmup_start={start!r} must be a ratio in (0, 1]: the share of its lr a newly unfrozen group "
-            "starts with, e.g. warmup_start=0.1 (Lightning's BackboneFinetuning)."
+            f"{verb}(warmup_start={start!r}): expected a ratio in (0, 1]: the share of its lr a newly unfrozen "
+            "group starts with. Fix: warmup_start=0.1 (Lightning's BackboneFinetuning)."
         )
     require_choice(curve, ("linear", "geometric"), verb, "warmup_curve")
 
