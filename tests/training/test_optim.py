@@ -385,3 +385,18 @@ def test_add_unfrozen_with_the_0_1_argument_order_names_the_swap() -> None:
 def test_param_groups_non_module_is_a_type_error() -> None:
     with pytest.raises(ArgumentTypeError, match=r"param_groups\(model="):
         param_groups([nn.Linear(2, 2)], 0.1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("groups", "error"),
+    [("bert", ArgumentTypeError), (5, ArgumentTypeError), ([], ArgumentError)],
+    ids=["string", "int", "empty"],
+)
+def test_add_unfrozen_refuses_groups_of_the_wrong_kind_before_changing_anything(groups, error) -> None:
+    model = Stack()
+    opt = torch.optim.SGD(param_groups(model, 0.1, lr_mult=2.0), lr=0.1)
+    before = [list(g["params"]) for g in opt.param_groups]
+    unfreeze(model)
+    with pytest.raises(error, match=r"add_unfrozen\(groups="):
+        add_unfrozen(model, opt, groups=groups)
+    assert [list(g["params"]) for g in opt.param_groups] == before

@@ -359,7 +359,7 @@ def add_unfrozen(
             f"{type(optimizer).__name__}. Fix: pass the optimizer that trains the model."
         )
     check_scheduler(scheduler, optimizer, "add_unfrozen")
-    planned = _new_groups(optimizer, model, lr, groups=groups)
+    planned = _new_groups(optimizer, model, lr, groups=layer_group_list(groups, "add_unfrozen"))
     if planned:
         _warn_unjoined(optimizer, scheduler, "add_unfrozen")
     _add_groups(optimizer, model, planned, scheduler)
