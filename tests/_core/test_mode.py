@@ -11,7 +11,7 @@ from torch import nn
 
 from _helpers import Net, training_map
 from torchfreeze import eval_mode, pin_mode, pinned_modes, train_mode, unpin_mode
-from torchfreeze.errors import ModeError, SelectorError
+from torchfreeze.errors import ArgumentTypeError, ModeError, SelectorError
 
 
 def pinned_net() -> Net:
@@ -159,10 +159,14 @@ def test_pin_subtree_pins_every_module():
     assert set(pinned_modes(model)) == {"backbone"} | {f"backbone.{i}" for i in range(6)}
 
 
-@pytest.mark.parametrize("bad", ["Eval", None, False], ids=["case", "none", "bool"])
-def test_invalid_mode_changes_nothing(bad):
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [("Eval", ModeError), (None, ArgumentTypeError), (False, ArgumentTypeError), (1, ArgumentTypeError)],
+    ids=["case", "none", "bool", "int"],
+)
+def test_invalid_mode_changes_nothing(bad, error):
     model = Net()
-    with pytest.raises(ModeError, match="mode="):
+    with pytest.raises(error, match="mode="):
         pin_mode(model, "backbone", mode=bad)
     assert pinned_modes(model) == {}
 

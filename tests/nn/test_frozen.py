@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from torchfreeze import Frozen, frozen_parameters, prepare_for_distributed, trainable_parameters
-from torchfreeze.errors import ArgumentError, ModeError
+from torchfreeze.errors import ArgumentError, ArgumentTypeError, ModeError
 
 
 def layers() -> tuple[nn.Linear, nn.Linear, nn.Linear]:
@@ -176,10 +176,14 @@ def test_mode_pins_the_wrapped_subtree():
     assert model[1].training
 
 
-@pytest.mark.parametrize("bad", ["evaluation", True, 0], ids=["typo", "bool", "int"])
-def test_invalid_mode(bad):
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [("evaluation", ModeError), (True, ArgumentTypeError), (0, ArgumentTypeError)],
+    ids=["typo", "bool", "int"],
+)
+def test_invalid_mode(bad, error):
     inner = nn.Linear(2, 2)
-    with pytest.raises(ModeError, match="mode="):
+    with pytest.raises(error, match="mode="):
         Frozen(inner, mode=bad)
     assert inner.__dict__.get("train") is None
 

@@ -81,7 +81,11 @@ def require_bool(value: Any, verb: str, argument: str) -> bool:
 
 
 def require_choice(value: Any, choices: Iterable[Any], verb: str, argument: str) -> Any:
-    """Return ``value`` if it is one of ``choices``; else raise :class:`ArgumentError`.
+    """Return ``value`` if it is one of ``choices``.
+
+    Raises:
+        ArgumentTypeError: ``value`` has none of the choices' types (``mode=1`` where strings go).
+        ArgumentError: the right type, but not one of the choices (``mode="frozen"``).
 
     >>> require_choice("eval", ("train", "eval"), "pin_mode", "mode")
     'eval'
@@ -90,7 +94,10 @@ def require_choice(value: Any, choices: Iterable[Any], verb: str, argument: str)
     if any(value is c or (type(value) is type(c) and value == c) for c in options):
         return value
     listed = ", ".join(repr(c) for c in options)
-    raise ArgumentError(f"{verb}({argument}={short_repr(value)}): expected one of {listed}. Fix: pass one of them.")
+    message = f"{verb}({argument}={short_repr(value)}): expected one of {listed}"
+    if not any(isinstance(value, type(c)) for c in options):
+        raise ArgumentTypeError(f"{message}, got {type(value).__name__}. Fix: pass one of them.")
+    raise ArgumentError(f"{message}. Fix: pass one of them.")
 
 
 def require_positive_int(value: Any, verb: str, argument: str, example: int) -> int:

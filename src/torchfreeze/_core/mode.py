@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 from torch import nn
 
-from torchfreeze._core.checks import require_module
+from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.select import Selector, resolve
 from torchfreeze._core.wrappers import unwrap
-from torchfreeze.errors import ModeError
+from torchfreeze.errors import ArgumentTypeError, ModeError
 
 __all__ = [
     "pin_mode",
@@ -44,9 +44,18 @@ _MODES = ("train", "eval")
 
 
 def check_mode(mode: Any, *, argument: str = "mode", allow_none: bool = False) -> None:
-    """Raise :class:`ModeError` unless ``mode`` is ``"train"``, ``"eval"`` (or ``None`` if allowed)."""
+    """Raise unless ``mode`` is ``"train"``, ``"eval"`` (or ``None`` if allowed).
+
+    A non-string is an :class:`ArgumentTypeError`, another string an :class:`ArgumentError` (``ModeError``).
+    """
     if mode is None and allow_none:
         return
+    if not isinstance(mode, str):
+        allowed = "'train', 'eval'" + (" or None" if allow_none else "")
+        raise ArgumentTypeError(
+            f"{argument}={short_repr(mode)}: expected {allowed}, got {type(mode).__name__}. "
+            f"Fix: pass {argument}='eval' (dropout off, BatchNorm statistics fixed) or {argument}='train'."
+        )
     if mode not in _MODES:
         allowed = "'train', 'eval'" + (" or None" if allow_none else "")
         raise ModeError(
