@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchfreeze import Frozen, frozen_parameters, prepare_for_distributed, trainable_parameters
+from torchfreeze import Frozen, frozen_parameters, prepare_for_distributed, trainable_parameters, unfreeze
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, ModeError
 
 
@@ -256,3 +256,19 @@ def test_frozen_batchnorm_statistics_follow_the_mode():
     model(x)
     assert not torch.equal(free.running_mean, torch.zeros(3))
     assert torch.equal(pinned.running_mean, torch.zeros(3))
+
+
+def test_unfreezing_only_a_frozen_use_warns_that_it_stays_frozen():
+    model = nn.Sequential(nn.Linear(4, 4), Frozen(nn.Linear(4, 4)), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"used only through Frozen.*Fix:"):
+        unfreeze(model, "1")
+    assert [n for n, _ in frozen_parameters(model)] == ["1.module.weight", "1.module.bias"]
+
+
+def test_unfreezing_a_selection_with_trainable_uses_does_not_warn():
+    import warnings
+
+    model = nn.Sequential(nn.Linear(4, 4), Frozen(nn.Linear(4, 4)), nn.Linear(4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unfreeze(model)  # the plain layers train; the Frozen use is part of a wider selection

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -241,11 +242,27 @@ def unfreeze(model: nn.Module, *selectors: Selector, shared: Shared = "error") -
     require_module(model, "unfreeze")
     selection = resolve(model, *selectors, verb="unfreeze")
     params, _ = _plan(model, selection, requires_grad=True, train_bn=False, shared=shared, verb="unfreeze")
+    _warn_if_only_frozen_uses(model, selection)
     params = [p for p in params if _can_train(p)]  # integer parameters cannot require grad: left as they are
     _restore_full_precision(model, params)
     set_requires_grad(params, True)
     _release(model, selection)
     return model
+
+
+def _warn_if_only_frozen_uses(model: nn.Module, selection: Selection) -> None:
+    """Warn when every selected parameter is used only through ``Frozen``: unfreezing cannot make it train."""
+    uses = parameter_uses(model)
+    selected = [uses[id(p)] for p in selection.parameters.values() if id(p) in uses]
+    if selected and not any(entry.trainable_paths for entry in selected):
+        names = short_repr([entry.name for entry in selected], 120)
+        warnings.warn(
+            f"unfreeze: the selected parameters {names} are used only through Frozen, so they stay frozen "
+            "(a Frozen use never trains). Fix: replace the wrapper by its module (parent.x = parent.x.module) "
+            "to train them.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _release(model: nn.Module, selection: Selection) -> None:
