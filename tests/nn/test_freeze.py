@@ -159,7 +159,7 @@ ERRORS = [
     ("wrong-type", Net, _net_loss, dict(selectors=("backbone", 42), mode="eval"), SelectorTypeError),
     ("invalid-mode", Net, _net_loss, dict(selectors=("backbone",), mode="frozen"), ModeError),
     ("invalid-shared", Net, _net_loss, dict(selectors=("backbone",), shared="ignore"), ArgumentError),
-    ("invalid-train-bn", Net, _net_loss, dict(selectors=("backbone",), train_bn="yes"), ArgumentError),
+    ("invalid-train-bn", Net, _net_loss, dict(selectors=("backbone",), train_bn="yes"), ArgumentTypeError),
     ("shared-parameter", TiedLM, _lm_loss, dict(selectors=("body", "embed"), mode="eval"), SharedParameterError),
 ]
 

@@ -172,3 +172,19 @@ def test_real_minilm_backbone_cached_with_one_call(tmp_path: Path) -> None:
     s = model.backbone.stats()
     assert (s.misses, s.hits, s.disk_writes) == (4, 4, 4)
     assert model.head[1].weight.grad is not None
+
+
+@pytest.mark.parametrize("how", ["unfreeze", "gradual"])
+def test_unfreezing_inside_a_cache_is_refused_before_anything_changes(how: str) -> None:
+    model = tf.Composite(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), nn.Linear(4, 2))
+    tf.freeze(model, "backbone", mode="eval")
+    model.backbone = cache_features(model.backbone)
+    opt = torch.optim.SGD(tf.param_groups(model, 0.1), lr=0.1)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(tf.errors.ArgumentError, match=r"inside the feature cache 'backbone'.*Fix: unwrap"):
+        if how == "unfreeze":
+            tf.unfreeze(model, "backbone.module.2")
+        else:
+            tf.GradualUnfreezing(model, opt, {1: "backbone.module.2"}).step()
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()} and len(opt.param_groups) == 1
+    model(torch.randn(3, 4))  # the cache still serves

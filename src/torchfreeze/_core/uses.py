@@ -20,6 +20,7 @@ from torchfreeze._core.wrappers import guard_requires_grad_change, unwrap
 
 __all__ = [
     "FrozenUse",
+    "FrozenOnly",
     "ParameterUses",
     "parameter_uses",
     "trainable_ids",
@@ -34,6 +35,14 @@ class FrozenUse(nn.Module):
 
     Lives here so that the core can tell frozen uses apart without importing the
     ``nn`` layer above it.
+    """
+
+
+class FrozenOnly(nn.Module):
+    """Marker base class of a wrapper whose wrapped module must stay frozen (``torchfreeze.speed.FeatureCache``).
+
+    It serves stored outputs of the wrapped module, so a parameter inside it can never train;
+    ``unfreeze`` refuses such parameters before anything changes.
     """
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from torchfreeze._core.checks import require_bool, require_module, short_repr
 from torchfreeze._core.mode import Mode, check_mode, get_pin, set_pin, unpin_modules
 from torchfreeze._core.select import Selection, Selector, resolve
-from torchfreeze._core.uses import parameter_uses, set_requires_grad
+from torchfreeze._core.uses import FrozenOnly, parameter_uses, set_requires_grad
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, SharedParameterError
 from torchfreeze.nn._switches import pin_skipping_parents, release_skipping_parents, sync_gradient_switches
 from torchfreeze.nn.batchnorm import is_converted_batchnorm, is_norm, unconvert_batchnorm
@@ -118,11 +118,7 @@ def _plan(
             f"shared={shared!r} is not a policy; expected 'error' or 'freeze'. Fix: pass "
             "shared='freeze' to change every use of a shared parameter, or leave the default 'error'."
         )
-    if not isinstance(train_bn, bool):
-        raise ArgumentError(
-            f"train_bn={train_bn!r} is not a bool; expected True (keep normalisation layers trainable) "
-            "or False. Fix: pass train_bn=True or train_bn=False."
-        )
+    require_bool(train_bn, verb, "train_bn")
     modules = dict(model.named_modules(remove_duplicate=False))
     skip_norm_params: set[int] = set()
     if train_bn:
@@ -133,6 +129,8 @@ def _plan(
     for param in selection.parameters.values():
         if id(param) not in skip_norm_params and param.requires_grad != requires_grad:
             targets[id(param)] = param
+    if requires_grad and targets:
+        _refuse_inside_frozen_only(modules, selection, targets, verb)
     if shared == "error" and targets:
         uses = parameter_uses(model)
         selected_paths = set(selection.parameters)
@@ -248,6 +246,22 @@ def unfreeze(model: nn.Module, *selectors: Selector, shared: Shared = "error") -
     set_requires_grad(params, True)
     _release(model, selection)
     return model
+
+
+def _refuse_inside_frozen_only(
+    modules: dict[str, nn.Module], selection: Selection, targets: dict[int, nn.Parameter], verb: str
+) -> None:
+    """A parameter inside a feature cache (a FrozenOnly wrapper) can never train: refuse before any change."""
+    wrappers = [name for name, m in modules.items() if isinstance(m, FrozenOnly)]
+    for path, param in selection.parameters.items():
+        inside = next((w for w in wrappers if w == "" or path.startswith(w + ".")), None)
+        if inside is not None and id(param) in targets:
+            attr = f"model.{inside}" if inside else "model"
+            raise ArgumentError(
+                f"cannot {verb} {path!r}: it lies inside the feature cache {inside or '<model>'!r}, which serves "
+                f"stored outputs of a frozen module. Fix: unwrap the cache first ({attr} = {attr}.module), "
+                f"then {verb}."
+            )
 
 
 def _warn_if_only_frozen_uses(model: nn.Module, selection: Selection) -> None:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from torchfreeze._core.canonical import make_state_dict_transparent
 from torchfreeze._core.checks import require_choice, require_module, short_repr
+from torchfreeze._core.uses import FrozenOnly
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, CacheRefusedError
 from torchfreeze.speed._entry import Entry, detached, flatten_output, row_entries, stack_entries
 from torchfreeze.speed.keys import (
@@ -67,7 +68,7 @@ __all__ = ["cache_features", "FeatureCache"]
 Granularity = Literal["sample", "batch"]
 
 
-class FeatureCache(nn.Module):
+class FeatureCache(FrozenOnly):
     """A frozen module whose outputs are memoised by input content (see :func:`cache_features`).
 
     Attributes:
