@@ -27,6 +27,8 @@ __all__ = [
     "freeze_to",
     "layer_groups",
     "prepare_for_distributed",
+    "restore_full_precision",
+    "STORAGE_ATTR",
 ]
 
 Shared = Literal["error", "freeze"]
@@ -37,9 +39,7 @@ _SHARED_POLICIES = ("error", "freeze")
 STORAGE_ATTR = "_torchfreeze_storage_dtype"
 
 
-def _restore_full_precision(
-    model: nn.Module, params: Sequence[nn.Parameter], modules: Sequence[nn.Module] = ()
-) -> None:
+def restore_full_precision(model: nn.Module, params: Sequence[nn.Parameter], modules: Sequence[nn.Module] = ()) -> None:
     """A module stored in fp16/bf16 goes back to float32 before any of its parameters trains (issue 10.3).
 
     ``params`` are the parameters about to train; ``modules`` are modules about to get trainable
@@ -242,7 +242,7 @@ def unfreeze(model: nn.Module, *selectors: Selector, shared: Shared = "error") -
     params, _ = _plan(model, selection, requires_grad=True, train_bn=False, shared=shared, verb="unfreeze")
     _warn_if_only_frozen_uses(model, selection)
     params = [p for p in params if _can_train(p)]  # integer parameters cannot require grad: left as they are
-    _restore_full_precision(model, params)
+    restore_full_precision(model, params)
     set_requires_grad(params, True)
     _release(model, selection)
     return model
@@ -283,7 +283,7 @@ def _release(model: nn.Module, selection: Selection) -> None:
     """Undo what freezing did besides the flag: pins set by ``freeze``, converted BatchNorm layers."""
     unpin_modules(model, selection.unique_modules().values(), origins={"freeze"})
     converted = [n for n, m in selection.modules.items() if is_converted_batchnorm(m)]
-    _restore_full_precision(model, [], [selection.modules[n] for n in converted])
+    restore_full_precision(model, [], [selection.modules[n] for n in converted])
     unconvert_batchnorm(model, converted)
     sync_gradient_switches(model.modules())
     release_skipping_parents(model)
@@ -426,7 +426,7 @@ def freeze_to(
             )
     # unfreeze first, then freeze: with shared="freeze" a parameter tied across the two sides stays frozen
     if True in selections:
-        _restore_full_precision(model, [p for p in selections[True].parameters.values() if not p.requires_grad])
+        restore_full_precision(model, [p for p in selections[True].parameters.values() if not p.requires_grad])
     for requires_grad in (True, False):
         if requires_grad in selections:
             params = selections[requires_grad].parameters.values()

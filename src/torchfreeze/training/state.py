@@ -26,7 +26,7 @@ from torchfreeze._core.wrappers import unwrap
 from torchfreeze.errors import ArgumentTypeError, FreezeStateError
 from torchfreeze.nn import Frozen
 from torchfreeze.nn.batchnorm import freeze_batchnorm, unconvert_batchnorm
-from torchfreeze.nn.freezing import _restore_full_precision
+from torchfreeze.nn.freezing import restore_full_precision
 from torchfreeze.training._watch import is_frozen_batchnorm
 
 __all__ = ["freeze_state", "load_freeze_state"]
@@ -347,7 +347,7 @@ def load_freeze_state(model: nn.Module, state: Mapping[str, Any], *, strict: boo
         elif strict or not all(n in unfit for n in names):
             trainable.append(p)
     set_requires_grad(frozen, False)
-    _restore_full_precision(model, [p for p in trainable if not p.requires_grad])  # fp16/bf16 storage (issue 10.3)
+    restore_full_precision(model, [p for p in trainable if not p.requires_grad])  # fp16/bf16 storage (issue 10.3)
     set_requires_grad(trainable, True)
     table = _module_table(model)
     pins = {k: v for k, v in state["pins"].items() if k in table}
