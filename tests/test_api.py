@@ -50,6 +50,7 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("param_groups", lambda: tf.param_groups(NOT_A_MODULE, 0.1), "model"),
     ("add_unfrozen", lambda: tf.add_unfrozen(NOT_A_MODULE, _optimizer()), "model"),
     ("GradualUnfreezing", lambda: tf.GradualUnfreezing(NOT_A_MODULE, _optimizer(), {1: -1}), "model"),
+    ("ProgressiveFreezing", lambda: tf.ProgressiveFreezing(NOT_A_MODULE, _optimizer(), {1: 1}), "model"),
     ("guard", lambda: tf.guard(NOT_A_MODULE), "model"),
     ("check", lambda: tf.check(NOT_A_MODULE), "model"),
     ("freeze_state", lambda: tf.freeze_state(NOT_A_MODULE), "model"),
@@ -59,6 +60,7 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("summary", lambda: tf.summary(NOT_A_MODULE), "model"),
     ("explain", lambda: tf.explain(NOT_A_MODULE, torch.zeros(1, 1)), "model"),
     ("cache_features", lambda: tf.cache_features(NOT_A_MODULE), "module"),
+    ("precompute_features", lambda: tf.precompute_features(NOT_A_MODULE, [torch.zeros(1)]), "backbone"),
     ("Composite", lambda: tf.Composite(NOT_A_MODULE, torch.nn.Linear(1, 1)), "backbone"),
     ("store_frozen_backbone", lambda: tf.store_frozen_backbone(NOT_A_MODULE, torch.bfloat16), "model"),
 ]

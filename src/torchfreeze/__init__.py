@@ -31,9 +31,10 @@ from torchfreeze.nn import (
     unfold_batchnorm,
     unfreeze,
 )
-from torchfreeze.speed import cache_features, explain
+from torchfreeze.speed import cache_features, explain, precompute_features
 from torchfreeze.training import (
     GradualUnfreezing,
+    ProgressiveFreezing,
     add_unfrozen,
     check,
     freeze_state,
@@ -78,6 +79,7 @@ __all__ = [
     "param_groups",
     "add_unfrozen",
     "GradualUnfreezing",
+    "ProgressiveFreezing",
     "guard",
     "check",
     "freeze_state",
@@ -88,6 +90,7 @@ __all__ = [
     "summary",
     "explain",
     "cache_features",
+    "precompute_features",
     # composition and builders
     "Composite",
     "store_frozen_backbone",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 from _helpers import Net, requires_grad_map
 from torchfreeze import Frozen, add_unfrozen, check, freeze, freeze_to, param_groups, trainable_parameters, unfreeze
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, SelectorError
+from torchfreeze.training.optim import drop_frozen
 
 
 def _ids(groups: list[dict[str, Any]]) -> list[int]:
@@ -399,4 +401,49 @@ def test_add_unfrozen_refuses_groups_of_the_wrong_kind_before_changing_anything(
     unfreeze(model)
     with pytest.raises(error, match=r"add_unfrozen\(groups="):
         add_unfrozen(model, opt, groups=groups)
+    assert [list(g["params"]) for g in opt.param_groups] == before
+
+
+# ------------------------------------------------------------------------------ drop_frozen
+
+
+def test_drop_frozen_removes_frozen_parameters_and_their_state_by_identity_keeping_the_groups() -> None:
+    model, other = Stack(), nn.Linear(3, 3)
+    opt = torch.optim.AdamW([*param_groups(model, 0.1, weight_decay=0.1), {"params": list(other.parameters())}])
+    model(torch.randn(4, 3)).sum().backward()
+    other(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    lists = [g["params"] for g in opt.param_groups]
+    freeze(model, "layers")
+    freeze(other)  # another model's frozen parameters: not this call's business
+    removed = drop_frozen(model, opt)
+    assert sorted(removed) == [f"layers.{i}.{k}" for i in range(3) for k in ("bias", "weight")]
+    assert [g["params"] for g in opt.param_groups] == lists and len(opt.param_groups) == 3  # same lists, emptied
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert held == {id(p) for p in [*model.norm.parameters(), *model.head.parameters(), *other.parameters()]}
+    assert {id(p) for p in opt.state} == held
+    assert drop_frozen(model, opt) == []  # idempotent
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()  # an emptied group steps fine
+    assert check(model, opt) == []
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "words"),
+    [
+        pytest.param(lambda m, o: drop_frozen([m], o), ArgumentTypeError, "drop_frozen(model=", id="not-a-module"),
+        pytest.param(
+            lambda m, o: drop_frozen(m, "adam"), ArgumentTypeError, "drop_frozen(optimizer=", id="not-an-optimizer"
+        ),
+        pytest.param(
+            lambda m, o: drop_frozen(m, torch.optim.LBFGS(m.parameters())), ArgumentError, "LBFGS", id="lbfgs"
+        ),
+    ],
+)
+def test_drop_frozen_refuses_bad_arguments_before_changing_anything(call: Any, error: Any, words: str) -> None:
+    model = freeze(Stack(), "layers")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [list(g["params"]) for g in opt.param_groups]
+    with pytest.raises(error, match=re.escape(words)):
+        call(model, opt)
     assert [list(g["params"]) for g in opt.param_groups] == before

@@ -4,6 +4,7 @@ from torchfreeze.training.check import CODES, Problem, check
 from torchfreeze.training.checkpoint import load_trainable, save_trainable
 from torchfreeze.training.guard import Guard, guard
 from torchfreeze.training.optim import add_unfrozen, param_groups
+from torchfreeze.training.progressive import ProgressiveFreezing
 from torchfreeze.training.schedule import GradualUnfreezing
 from torchfreeze.training.state import freeze_state, load_freeze_state
 
@@ -11,6 +12,7 @@ __all__ = [
     "param_groups",
     "add_unfrozen",
     "GradualUnfreezing",
+    "ProgressiveFreezing",
     "guard",
     "Guard",
     "check",

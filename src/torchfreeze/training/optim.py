@@ -13,14 +13,14 @@ from torch.optim import lr_scheduler as L
 
 from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.select import Selector, resolve
-from torchfreeze._core.uses import trainable_map
+from torchfreeze._core.uses import frozen_map, trainable_map
 from torchfreeze._core.wrappers import unwrap
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.nn import is_norm, layer_groups
 from torchfreeze.training._args import layer_group_list, positive
 from torchfreeze.training.schedulers import _like, check_scheduler, join, joined_options
 
-__all__ = ["param_groups", "add_unfrozen"]
+__all__ = ["param_groups", "add_unfrozen", "drop_frozen"]
 
 #: Key of the optimizer-group entry where param_groups records its ladder.
 LADDER = "torchfreeze_ladder"
@@ -364,3 +364,54 @@ def add_unfrozen(
         _warn_unjoined(optimizer, scheduler, "add_unfrozen")
     _add_groups(optimizer, model, planned, scheduler)
     return [n for item in planned for n in item.names]
+
+
+def drop_frozen(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Remove every frozen parameter of ``model`` from ``optimizer``, with its state (momentum, moments).
+
+    The inverse of :func:`add_unfrozen`: parameters are matched by identity and dropped from
+    their group's ``params``; the groups themselves stay, emptied if need be, so an LR
+    scheduler's per-group lists stay aligned. Parameters of other models are left alone.
+
+    Args:
+        model: the model (frozen: no trainable use, as for :func:`torchfreeze.frozen_parameters`).
+        optimizer: its optimizer.
+
+    Returns:
+        The names of the parameters removed (empty if the optimizer held none).
+
+    Raises:
+        ArgumentTypeError: ``model`` is not a module or ``optimizer`` not an optimizer.
+        ArgumentError: LBFGS (its history is one flat vector over the parameters it started with).
+
+    Example:
+        >>> import torch, torchfreeze
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        >>> drop_frozen(torchfreeze.freeze(m, "0"), opt)
+        ['0.weight', '0.bias']
+        >>> [len(g["params"]) for g in opt.param_groups]
+        [2]
+    """
+    require_module(model, "drop_frozen")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ArgumentTypeError(
+            f"drop_frozen(optimizer={short_repr(optimizer)}): expected a torch.optim.Optimizer, got "
+            f"{type(optimizer).__name__}. Fix: pass the optimizer that trains the model."
+        )
+    frozen = {id(p): n for n, p in frozen_map(unwrap(model)).items()}
+    held = _held_ids(optimizer)
+    if isinstance(optimizer, torch.optim.LBFGS) and frozen.keys() & held:
+        raise ArgumentError(
+            "drop_frozen(optimizer=LBFGS): LBFGS keeps a flat history over the parameters it started with, so "
+            "none can be removed. Fix: build a new LBFGS over [p for _, p in torchfreeze.trainable_parameters(model)]."
+        )
+    removed: list[str] = []
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if id(p) not in frozen]
+        for p in group["params"]:
+            if id(p) in frozen:
+                optimizer.state.pop(p, None)
+                removed.append(frozen[id(p)])
+        group["params"][:] = kept  # in place: the group (and its index) stays
+    return removed
