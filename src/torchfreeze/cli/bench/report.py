@@ -1,145 +1,179 @@
-"""Outputs of ``torchfreeze bench``: ``bench.md`` (markdown, a file format), the PNG plot, and the console table."""
+"""Outputs of ``torchfreeze bench``: ``bench.md`` (markdown, shaped for BENCHMARKS.md) and the console table.
+
+Every figure is a dict from :func:`torchfreeze.cli.bench.timing.figure` (or ``ratio``): it is printed
+as its median with its spread, ``median [q1-q3]``; the spread's meaning is stated once at the top.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torchfreeze._core.render import Table
 
-__all__ = ["to_markdown", "plot", "headline_table"]
+__all__ = ["to_markdown", "headline_table", "fmt_figure", "headline_rows"]
 
 
 def _fmt_s(s: float) -> str:
-    return f"{s * 1000:.1f} ms" if s < 10 else f"{s:.1f} s"
+    if s != s:  # NaN
+        return "n/a"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    return f"{s * 1000:.2f} ms" if s < 10 else f"{s:.2f} s"
 
 
-def to_markdown(results: dict[str, Any]) -> str:
-    """The results as markdown tables (ratios first)."""
+def fmt_figure(f: Mapping[str, Any]) -> str:
+    """``median [q1-q3]`` of a figure, in its unit (seconds printed as ms/us/s, ratios as x).
+
+    >>> fmt_figure({"median": 0.0021, "q1": 0.002, "q3": 0.0023, "unit": "s"})
+    '2.10 ms [2.00-2.30 ms]'
+    >>> fmt_figure({"median": 1.5, "q1": 1.25, "q3": 1.75, "unit": "x"})
+    '1.500x [1.250-1.750]'
+    """
+    if f.get("unit") == "x":
+        return f"{f['median']:.3f}x [{f['q1']:.3f}-{f['q3']:.3f}]"
+    q1, q3 = _fmt_s(f["q1"]), _fmt_s(f["q3"])
+    unit = q3.split()[-1]
+    lo = q1.split()[0] if q1.split()[-1] == unit else q1
+    return f"{_fmt_s(f['median'])} [{lo}-{q3}]"
+
+
+def _goal_of(s: Mapping[str, Any], name: str) -> tuple[str, str]:
+    for g in s.get("goals", []):
+        if g.get("ratio") == name:
+            return str(g["goal"]), "**met**" if g["met"] else "**not met**"
+    return "", ""
+
+
+def headline_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """``(scenario, model, measurement, value, goal, met)`` for every ratio and goal of the run."""
+    rows: list[tuple[str, str, str, str, str, str]] = []
+    for s in results["scenarios"]:
+        for name, f in s.get("ratios", {}).items():
+            goal, met = _goal_of(s, name)
+            rows.append((str(s["scenario"]), str(s["model"]), name, fmt_figure(f), goal, met))
+        for g in s.get("goals", []):
+            if "value" in g:
+                met = "**met**" if g["met"] else "**not met**"
+                rows.append((str(s["scenario"]), str(s["model"]), g["what"], f"{g['value']:+.2f}", g["goal"], met))
+    return rows
+
+
+def _figures_table(title: str, figs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    lines = [f"| {title} | median [IQR] | min-max | n |", "|---|---|---|---|"]
+    for k, f in figs.items():
+        lines.append(f"| {k} | {fmt_figure(f)} | {_fmt_s(f['min'])}-{_fmt_s(f['max'])} | {f['n']} |")
+    return lines
+
+
+def _probe(s: Mapping[str, Any]) -> list[str]:
+    lines = [
+        f"{s['samples']} samples, batch {s['batch']}; the head trained with {s['optimizer']}. Per-epoch figures: "
+        "`blocked_autorange` of one epoch; `cache_first_epoch` (freezing, wrapping and the filling epoch) and "
+        f"`precompute_end_to_end` (precomputing plus {s['epochs_end_to_end']} epochs): `Timer.timeit(1)` on a "
+        f"fresh model. precompute_features: {s['precompute_features']}.",
+        "",
+        *_figures_table("variant", s["seconds_per_epoch"]),
+        "",
+        f"Identical training: max abs difference of the final head weights against `no_grad` after "
+        f"{s['identity_epochs']} epochs from the same head, same batches: "
+        + ", ".join(f"{v} {d:.1e}" for v, d in s["head_max_abs_difference_vs_no_grad"].items())
+        + ".",
+    ]
+    cs = s.get("cache_stats")
+    if cs:
+        lines += ["", f"Cache: {cs.get('hits')} hits, {cs.get('misses')} misses, {cs.get('bytes')} bytes."]
+    return lines
+
+
+def _progressive(s: Mapping[str, Any]) -> list[str]:
+    epochs = s["epochs"]
+    lines = [
+        f"{s['source']}; {s['train_samples']} training / {s['test_samples']} held-out samples, {epochs} epochs, "
+        f"batch {s['batch']}, the same initial weights, seed and batch order for every variant; {s['repeats']} "
+        "run(s) per variant, order rotated. Training time excludes the held-out evaluation after each epoch "
+        "(timed apart).",
+        "",
+        "| variant | total training | evaluation (all epochs) | final accuracy | accuracy per epoch | frozen groups |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, v in s["variants"].items():
+        accs = " ".join(f"{a:.3f}" for a in v["accuracy_per_epoch"])
+        frozen = " ".join(str(n) for n in v["frozen_groups_per_epoch"])
+        lines.append(
+            f"| {name} | {fmt_figure(v['total_train_seconds'])} | {fmt_figure(v['eval_seconds_total'])} | "
+            f"{v['final_accuracy']:.3f} | {accs} | {frozen} |"
+        )
+    head = "| variant | " + " | ".join(f"epoch {i + 1}" for i in range(epochs)) + " |"
+    lines += ["", "Training time per epoch (median [IQR]):", "", head, "|---" * (epochs + 1) + "|"]
+    for name, v in s["variants"].items():
+        lines.append(f"| {name} | " + " | ".join(fmt_figure(f) for f in v["train_seconds_per_epoch"]) + " |")
+    lines += ["", "Variants:", ""]
+    for name, v in s["variants"].items():
+        lines.append(f"- `{name}`: {v['description']} ({v['implementation']}); config `{v['config']}`")
+    return lines
+
+
+def _other(s: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for key in ("seconds", "block_standalone_seconds"):
+        figs = s.get(key)
+        if figs:
+            lines += [*_figures_table("measurement", figs), ""]
+    mem = s.get("memory") or {}
+    if mem:
+        lines += ["| variant | training memory (peak RSS above loaded model) |", "|---|---|"]
+        for v, m in mem.items():
+            lines.append(f"| {v} | {m['delta_mib']:.0f} MiB |" if "delta_mib" in m else f"| {v} | not measured |")
+        lines.append("")
+    if s.get("frozen"):
+        lines += [f"Frozen: {', '.join(s['frozen'])}.", ""]
+    if s.get("explain"):
+        lines += ["What `explain` says:", "", "```", s["explain"], "```", ""]
+    if s.get("note"):
+        lines += [s["note"] + ".", ""]
+    return lines
+
+
+def to_markdown(results: Mapping[str, Any]) -> str:
+    """The run as markdown: command, machine, headline table (spreads, goals), then one section per scenario."""
     meta = results["meta"]
     lines = [
         "# torchfreeze bench results",
         "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; "
-        f"{'quick mode' if meta['quick'] else 'full mode'}; total {meta['total_seconds']:.0f} s.",
+        "Command:",
         "",
-        "## Headline ratios",
+        "```",
+        meta["command"],
+        "```",
         "",
-        "| scenario | model | ratio | value |",
-        "|---|---|---|---|",
+        f"Machine: {meta['machine']}; Python {meta['python']}; torch {meta['torch']}; {meta['threads']} "
+        f"thread(s); {'quick mode' if meta['quick'] else 'full mode'}; {meta['total_seconds']:.0f} s wall time.",
+        "",
+        "Timing: `torch.utils.benchmark` (`Timer.blocked_autorange` for per-step/per-epoch figures, `Timer.timeit(1)` "
+        "on a fresh state for one-shot figures, in-run times wrapped into Measurements where evaluation or setup sits "
+        "between the timed parts). Every variant of a scenario runs in this process, side by side, the order rotated "
+        "each round. Each figure is `median [q1-q3]`, the interquartile range over its repetitions (min-max and "
+        "counts in the tables); a ratio's range comes from both IQRs (q1/q3 to q3/q1).",
+        "",
+        "## Headline",
+        "",
+        "| scenario | model | measurement | median [range] | goal | met |",
+        "|---|---|---|---|---|---|",
     ]
-    for s in results["scenarios"]:
-        for k, v in s.get("ratios", {}).items():
-            lines.append(f"| {s['scenario']}. {s['title']} | {s['model']} | {k} | {v:.3f} |")
+    lines += ["| " + " | ".join(r) + " |" for r in headline_rows(results)]
     for s in results["scenarios"]:
         lines += ["", f"## {s['scenario']}. {s['title']} ({s['model']})", ""]
         if s["scenario"] == 1:
-            lines.append(
-                f"{s['samples']} samples, batch {s['batch']}, {s['epochs']} epochs, shuffled batches of the "
-                "in-memory data set (the same loader for every variant); median seconds per epoch "
-                "(epoch 1 includes setting up: freezing and wrapping the backbone). "
-                "First-epoch ratios compare with the plain variant's median over all its epochs (same work each)."
-            )
-            lines.append("")
-            head = "| variant | " + " | ".join(f"epoch {i + 1}" for i in range(s["epochs"])) + " |"
-            lines += [head, "|---" * (s["epochs"] + 1) + "|"]
-            for v, ts in s["median_epoch_seconds"].items():
-                lines.append(f"| {v} | " + " | ".join(_fmt_s(t) for t in ts) + " |")
-            if s.get("cache_stats"):
-                cs = s["cache_stats"]
-                lines += [
-                    "",
-                    f"Cache (last torchfreeze run): {cs['hits']} hits, {cs['misses']} misses, "
-                    f"{cs['bytes']} bytes in memory.",
-                ]
-        elif s["scenario"] == 2:
-            lines += ["| variant | median step | training memory (peak RSS above loaded model) |", "|---|---|---|"]
-            for v, t in s["median_step_seconds"].items():
-                m = s["memory"].get(v, {})
-                mem = f"{m['delta_mib']:.0f} MiB" if "delta_mib" in m else m.get("error", "not measured")[:60]
-                lines.append(f"| {v} | {_fmt_s(t)} | {mem} |")
-            lines += ["", f"Frozen: {', '.join(s['frozen'])}; batch {s['batch']}."]
-        elif s["scenario"] == 3:
-            st = s["block_standalone_seconds"]
-            lines += [
-                f"Frozen: {', '.join(s['frozen'])}; embeddings and layers 0-1 train; batch {s['batch']}.",
-                "",
-                "| measurement | time |",
-                "|---|---|",
-                f"| block backward inside the model (explain) | {_fmt_s(s['block_backward_in_model_seconds'])} |",
-                f"| block alone: input gradients only | {_fmt_s(st['input_grad_only'])} |",
-                f"| block alone: input + weight gradients | {_fmt_s(st['input_and_weight_grad'])} |",
-                f"| block alone: forward | {_fmt_s(st['forward'])} |",
-            ]
-            for k, v in s["median_step_seconds"].items():
-                lines.append(f"| step, {k} | {_fmt_s(v)} |")
-            lines += ["", "What `explain` says:", "", "```", s["explain"], "```"]
-        elif s["scenario"] == 4:
-            lines += ["| variant | median forward | max abs diff vs BatchNorm2d eval |", "|---|---|---|"]
-            for v, t in s["median_forward_seconds"].items():
-                lines.append(f"| {v} | {_fmt_s(t)} | {s['max_abs_difference_vs_plain'][v]:.1e} |")
-        elif s["scenario"] == 5:
-            lines += ["| variant | median step | against | overhead |", "|---|---|---|---|"]
-            for v, t in s["median_step_seconds"].items():
-                o = s["overhead"].get(v)
-                extra = f"{o['against']} | {o['overhead_percent']:+.2f}%" if o else "- | -"
-                lines.append(f"| {v} | {_fmt_s(t)} | {extra} |")
-            iso = s.get("isolated")
-            if iso:
-                lines += [
-                    "",
-                    "The machinery alone (median per call; share of the plain step "
-                    f"{_fmt_s(iso['plain_step_us'] / 1e6)}):",
-                    "",
-                    "| what | plain | torchfreeze | extra per step |",
-                    "|---|---|---|---|",
-                ]
-                tu, bu, pct = iso["train_call_us"], iso["block_forward_us"], iso["overhead_percent_of_step"]
-                for k in ("pins", "freeze_unfreeze_leftovers"):
-                    lines.append(f"| `model.train()` ({k}) | {tu['plain']:.1f} us | {tu[k]:.1f} us | {pct[k]:+.3f}% |")
-                lines.append(
-                    f"| frozen block forward (Frozen vs requires_grad_(False)) | {bu['plain_frozen_block']:.0f} us "
-                    f"| {bu['Frozen_wrapper']:.0f} us | {pct['Frozen_wrapper']:+.3f}% |"
-                )
-            lines += ["", s["note"] + "."]
-    return "\n".join(lines) + "\n"
+            lines += _probe(s)
+        elif s["scenario"] == 6:
+            lines += _progressive(s)
+        else:
+            lines += _other(s)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def plot(results: dict[str, Any], path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # optional dependency
-        return f"plot skipped: {exc}"
-    probes = [s for s in results["scenarios"] if s["scenario"] == 1]
-    if not probes:
-        return "plot skipped: scenario 1 did not run"
-    fig, axes = plt.subplots(1, len(probes), figsize=(5.5 * len(probes), 4), squeeze=False)
-    for ax, s in zip(axes[0], probes):
-        for v, ts in s["median_epoch_seconds"].items():
-            ax.plot(range(1, len(ts) + 1), ts, marker="o", label=v)
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("seconds per epoch (median, log scale)")
-        ax.set_title(f"linear probe, {s['model']}")
-        ax.set_xticks(range(1, s["epochs"] + 1))
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return None
-
-
-def headline_table(results: dict[str, Any]) -> Table:
-    """The headline ratios of a run, for the terminal (the same rows as ``bench.md``'s first table)."""
-    rows: list[Sequence[Any]] = [
-        (f"{s['scenario']}", s["model"], name, f"{value:.3f}")
-        for s in results["scenarios"]
-        for name, value in s.get("ratios", {}).items()
-    ]
-    return Table(("scenario", "model", "ratio", "value"), rows, title="headline ratios")
+def headline_table(results: Mapping[str, Any]) -> Table:
+    """The headline of a run, for the terminal (the same rows as ``bench.md``'s first table)."""
+    rows: list[Sequence[Any]] = [tuple(c.replace("**", "") for c in r) for r in headline_rows(results)]
+    return Table(("scenario", "model", "measurement", "median [range]", "goal", "met"), rows, title="headline")

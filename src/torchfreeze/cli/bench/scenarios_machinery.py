@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.benchmark import Measurement
 
 import torchfreeze as tf
 from torchfreeze._core.tree import tensor_leaves
+from torchfreeze.cli.bench.timing import Figure, figure, from_samples, per_call, ratio, rounds
 from torchfreeze.cli.bench.workload import (
     QUICK,
     Sizes,
@@ -27,8 +29,21 @@ from torchfreeze.cli.bench.workload import (
     median,
     middle_blocks,
     prepare,
+    step_runner,
     step_timer,
 )
+
+
+def _figs(samples: dict[str, list[float]], label: str, what: str = "repetitions") -> dict[str, Figure]:
+    """Sample lists measured in-run, as figures (median, IQR, min-max)."""
+    return {k: figure(from_samples(k, v, label=label), what=what) for k, v in samples.items()}
+
+
+def _paired(samples: list[float]) -> Figure:
+    """Per-round ratios as a ratio figure (median and IQR of the paired ratios)."""
+    f = figure(from_samples("paired ratio", samples), what="paired rounds")
+    return {**f, "unit": "x", "spread": f"median and IQR of {len(samples)} per-round ratios"}
+
 
 __all__ = ["scenario_middle", "scenario_batchnorm", "scenario_overhead"]
 
@@ -95,15 +110,21 @@ def scenario_middle(base: nn.Module, sizes: Sizes, log: Callable[[str], None]) -
             tf.explain(model, x, loss_fn=lambda out: nn.functional.cross_entropy(out, y)).part(block_name).backward_ms
             / 1000
         )
-    med = {k: median(v) for k, v in res.items()}
-    in_model = median(explained)
+    label = "3. frozen middle block"
+    med = _figs(res, label)
+    in_model = _figs({"block backward inside the model (explain)": explained}, label)
     full = prepare(kind, "middle", "plain_full", base)
-    fns = {
-        "plain_full": step_timer(full, x, y, sizes.enc_steps),
-        "torchfreeze_frozen_middle": step_timer(model, x, y, sizes.enc_steps),
-    }
-    steps = alternate(fns, sizes.repeats)
-    step_med = {k: median(v) for k, v in steps.items()}
+    fns = {"plain_full": step_runner(full, x, y), "torchfreeze_frozen_middle": step_runner(model, x, y)}
+
+    def timed(k: str, fn: Callable[[], None]) -> Callable[[], Measurement]:
+        return lambda: per_call(fn, label=label, sub_label=k, description=kind, min_run_time=sizes.min_run_time)
+
+    steps = rounds(
+        {k: timed(k, fn) for k, fn in fns.items()},
+        sizes.repeats,
+    )
+    step_med = {f"step, {k}": figure(m, what="timed blocks (blocked_autorange)") for k, m in steps.items()}
+    in_fig = next(iter(in_model.values()))
     out: dict[str, Any] = {
         "scenario": 3,
         "title": "frozen middle block behind trainable layers",
@@ -124,16 +145,17 @@ def scenario_middle(base: nn.Module, sizes: Sizes, log: Callable[[str], None]) -
                 "activation_share",
             )
         },
-        "block_backward_in_model_seconds": in_model,
-        "block_standalone_seconds": med,
-        "median_step_seconds": step_med,
+        "block_standalone_seconds": {**in_model, **{f"block alone: {k}": f for k, f in med.items()}},
+        "seconds": step_med,
         "ratios": {
-            "in_model_backward_vs_input_grad_cost": in_model / med["input_grad_only"],
-            "input_grad_vs_input_and_weight_grad": med["input_grad_only"] / med["input_and_weight_grad"],
-            "step_time_frozen_middle_vs_plain_full": step_med["torchfreeze_frozen_middle"] / step_med["plain_full"],
+            "in_model_backward_vs_input_grad_cost": ratio(in_fig, med["input_grad_only"]),
+            "input_grad_vs_input_and_weight_grad": ratio(med["input_grad_only"], med["input_and_weight_grad"]),
+            "step_time_frozen_middle_vs_plain_full": ratio(
+                step_med["step, torchfreeze_frozen_middle"], step_med["step, plain_full"]
+            ),
         },
     }
-    r = out["ratios"]
+    r = {k: f["median"] for k, f in out["ratios"].items()}
     log(
         f"  [3 {kind}] '{block_name}' on backward path={part.on_backward_path} via {part.upstream[:1]}; its "
         f"backward in the model = {r['in_model_backward_vs_input_grad_cost']:.2f}x its input-gradient cost "
@@ -160,35 +182,33 @@ def scenario_batchnorm(base: nn.Module, sizes: Sizes, log: Callable[[str], None]
         ref = plain.forward_features(x)
         diffs = {k: float((m.forward_features(x) - ref).abs().max()) for k, m in models.items()}
 
-    def timer(m: Any) -> Callable[[], float]:
-        def go() -> float:
+    label = "4. BatchNorm"
+
+    def timer(k: str, m: Any) -> Callable[[], Any]:
+        def go() -> None:
             m.train()  # as in a training loop: pins / conversions must keep BN in inference behaviour
             with torch.no_grad():
-                t0 = time.perf_counter()
-                for _ in range(sizes.cnn_steps):
-                    m.forward_features(x)
-                return (time.perf_counter() - t0) / sizes.cnn_steps
+                m.forward_features(x)
 
-        return go
+        return lambda: per_call(go, label=label, sub_label=k, description="cnn", min_run_time=sizes.min_run_time)
 
     plain_train = plain.train
     plain.train = lambda mode=True: plain_train(False)  # hand-written "stay eval"
-    res = alternate({k: timer(m) for k, m in models.items()}, max(3, sizes.repeats * 2))
-    med = {k: median(v) for k, v in res.items()}
+    res = rounds({k: timer(k, m) for k, m in models.items()}, max(3, sizes.repeats * 2))
+    med = {k: figure(m, what="timed blocks (blocked_autorange)") for k, m in res.items()}
     out: dict[str, Any] = {
         "scenario": 4,
         "title": "FrozenBatchNorm2d / folded BatchNorm vs BatchNorm2d in eval (frozen CNN forward)",
         "model": "cnn",
         "batch": sizes.cnn_batch,
-        "raw_forward_seconds": res,
-        "median_forward_seconds": med,
+        "seconds": {f"forward, {k}": f for k, f in med.items()},
         "max_abs_difference_vs_plain": diffs,
         "ratios": {
-            "frozen_batchnorm_vs_bn_eval": med["frozen_batchnorm"] / med["plain_bn_eval"],
-            "folded_vs_bn_eval": med["folded"] / med["plain_bn_eval"],
+            "frozen_batchnorm_vs_bn_eval": ratio(med["frozen_batchnorm"], med["plain_bn_eval"]),
+            "folded_vs_bn_eval": ratio(med["folded"], med["plain_bn_eval"]),
         },
     }
-    r = out["ratios"]
+    r = {k: f["median"] for k, f in out["ratios"].items()}
     log(
         f"  [4 cnn] forward time: FrozenBatchNorm2d {r['frozen_batchnorm_vs_bn_eval']:.3f}x, folded "
         f"{r['folded_vs_bn_eval']:.3f}x BatchNorm2d eval (max |diff| folded {diffs['folded']:.1e})"
@@ -237,9 +257,12 @@ def scenario_overhead(base: nn.Module, sizes: Sizes, log: Callable[[str], None])
     variants = ["plain", "freeze_unfreeze_leftovers", "pins", "plain_frozen_block", "Frozen_wrapper", "guard_on"]
     res = alternate({v: timed(v) for v in variants}, sizes.overhead_repeats)
     med = {v: median(res[v]) for v in variants}
+    step_figs = _figs(res, "5. machinery overhead", what="interleaved single steps")
+    paired_figs: dict[str, Figure] = {}
     overhead: dict[str, dict[str, Any]] = {}
     for v, ref in pairs.items():
         paired = [a / b for a, b in zip(res[v], res[ref])]
+        paired_figs[f"{v}_vs_{ref}"] = _paired(paired)
         q = sorted(paired)
         overhead[v] = {
             "against": ref,
@@ -250,7 +273,11 @@ def scenario_overhead(base: nn.Module, sizes: Sizes, log: Callable[[str], None])
 
     # The machinery in isolation (far less noisy than whole steps on a busy machine): the extra
     # microseconds it adds per step, as a share of the plain step.
-    def paired_us(plain_fn: Callable[[], Any], other_fn: Callable[[], Any], n: int) -> tuple[float, float, float]:
+    iso_ratio: dict[str, Figure] = {}
+
+    def paired_us(
+        plain_fn: Callable[[], Any], other_fn: Callable[[], Any], n: int, name: str = ""
+    ) -> tuple[float, float, float]:
         """Median per-call microseconds of both, called alternately, and the median paired difference."""
         plain_fn()
         other_fn()
@@ -266,12 +293,14 @@ def scenario_overhead(base: nn.Module, sizes: Sizes, log: Callable[[str], None])
             a.append(tp)
             b.append(to)
             d.append(to - tp)
+        if name:  # the extra time per call as a share of the plain step, each pair on its own
+            iso_ratio[f"isolated_{name}_vs_plain_step"] = _paired([1 + di / med["plain"] for di in d])
         return median(a) * 1e6, median(b) * 1e6, median(d) * 1e6
 
     calls = 50 if sizes is QUICK else 400
     m_plain, m_pins, m_left = prepared("plain"), prepared("pins"), prepared("freeze_unfreeze_leftovers")
-    p_us, pin_us, pin_d = paired_us(m_plain.train, m_pins.train, calls)
-    _, left_us, left_d = paired_us(m_plain.train, m_left.train, calls)
+    p_us, pin_us, pin_d = paired_us(m_plain.train, m_pins.train, calls, "pins")
+    _, left_us, left_d = paired_us(m_plain.train, m_left.train, calls, "freeze_unfreeze_leftovers")
     train_us = {"plain": p_us, "pins": pin_us, "freeze_unfreeze_leftovers": left_us}
     hand_block = prepared("plain_frozen_block").backbone.module[1].eval()
     wrapped_block = prepared("Frozen_wrapper").backbone.module[1]
@@ -279,7 +308,7 @@ def scenario_overhead(base: nn.Module, sizes: Sizes, log: Callable[[str], None])
         act = base.get_submodule("backbone.module.0")(x)
     act.requires_grad_(True)
     fwd_calls = 10 if sizes is QUICK else 60
-    hb_us, fz_us, fz_d = paired_us(lambda: hand_block(act), lambda: wrapped_block(act), fwd_calls)
+    hb_us, fz_us, fz_d = paired_us(lambda: hand_block(act), lambda: wrapped_block(act), fwd_calls, "Frozen_wrapper")
     block_us = {"plain_frozen_block": hb_us, "Frozen_wrapper": fz_us}
     step_us = med["plain"] * 1e6
     isolated: dict[str, Any] = {
@@ -297,14 +326,10 @@ def scenario_overhead(base: nn.Module, sizes: Sizes, log: Callable[[str], None])
         "title": "overhead of torchfreeze machinery on the training path (CNN training step)",
         "model": "cnn",
         "batch": sizes.cnn_batch,
-        "raw_step_seconds": res,
-        "median_step_seconds": med,
+        "seconds": {f"step, {k}": f for k, f in step_figs.items()},
         "overhead": overhead,
         "isolated": isolated,
-        "ratios": {
-            **{f"{v}_vs_{ref}": overhead[v]["median_ratio"] for v, ref in pairs.items()},
-            **{f"isolated_{k}_vs_plain_step": 1 + v / 100 for k, v in isolated["overhead_percent_of_step"].items()},
-        },
+        "ratios": {**paired_figs, **iso_ratio},
         "note": (
             "target: at most 2% for pins, Frozen and leftovers (guard_on is opt-in and reported for information); "
             "whole steps are interleaved one by one, medians of per-round ratios; 'isolated' times the machinery "

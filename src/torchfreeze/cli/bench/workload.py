@@ -44,6 +44,7 @@ __all__ = [
     "train_step",
     "make_optimizer",
     "step_timer",
+    "step_runner",
     "prepare",
     "memory_child",
     "measure_memory",
@@ -74,6 +75,12 @@ class Sizes:
     overhead_steps: int
     overhead_repeats: int
     mem_steps: int
+    mlp_dim: int = 512
+    mlp_batch: int = 64
+    mlp_batches: int = 40
+    min_run_time: float = 0.5
+    identity_epochs: int = 3
+    progressive_repeats: int = 2
 
 
 FULL = Sizes(
@@ -109,6 +116,12 @@ QUICK = Sizes(
     overhead_steps=3,
     overhead_repeats=3,
     mem_steps=1,
+    mlp_dim=32,
+    mlp_batch=8,
+    mlp_batches=4,
+    min_run_time=0.005,
+    identity_epochs=2,
+    progressive_repeats=1,
 )
 
 
@@ -374,5 +387,22 @@ def step_timer(
                 keep_eval.eval()
             train_step(model, opt, x, y)
         return (time.perf_counter() - t0) / steps
+
+    return go
+
+
+def step_runner(model: nn.Module, x: Any, y: torch.Tensor, *, keep_eval: nn.Module | None = None) -> Callable[[], None]:
+    """One training step per call (for ``Timer``); ``keep_eval`` is put back in eval after ``train()`` (by hand)."""
+    opt = make_optimizer(model)
+    model.train()
+    if keep_eval is not None:
+        keep_eval.eval()
+    train_step(model, opt, x, y)  # warm-up (optimizer state allocated)
+
+    def go() -> None:
+        model.train()
+        if keep_eval is not None:
+            keep_eval.eval()
+        train_step(model, opt, x, y)
 
     return go
