@@ -89,13 +89,6 @@ class _Rows(Dataset[tuple[Any, torch.Tensor]]):
         return (({k: v[0] for k, v in x.items()} if isinstance(x, dict) else x[0]), self.y[i])
 
 
-def _fetch(ds: Any, idx: torch.Tensor) -> Any:
-    """One batch of a map-style Dataset (``__getitems__`` when it has one)."""
-    rows = idx.tolist()
-    got = ds.__getitems__(rows) if hasattr(ds, "__getitems__") else [ds[i] for i in rows]
-    return default_collate(got) if isinstance(got, list) else got
-
-
 def _sgd(model: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.head.parameters(), lr=_LR)
 
@@ -143,9 +136,10 @@ class _Probe:
         if self.variant == "floor" and self.feats is not None:
             for _, y, idx in self.batches():
                 _head_step(m, opt, self.feats.index_select(0, idx), y)
-        elif self.variant == "precompute":
-            for _, _, idx in self.batches():
-                feats, y = _fetch(self.features, idx)
+        elif self.variant == "precompute":  # its own batches: one index_select per column, the same order
+            self.seed += 1
+            order = torch.Generator().manual_seed(self.seed)
+            for feats, y in self.features.batches(self.bs, shuffle=True, generator=order):
                 _head_step(m, opt, feats, y)
         elif self.variant == "no_grad":
             m.backbone.eval()
