@@ -60,6 +60,7 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("summary", lambda: tf.summary(NOT_A_MODULE), "model"),
     ("explain", lambda: tf.explain(NOT_A_MODULE, torch.zeros(1, 1)), "model"),
     ("cache_features", lambda: tf.cache_features(NOT_A_MODULE), "module"),
+    ("cache_frozen_prefix", lambda: tf.cache_frozen_prefix(NOT_A_MODULE), "model"),
     ("precompute_features", lambda: tf.precompute_features(NOT_A_MODULE, [torch.zeros(1)]), "backbone"),
     ("Composite", lambda: tf.Composite(NOT_A_MODULE, torch.nn.Linear(1, 1)), "backbone"),
     ("store_frozen_backbone", lambda: tf.store_frozen_backbone(NOT_A_MODULE, torch.bfloat16), "model"),

@@ -31,7 +31,7 @@ from torchfreeze.nn import (
     unfold_batchnorm,
     unfreeze,
 )
-from torchfreeze.speed import cache_features, explain, precompute_features
+from torchfreeze.speed import cache_features, cache_frozen_prefix, explain, precompute_features
 from torchfreeze.training import (
     GradualUnfreezing,
     ProgressiveFreezing,
@@ -91,6 +91,7 @@ __all__ = [
     "explain",
     "cache_features",
     "precompute_features",
+    "cache_frozen_prefix",
     # composition and builders
     "Composite",
     "store_frozen_backbone",

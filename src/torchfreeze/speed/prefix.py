@@ -1,0 +1,434 @@
+"""Prefix caching: skip a model's frozen leading layer groups once their outputs are known.
+
+``cache_frozen_prefix(model)`` installs two hooks on ``model`` and returns a
+:class:`PrefixCache` handle. On every forward call it looks at the model's layer
+groups (:func:`torchfreeze.layer_groups`, or ``groups=``) and finds the *frozen
+prefix*: the leading groups whose parameters are all frozen and whose modules are
+deterministic in their current mode (dropout off, BatchNorm on running
+statistics; the rule of :func:`torchfreeze.speed.cache_refusal_reasons`). Whatever
+froze them (``freeze``, ``freeze_to``, ``ProgressiveFreezing``) does not matter:
+the prefix is read from the model on each call, so it follows a schedule.
+
+* **Capture.** When a batch has rows the cache has not seen, the forward runs in
+  full and the output of the *boundary* (the last module of the prefix to run
+  before anything after the prefix runs) is stored per sample, keyed by the
+  content of the model's inputs (:func:`torchfreeze.speed.keys.row_keys_fast`),
+  in preallocated slabs (:class:`torchfreeze.speed.slabs.SlabStore`).
+* **Replay.** When every row of a batch is known, the prefix's modules are
+  skipped for that call: the boundary returns the stored rows, and the modules
+  before it return zero placeholders of their recorded output shapes.
+* **Verification.** Before the first replay at each boundary, the model runs once
+  both ways (same random state, buffers restored) and the outputs must agree;
+  otherwise the model uses the prefix by another path than the boundary's output
+  (a skip connection, a mask computed from an early output) and this prefix is
+  never replayed: the handle's ``stats().refused`` says why, and training goes
+  on uncached and correct.
+
+Keys include the model's input structure, the autocast state and a token of the
+prefix's parameters (identity, storage, in-place version) and modes, so loading
+other weights into the prefix or changing its mode starts a new store. A write
+through ``.data`` bypasses version counters: call :meth:`PrefixCache.clear` then.
+Rows must be independent (as for ``cache_features(granularity="sample")``): the
+prefix of an eval-mode network treats the rows of a batch separately.
+
+The idea of caching a frozen prefix's activations comes from AutoFreeze (Liu et
+al. 2021, arXiv:2102.01386) and Egeria (Wang et al., EuroSys 2023).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torchfreeze._core import tree
+from torchfreeze._core.checks import require_module, short_repr
+from torchfreeze._core.select import Selector, resolve
+from torchfreeze.errors import ArgumentError, ArgumentTypeError
+from torchfreeze.nn import layer_groups
+from torchfreeze.speed._prefix_state import Call, ForwardRestore, PrefixStats, Record, Store, difference
+from torchfreeze.speed.keys import autocast_state, row_keys_fast
+from torchfreeze.speed.refusal import cache_refusal_reasons
+from torchfreeze.speed.slabs import SlabStore
+
+__all__ = ["cache_frozen_prefix", "PrefixCache", "PrefixStats"]
+
+
+def _row_shape(t: Tensor, n: int) -> tuple[int, ...] | None:
+    return tuple(t.shape[1:]) if t.dim() > 0 and t.shape[0] == n else None
+
+
+class PrefixCache:
+    """Handle of a model's prefix cache (see :func:`cache_frozen_prefix`); ``remove()`` takes it off.
+
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    >>> _ = model[0].requires_grad_(False)
+    >>> prefix = cache_frozen_prefix(model, groups=[["0", "1"], ["2"], ["3"]])
+    >>> x = torch.randn(5, 4)
+    >>> _ = model(x); _ = model(x)
+    >>> prefix.stats().hits, prefix.boundary
+    (5, '1')
+    >>> prefix.remove()
+    """
+
+    def __init__(self, model: nn.Module, groups: list[list[str]], *, max_bytes: int) -> None:
+        self.model = model
+        self.max_bytes = max_bytes
+        self._names = groups
+        self._modules = [[model.get_submodule(name) for name in group] for group in groups]
+        self._group_of = {name: g for g, group in enumerate(groups) for name in group}
+        self._stores: dict[int, Store] = {}
+        self._stats = PrefixStats()
+        self._call: Call | None = None
+        self._warned: set[str] = set()
+        self._handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after, always_call=True),
+        ]
+
+    # -- public -----------------------------------------------------------------------------
+    @property
+    def boundary(self) -> str | None:
+        """The module whose output the current frozen prefix stores (None before a forward or without a prefix)."""
+        return self._stats.boundary
+
+    def stats(self) -> PrefixStats:
+        """A snapshot of the counters."""
+        snap = PrefixStats(**{**asdict(self._stats), "refused": dict(self._stats.refused)})
+        snap.seconds = dict(self._stats.seconds)
+        snap.bytes = sum(s.slabs.nbytes for s in self._stores.values())
+        return snap
+
+    def clear(self) -> None:
+        """Drop every stored row (after a weight change the token cannot see, e.g. through ``.data``)."""
+        self._stores.clear()
+
+    def remove(self) -> None:
+        """Take the hooks off the model and drop the stored rows; the model is as it was before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._stores.clear()
+
+    def __repr__(self) -> str:
+        return f"PrefixCache(groups={len(self._names)}, boundary={self.boundary!r}, max_bytes={self.max_bytes})"
+
+    # -- the frozen prefix ---------------------------------------------------------------------
+    def _frozen_depth(self) -> int:
+        """How many leading groups are frozen and deterministic now (never the last group)."""
+        depth = 0
+        for g, (names, modules) in enumerate(zip(self._names, self._modules, strict=True)):
+            if g == len(self._names) - 1:
+                break
+            if any(cache_refusal_reasons(m, prefix=n) for n, m in zip(names, modules, strict=True)):
+                break
+            depth = g + 1
+        return depth
+
+    def _token(self, depth: int) -> tuple[Any, ...]:
+        parts: list[Any] = [autocast_state()]
+        for modules in self._modules[:depth]:
+            for module in modules:
+                for sub in module.modules():
+                    parts.append((id(sub), sub.training))
+                for p in module.parameters():
+                    parts.append((id(p), p.data_ptr(), p._version, p.dtype, p.device))
+                for b in module.buffers():
+                    parts.append((id(b), b.data_ptr(), b._version))
+        return tuple(parts)
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._call is not None:  # a nested call of the model inside its own forward: leave it alone
+            return
+        started = time.perf_counter()
+        depth = self._frozen_depth()
+        self._stats.frozen_groups = depth
+        if depth == 0:
+            self._stats.boundary = None
+            self._begin(Call("off", started=started), "uncached")
+            return
+        leaves, _ = tree.flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, Tensor)]
+        n = tensors[0].shape[0] if tensors and tensors[0].dim() > 0 else -1
+        if n <= 0 or any(t.dim() == 0 or t.shape[0] != n for t in tensors) or any(t.requires_grad for t in tensors):
+            self._begin(Call("off", started=started), "uncached")
+            return
+        store = self._store_for(depth)
+        self._stats.boundary = store.boundary or None
+        if store.refused:
+            self._begin(Call("off", started=started), "uncached")
+            return
+        signature = repr(tree.flatten((args, kwargs))[1]) + repr(
+            [(t.dtype, tuple(t.shape[1:])) if isinstance(t, Tensor) else repr(t) for t in leaves]
+        )
+        keys = row_keys_fast(tensors, n, salt=signature.encode())
+        slots = store.slabs.lookup(keys)
+        if store.boundary and bool((slots >= 0).all()):
+            if not store.verified:
+                self._verify(store, slots, args, kwargs, n)
+            if not store.refused:
+                call = Call("replay", store=store, keys=keys, slots=slots, n=n, started=started)
+                self._install_stubs(call, store, slots)
+                self._stats.hits += n
+                self._begin(call, "replayed")
+                return
+        call = Call("capture", store=store, keys=keys, slots=slots, n=n, started=started)
+        source = next((st for d, st in self._stores.items() if d < depth), None)
+        if source is not None:  # the previous prefix knows every row: run only what was frozen since
+            source_slots = source.slabs.lookup(keys)
+            if bool((source_slots >= 0).all()):
+                call.source, call.source_slots = source, source_slots
+                self._install_stubs(call, source, source_slots)
+        self._watch_order(call)
+        self._begin(call, "captured")
+
+    def _begin(self, call: Call, kind: str) -> None:
+        self._call = call
+        call.outputs["kind"] = kind
+
+    def _after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        call, self._call = self._call, None
+        if call is None:
+            return
+        for handle in call.handles:
+            handle.remove()
+        if call.mode == "capture" and call.store is not None and output is not None:
+            self._finish_capture(call)
+        kind = str(call.outputs["kind"])
+        setattr(self._stats, f"{kind}_batches", getattr(self._stats, f"{kind}_batches") + 1)
+        phase = f"{kind} ({self._stats.frozen_groups} groups frozen)"
+        self._stats.seconds[phase] = self._stats.seconds.get(phase, 0.0) + time.perf_counter() - call.started
+
+    # -- stores --------------------------------------------------------------------------------
+    def _store_for(self, depth: int) -> Store:
+        """The store of the prefix of ``depth`` groups, and at most one shallower store still valid.
+
+        After more groups freeze, the previous prefix's store stays while the new one fills,
+        so a capture at the new boundary replays the old prefix and runs only the newly frozen
+        groups; it goes once the new store holds as many rows.
+        """
+        store = self._stores.get(depth)
+        token = self._token(depth)
+        if store is None or store.token != token:
+            store = Store(depth, token, SlabStore(max_bytes=self.max_bytes))
+        shallower = [
+            st
+            for d, st in self._stores.items()
+            if d < depth and st.verified and not st.refused and len(st.slabs) > len(store.slabs)
+        ]
+        source = max(shallower, key=lambda st: st.depth, default=None)
+        self._stores = {depth: store}
+        if source is not None and self._token(source.depth) == source.token:
+            self._stores[source.depth] = source
+        return store
+
+    # -- capture -------------------------------------------------------------------------------
+    def _watch_order(self, call: Call) -> None:
+        depth = call.store.depth if call.store is not None else 0
+        for g, (names, modules) in enumerate(zip(self._names, self._modules, strict=True)):
+            for name, mod in zip(names, modules, strict=True):
+                if g < depth:
+                    call.handles.append(mod.register_forward_hook(self._recorder(call, name)))
+                else:
+                    call.handles.append(mod.register_forward_pre_hook(self._suffix_marker(call)))
+
+    def _recorder(self, call: Call, name: str) -> Any:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            if not call.suffix_started:
+                call.order.append(name)
+                call.outputs[name] = output
+
+        return hook
+
+    def _suffix_marker(self, call: Call) -> Any:
+        def hook(_module: nn.Module, _args: Any) -> None:
+            call.suffix_started = True
+
+        return hook
+
+    def _finish_capture(self, call: Call) -> None:
+        store = call.store
+        if store is None or not call.order:
+            return
+        boundary = call.order[-1]
+        if len(set(call.order)) != len(call.order):
+            self._refuse(store, f"a prefix module ran twice in one forward ({short_repr(call.order)})")
+            return
+        if store.boundary and boundary != store.boundary:
+            self._refuse(store, f"the prefix ends at '{boundary}' in one call and '{store.boundary}' in another")
+            return
+        out_leaves, _ = tree.flatten(call.outputs[boundary])
+        tensors = [x for x in out_leaves if isinstance(x, Tensor)]
+        if not tensors or any(_row_shape(t, call.n) is None for t in tensors):
+            self._refuse(store, f"the output of '{boundary}' has no batch dimension of {call.n} rows to store")
+            return
+        if not store.boundary:
+            store.boundary, store.early = boundary, list(call.order)
+            for name in call.order:
+                leaves, spec = tree.flatten(call.outputs[name])
+                store.records[name] = Record(
+                    spec,
+                    [
+                        (x.dtype, x.device, _row_shape(x, call.n), tuple(x.shape)) if isinstance(x, Tensor) else x
+                        for x in leaves
+                    ],
+                )
+            self._stats.boundary = boundary
+        missing = torch.nonzero(call.slots < 0).flatten() if call.slots is not None else torch.arange(call.n)
+        if len(missing):
+            rows = [t.detach()[missing.to(t.device)] for t in tensors]
+            store.slabs.insert([call.keys[int(i)] for i in missing], rows)
+            self._stats.misses += len(missing)
+        self._stats.hits += call.n - len(missing)
+
+    # -- replay --------------------------------------------------------------------------------
+    def _stand_in(self, store: Store, slots: Tensor, name: str, n: int) -> Any:
+        record = store.records[name]
+        if name == store.boundary:
+            cached = iter(store.slabs.gather(slots))
+            leaves = [next(cached) if isinstance(x, tuple) else x for x in record.leaves]
+            return tree.unflatten(record.spec, leaves)
+        leaves = []
+        for x in record.leaves:
+            if isinstance(x, tuple):
+                dtype, device, row, full = x
+                shape = (n, *row) if row is not None else full
+                leaves.append(torch.zeros(shape, dtype=dtype, device=device))
+            else:
+                leaves.append(x)
+        return tree.unflatten(record.spec, leaves)
+
+    def _install_stubs(self, call: Call, store: Store, slots: Tensor) -> None:
+        """Make the modules of ``store``'s prefix return stand-ins for this call (undone in the post-hook)."""
+        for name in store.early:
+            module = self.model.get_submodule(name)
+
+            def stub(*_args: Any, _name: str = name, **_kwargs: Any) -> Any:
+                return self._stand_in(store, slots, _name, call.n)
+
+            module.forward = stub
+            call.handles.append(ForwardRestore(module))
+
+    @contextmanager
+    def _stubbed(self, call: Call, store: Store, slots: Tensor) -> Iterator[None]:
+        self._install_stubs(call, store, slots)
+        try:
+            yield
+        finally:
+            for handle in call.handles:
+                handle.remove()
+            call.handles.clear()
+
+    def _verify(self, store: Store, slots: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], n: int) -> None:
+        """Run the model in full and with the prefix replayed; refuse the prefix if they disagree."""
+        self._stats.verifications += 1
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        rng = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
+
+        def rewind() -> None:
+            torch.set_rng_state(rng)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+            with torch.no_grad():
+                for b, saved in buffers:
+                    if not torch.equal(b, saved):  # copying bumps the version: only where something changed
+                        b.copy_(saved)
+
+        try:
+            with torch.no_grad():
+                full = self.model.forward(*args, **kwargs)
+                rewind()
+                with self._stubbed(Call("replay", n=n), store, slots):
+                    replayed = self.model.forward(*args, **kwargs)
+        finally:
+            rewind()
+        problem = difference(full, replayed)
+        if problem:
+            self._refuse(store, f"replaying the prefix up to '{store.boundary}' changes the model's output ({problem})")
+        else:
+            store.verified = True
+
+    def _refuse(self, store: Store, reason: str) -> None:
+        store.refused = reason
+        store.slabs.clear()
+        self._stats.refused[f"{store.depth} groups frozen"] = reason
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(
+                f"cache_frozen_prefix: not caching the frozen prefix: {reason}. Training goes on uncached "
+                "(correct, not faster). Fix: pass groups= whose prefix ends in one module that everything "
+                "after it reads, or cache a part with cache_features instead.",
+                stacklevel=3,
+            )
+
+
+def _resolve_groups(model: nn.Module, groups: Sequence[Sequence[Selector]] | None) -> list[list[str]]:
+    if groups is None:
+        found = layer_groups(model)
+    else:
+        if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
+            raise ArgumentTypeError(
+                f"cache_frozen_prefix(groups={short_repr(groups)}): expected a list of layer groups (each a list "
+                "of selectors), front to back. Fix: pass e.g. groups=[['embed'], ['blocks.0'], ['head']]."
+            )
+        found = []
+        for g, group in enumerate(groups):
+            selectors = [group] if isinstance(group, str) else list(group)
+            found.append(resolve(model, *selectors, verb="cache_frozen_prefix", argument=f"groups[{g}]").matched)
+    if len(found) < 2:
+        raise ArgumentError(
+            f"cache_frozen_prefix(model={type(model).__name__}(...)): expected at least two layer groups (a prefix "
+            f"to freeze and something after it), found {len(found)}. Fix: pass groups= front to back."
+        )
+    return found
+
+
+def cache_frozen_prefix(
+    model: nn.Module,
+    *,
+    groups: Sequence[Sequence[Selector]] | None = None,
+    max_bytes: int = 1 << 30,
+) -> PrefixCache:
+    """Cache the output of the model's frozen leading layer groups and skip them on later forwards.
+
+    Args:
+        model: the model as you call it in training (``model(batch)``); every tensor in the
+            call's inputs must have the batch as its first dimension.
+        groups: the layer groups front to back (lists of selectors); default
+            :func:`torchfreeze.layer_groups` (embeddings/stem, one group per block, the head).
+        max_bytes: memory budget of the stored boundary outputs, in bytes.
+
+    Returns:
+        A :class:`PrefixCache` (``stats()``, ``boundary``, ``clear()``, ``remove()``).
+
+    Raises:
+        ArgumentTypeError: ``model`` is not an ``nn.Module``, ``max_bytes`` not an int, ``groups`` not a list.
+        ArgumentError: fewer than two groups, a negative ``max_bytes``, or a group naming nothing.
+
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    >>> prefix = cache_frozen_prefix(model)
+    >>> _ = model[0].requires_grad_(False)   # freezing now (or later) is enough
+    >>> x = torch.randn(3, 4)
+    >>> _ = model(x); _ = model(x); prefix.stats().replayed_batches
+    1
+    """
+    require_module(model, "cache_frozen_prefix", "model")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+        raise ArgumentTypeError(
+            f"cache_frozen_prefix(max_bytes={short_repr(max_bytes)}): expected an int (bytes), got "
+            f"{type(max_bytes).__name__}. Fix: pass e.g. max_bytes=2**30 for 1 GiB."
+        )
+    if max_bytes < 0:
+        raise ArgumentError(
+            f"cache_frozen_prefix(max_bytes={max_bytes!r}): expected a non-negative number of bytes. "
+            "Fix: pass e.g. max_bytes=2**30 for 1 GiB."
+        )
+    return PrefixCache(model, _resolve_groups(model, groups), max_bytes=max_bytes)

@@ -1,0 +1,247 @@
+"""cache_frozen_prefix: replayed training equals uncached training; the prefix follows freezing."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchfreeze as tf
+from torchfreeze.errors import ArgumentError, ArgumentTypeError, SelectorError
+from torchfreeze.speed.prefix import PrefixCache, cache_frozen_prefix
+
+
+class Counting(nn.Module):
+    """A Linear + GELU block that counts its forward calls."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return F.gelu(self.linear(x))
+
+
+def blocks(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(Counting(6, 16), Counting(16, 16), Counting(16, 16), nn.Linear(16, 3))
+
+
+class Skip(nn.Module):
+    """The head reads the stem's output directly: replaying only the boundary would be wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(6, 16)
+        self.mid = nn.Linear(16, 16)
+        self.block = nn.Linear(16, 16)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        return self.head(torch.cat([self.block(self.mid(s)), s], dim=-1))
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(48, 6, generator=g), torch.randint(0, 3, (48,), generator=g)
+
+
+def train(model: nn.Module, epochs: int, *, on_epoch: object = None) -> list[float]:
+    x, y = data()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    g = torch.Generator().manual_seed(2)
+    losses = []
+    for epoch in range(epochs):
+        if callable(on_epoch):
+            on_epoch(epoch, model, opt)
+        for idx in torch.randperm(48, generator=g).split(8):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return losses
+
+
+def test_replayed_training_equals_uncached_training_and_skips_the_prefix() -> None:
+    plain, cached = blocks(), blocks()
+    for m in (plain, cached):
+        tf.freeze(m, "0", "1", mode="eval")
+    prefix = cache_frozen_prefix(cached)
+    losses_plain, losses_cached = train(plain, 3), train(cached, 3)
+    torch.testing.assert_close(losses_cached, losses_plain, rtol=1e-5, atol=1e-6)
+    for a, b in zip(plain.parameters(), cached.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    stats = prefix.stats()
+    assert (stats.boundary, stats.frozen_groups) == ("1", 2)
+    assert (stats.captured_batches, stats.replayed_batches, stats.hits, stats.misses) == (6, 12, 96, 48)
+    assert cached[0].calls == cached[1].calls == 6 + 1  # the capture epoch, and the verification pass
+    assert cached[2].calls == 18 + 2  # and both passes of the verification
+    assert stats.bytes > 0
+
+
+def test_the_prefix_follows_freezing_as_training_goes() -> None:
+    model = blocks()
+    prefix = cache_frozen_prefix(model, groups=[["0"], ["1"], ["2"], ["3"]])
+    boundaries = []
+
+    def schedule(epoch: int, m: nn.Module, _opt: object) -> None:
+        if epoch == 1:
+            tf.freeze(m, "0", mode="eval")
+        if epoch == 3:
+            tf.freeze(m, "1", mode="eval")
+        boundaries.append(prefix.boundary)
+
+    reference = blocks()
+
+    def same_schedule(epoch: int, m: nn.Module, _opt: object) -> None:
+        if epoch == 1:
+            tf.freeze(m, "0", mode="eval")
+        if epoch == 3:
+            tf.freeze(m, "1", mode="eval")
+
+    torch.testing.assert_close(train(model, 5, on_epoch=schedule), train(reference, 5, on_epoch=same_schedule))
+    assert boundaries == [None, None, "0", "0", "1"]
+    assert prefix.stats().frozen_groups == 2
+    assert prefix.stats().replayed_batches == 6 + 6  # epoch 2 at "0", epoch 4 at "1"
+    # block 0 runs in epochs 0 and 1, once to verify its replay, then never: the capture at the new
+    # boundary (epoch 3) replays the stored prefix and runs only block 1; then once more to verify
+    assert model[0].calls == 6 + 6 + 1 + 1
+    # block 1: epochs 0-1, both verification passes and epoch 2 (it trained then), epoch 3's capture,
+    # and the full pass of the second verification
+    assert model[1].calls == 6 + 6 + 2 + 6 + 6 + 1
+
+
+def test_a_trainable_or_random_prefix_is_not_cached() -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    model[0].requires_grad_(False)
+    prefix = cache_frozen_prefix(model, groups=[["0", "1"], ["2"]])
+    x = torch.randn(4, 6)
+    model.train()
+    model(x), model(x)
+    assert prefix.stats().frozen_groups == 0 and prefix.stats().uncached_batches == 2
+    tf.pin_mode(model, "1", mode="eval")
+    model(x), model(x)
+    assert prefix.stats().replayed_batches == 1
+
+
+def test_inputs_that_require_grad_are_not_cached() -> None:
+    model = blocks()
+    tf.freeze(model, "0", mode="eval")
+    prefix = cache_frozen_prefix(model)
+    x = torch.randn(4, 6, requires_grad=True)
+    model(x).sum().backward()
+    model(x).sum().backward()
+    assert x.grad is not None and prefix.stats().uncached_batches == 2
+
+
+def test_new_weights_in_the_prefix_start_a_new_store() -> None:
+    model = blocks()
+    tf.freeze(model, "0", mode="eval")
+    prefix = cache_frozen_prefix(model)
+    x = torch.randn(4, 6)
+    model(x)
+    other = blocks(seed=5)
+    model[0].load_state_dict(other[0].state_dict())
+    expected = nn.Sequential(*[copy.deepcopy(m) for m in model])
+    torch.testing.assert_close(model(x), expected(x))
+    assert prefix.stats().misses == 8
+
+
+def test_a_prefix_read_by_another_path_is_refused_with_a_warning_and_stays_correct() -> None:
+    model = Skip()
+    tf.freeze(model, "stem", "mid", mode="eval")
+    prefix = cache_frozen_prefix(model, groups=[["stem"], ["mid"], ["block", "head"]])
+    x = torch.randn(5, 6)
+    expected = model(x)
+    with pytest.warns(UserWarning, match="changes the model's output"):
+        got = model(x)
+    torch.testing.assert_close(got, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(model(x), expected)
+    assert "changes the model's output" in next(iter(prefix.stats().refused.values()))
+    assert prefix.stats().replayed_batches == 0
+
+
+def test_remove_leaves_no_hook_and_no_stub() -> None:
+    model = blocks()
+    tf.freeze(model, "0", mode="eval")
+    prefix = cache_frozen_prefix(model)
+    x = torch.randn(4, 6)
+    model(x), model(x)
+    prefix.remove()
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    calls = model[0].calls
+    model(x)
+    assert model[0].calls == calls + 1
+
+
+def test_an_exception_in_a_replayed_forward_leaves_no_stub() -> None:
+    model = blocks()
+    tf.freeze(model, "0", "1", mode="eval")
+    cache_frozen_prefix(model)
+    x = torch.randn(4, 6)
+    model(x), model(x)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(4, 7))
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_a_hugging_face_encoder_replays_to_the_same_logits() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32
+    )
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config, add_pooling_layer=False)
+    model = tf.Composite(tf.compose.HFEncoder(bert), nn.Linear(16, 3))
+    groups = tf.layer_groups(model)
+    tf.freeze(model, *groups[0], *groups[1], *groups[2], mode="eval")  # embeddings, layer.0, layer.1
+    prefix = cache_frozen_prefix(model)
+    batch = {"input_ids": torch.randint(1, 50, (6, 7)), "attention_mask": torch.ones(6, 7, dtype=torch.int64)}
+    batch["attention_mask"][0, 5:] = 0
+    model.train()  # dropout in layer.2 is live: the same seed gives the same masks
+    torch.manual_seed(3)
+    first = model(batch)
+    torch.manual_seed(3)
+    second = model(batch)
+    torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-6)
+    assert prefix.boundary == groups[2][0] and prefix.stats().replayed_batches == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        pytest.param({"max_bytes": "1G"}, ArgumentTypeError, "max_bytes", id="max-bytes-type"),
+        pytest.param({"max_bytes": -1}, ArgumentError, "non-negative", id="max-bytes-negative"),
+        pytest.param({"groups": "0"}, ArgumentTypeError, "list of layer groups", id="groups-string"),
+        pytest.param({"groups": [["0", "1", "2", "3"]]}, ArgumentError, "at least two", id="one-group"),
+        pytest.param({"groups": [["nope"], ["3"]]}, SelectorError, "nope", id="unknown-module"),
+    ],
+)
+def test_bad_arguments_raise_and_install_nothing(kwargs: dict[str, object], error: type, match: str) -> None:
+    model = blocks()
+    with pytest.raises(error, match=match):
+        cache_frozen_prefix(model, **kwargs)  # type: ignore[arg-type]
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_a_non_module_is_an_argument_type_error() -> None:
+    with pytest.raises(ArgumentTypeError, match="expected a torch.nn.Module"):
+        cache_frozen_prefix([1, 2])  # type: ignore[arg-type]
+
+
+def test_repr_and_stats_are_plain() -> None:
+    prefix = cache_frozen_prefix(blocks())
+    assert isinstance(prefix, PrefixCache) and "boundary=None" in repr(prefix)
+    assert prefix.stats().to_dict()["hit_rate"] == 0.0
