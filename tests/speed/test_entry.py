@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -107,32 +109,64 @@ def test_damaged_disk_entry_is_detected_and_recomputed(tmp_path: Path, damage: o
     assert third.stats().disk_hits == 2 and third.stats().corrupt == 0
 
 
-def test_an_authenticated_entry_naming_a_class_is_refused_not_instantiated(tmp_path: Path) -> None:
-    import hashlib
-    import hmac
-    import json
-    import struct
+def resign(path: Path, secret: bytes, **meta: str) -> None:
+    """Rewrite an entry's safetensors metadata and authenticate it with the directory's secret."""
+    import safetensors.torch as st
 
     from torchfreeze.speed import _entry
 
+    payload = path.read_bytes()[:-32]
+    (hlen,) = struct.unpack_from("<Q", payload, 0)
+    old = json.loads(payload[8 : 8 + hlen])["__metadata__"]
+    new = st.save(st.load(payload), metadata={**old, **meta})
+    path.write_bytes(new + _entry._mac(secret, new))
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        pytest.param({"spec": json.dumps(["L", "collections:OrderedDict", [["T", 0]]])}, id="class-path-in-spec"),
+        pytest.param({"spec": json.dumps(["T", 5])}, id="tensor-out-of-range"),
+        pytest.param({"spec": "{not json"}, id="spec-not-json"),
+        pytest.param({"key": "0" * 32}, id="another-key"),
+        pytest.param({"format": "tfc-entry-3"}, id="another-format"),
+    ],
+)
+def test_an_authenticated_but_malformed_entry_is_refused_not_used(tmp_path: Path, meta: dict[str, str]) -> None:
     inner = frozen_mlp()
     x = torch.randn(1, 6)
-    first = cache_features(inner, directory=tmp_path)
-    first(x)
+    cache_features(inner, directory=tmp_path)(x)
     (path,) = tmp_path.glob("*/*.tfc")
-    secret = (tmp_path / ".tfc-secret").read_bytes()
-    raw = path.read_bytes()
-    _total, hlen = struct.unpack_from("<QQ", raw, 8)
-    header = json.loads(raw[24 : 24 + hlen])
-    header["spec"] = ["L", "collections:OrderedDict", [["T", 0]]]  # the old format's class path
-    new_header = json.dumps(header).encode()
-    body = raw[24 + hlen : -32]
-    signed = _entry._MAGIC + struct.pack("<QQ", 24 + len(new_header) + len(body) + 32, len(new_header))
-    signed += new_header + body
-    path.write_bytes(signed + hmac.new(secret, signed, hashlib.sha256).digest())  # even with the secret
+    resign(path, (tmp_path / ".tfc-secret").read_bytes(), **meta)  # even signed with the secret
     again = cache_features(inner, directory=tmp_path)
     out = again(x)
     assert type(out) is torch.Tensor and again.stats().corrupt == 1 and again.stats().disk_hits == 0
+    torch.testing.assert_close(out, inner(x))
+
+
+def test_an_entry_file_is_safetensors_with_its_key_and_structure_then_an_hmac(tmp_path: Path) -> None:
+    import hashlib
+    import hmac
+
+    import safetensors.torch as st
+
+    torch.manual_seed(0)
+    inner = Structured("dict").requires_grad_(False).eval()
+    x = torch.randn(1, 3)
+    cache_features(inner, directory=tmp_path)(x)
+    (path,) = tmp_path.glob("*/*.tfc")
+    raw = path.read_bytes()
+    payload, mac = raw[:-32], raw[-32:]
+    secret = (tmp_path / ".tfc-secret").read_bytes()
+    assert hmac.compare_digest(mac, hmac.new(secret, b"tfc-entry-4\0" + payload, hashlib.sha256).digest())
+    (hlen,) = struct.unpack_from("<Q", payload, 0)
+    meta = json.loads(payload[8 : 8 + hlen])["__metadata__"]
+    assert meta["format"] == "tfc-entry-4" and meta["key"] == path.stem
+    assert json.loads(meta["spec"]) == ["D", ["y", "z"], [["T", 0], ["T", 1]]]
+    tensors = st.load(payload)
+    expected = inner(x)
+    torch.testing.assert_close(tensors["0"], expected["y"][0])
+    torch.testing.assert_close(tensors["1"], expected["z"][0])
 
 
 class IntKeys(nn.Module):

@@ -12,6 +12,7 @@ from torch import nn
 
 import torchfreeze as tf
 from torchfreeze.speed import cache_features, module_fingerprint
+from torchfreeze.speed.keys import HAVE_XXHASH, row_keys_fast
 
 
 def test_augmented_input_misses() -> None:
@@ -175,3 +176,123 @@ def test_a_mapping_pytree_does_not_know_is_hashed_and_split_into_rows() -> None:
     out = cached(collections.UserDict({"x": x}))  # rows 0-1 hit, rows 2-3 are computed alone
     torch.testing.assert_close(out, x)
     assert inner.rows == 4 and cached.stats().hits == 2
+
+
+# --------------------------------------------------------------------------- row_keys_fast
+
+METHODS = [
+    pytest.param("torch", id="torch-hash"),
+    pytest.param(
+        "xxhash",
+        id="xxhash",
+        marks=pytest.mark.skipif(not HAVE_XXHASH, reason="the optional xxhash package is not installed"),
+    ),
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_row_keys_are_content_keys_wherever_the_row_sits(method: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 5)
+    keys = row_keys_fast([x], 6, salt=b"s", method=method)
+    assert len(set(keys)) == 6 and all(len(k) == 16 for k in keys)
+    perm = [4, 2, 0]
+    assert row_keys_fast([x[perm]], 3, salt=b"s", method=method) == [keys[i] for i in perm]  # other batch, size
+    assert row_keys_fast([x[3:4].clone()], 1, salt=b"s", method=method) == [keys[3]]
+    assert row_keys_fast([x], 6, salt=b"t", method=method)[0] != keys[0]  # the salt is part of the key
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rows_differing_in_one_bit_or_one_position_differ(method: str) -> None:
+    base = torch.zeros(1, 16, dtype=torch.int64)
+    rows = [base.clone() for _ in range(18)]
+    for i in range(16):
+        rows[i][0, i] = 1  # a single 1 in each position
+    rows[16][0, 0] = 2
+    batch = torch.cat(rows)  # plus the all-zero row 17
+    keys = row_keys_fast([batch], 18, salt=b"", method=method)
+    assert len(set(keys)) == 18
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dtype_and_row_shape_are_part_of_the_row_key(method: str) -> None:
+    ints = torch.arange(8, dtype=torch.int64).reshape(2, 4)
+    floats = ints.view(torch.float64)  # the same bytes
+    k_int = row_keys_fast([ints], 2, salt=b"", method=method)
+    assert k_int != row_keys_fast([floats], 2, salt=b"", method=method)
+    assert k_int != row_keys_fast([ints.reshape(2, 2, 2)], 2, salt=b"", method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_contiguous_and_multiple_inputs(method: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    t = x.t().contiguous().t()  # same values, column-major
+    sliced = torch.randn(5, 16)[:, ::2]
+    mask = torch.ones(5, 3, dtype=torch.bool)
+    assert row_keys_fast([t], 5, salt=b"", method=method) == row_keys_fast([x], 5, salt=b"", method=method)
+    assert row_keys_fast([sliced], 5, salt=b"", method=method) == row_keys_fast(
+        [sliced.contiguous()], 5, salt=b"", method=method
+    )
+    both = row_keys_fast([x, mask], 5, salt=b"", method=method)
+    other_mask = mask.clone()
+    other_mask[2, 1] = False
+    changed = row_keys_fast([x, other_mask], 5, salt=b"", method=method)
+    assert [a == b for a, b in zip(both, changed)] == [True, True, False, True, True]
+    assert both != row_keys_fast([x], 5, salt=b"", method=method)
+
+
+def test_the_torch_hash_never_copies_the_input_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchfreeze.speed import keys as keys_module
+
+    seen: list[int] = []
+    real = keys_module.tensor_bytes
+
+    def spy(t: torch.Tensor) -> memoryview:
+        seen.append(t.numel())
+        return real(t)
+
+    monkeypatch.setattr(keys_module, "tensor_bytes", spy)
+    x = torch.randn(4, 1000)
+    keys_module.row_keys_fast([x], 4, salt=b"", method="torch")
+    assert seen == [4 * 2]  # only the keys (two int64 lanes per row) cross over, never the 4000 inputs
+
+
+def test_xxhash_is_the_default_on_cpu_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchfreeze.speed import keys as keys_module
+
+    x = torch.randn(3, 4)
+    if HAVE_XXHASH:
+        assert row_keys_fast([x], 3, salt=b"") == row_keys_fast([x], 3, salt=b"", method="xxhash")
+    monkeypatch.setattr(keys_module, "_xxhash", None)  # as without the package: the torch hash
+    assert keys_module.row_keys_fast([x], 3, salt=b"") == row_keys_fast([x], 3, salt=b"", method="torch")
+    with pytest.raises(tf.errors.ArgumentError, match=r"method='xxhash'.*Fix: pip install"):
+        keys_module.row_keys_fast([x], 3, salt=b"", method="xxhash")
+
+
+@pytest.mark.parametrize(
+    ("tensors", "match"),
+    [
+        pytest.param([torch.ones(3, 2), torch.ones(2, 2)], "3 rows", id="other-row-count"),
+        pytest.param([torch.ones(3, 2).to_sparse()], "layout", id="sparse"),
+    ],
+)
+def test_row_keys_refuse_bad_tensors(tensors: list[torch.Tensor], match: str) -> None:
+    with pytest.raises(tf.errors.ArgumentError, match=match):
+        row_keys_fast(tensors, 3, salt=b"")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_cache_without_xxhash_gives_the_same_results(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    from torchfreeze.speed import keys as keys_module
+
+    if method == "torch":
+        monkeypatch.setattr(keys_module, "_xxhash", None)
+    inner = frozen_mlp()
+    cached = cache_features(inner)
+    data = torch.randn(10, 6)
+    cached(data)
+    again = data[torch.randperm(10)][:7]
+    out = cached(again)
+    assert cached.stats().hits == 7 and cached.stats().misses == 10
+    torch.testing.assert_close(out, inner(again))

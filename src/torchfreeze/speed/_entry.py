@@ -1,15 +1,18 @@
-"""One cache entry: an output's pytree spec and leaves, and its file format on disk.
+"""One cache entry: an output's pytree spec and leaves, its file on disk, and per-sample row layouts.
 
-In memory an entry is the ``torch.utils._pytree`` spec of the output and its
-leaves (tensors, and constants such as ``None``). On disk it is a magic number,
-the file's total length, a JSON header (the key, the output structure, each
-tensor's dtype, shape and offset), the raw tensor bytes (64-byte aligned) and an
-HMAC-SHA256 of everything before it, keyed by the directory's secret
-(:mod:`torchfreeze.speed.storage`): an entry written by anyone who does not hold
-the secret is rejected. No pickle is loaded and no class is looked up: the only
-structures a file can describe are plain ``tuple``, ``list`` and ``dict`` (string
-keys) of tensors and constants; an output with any other container (a
-namedtuple, a ``ModelOutput``) is kept in memory only.
+In memory a whole-call entry (``granularity="batch"``) is the ``torch.utils._pytree``
+spec of the output and its leaves (tensors, and constants such as ``None``);
+per-sample rows live in :class:`RowLayouts` (slabs, :mod:`torchfreeze.speed.slabs`).
+
+On disk an entry is a safetensors file (tensors ``"0"``, ``"1"``, ... in leaf order;
+the metadata holds the format name, the key and the output structure as JSON)
+followed by a 32-byte HMAC-SHA256 trailer over the safetensors bytes, keyed by the
+directory's secret (:mod:`torchfreeze.speed.storage`): an entry written by anyone
+who does not hold the secret is rejected before any of it is parsed. No pickle is
+loaded and no class is looked up: the only structures a file can describe are
+plain ``tuple``, ``list`` and ``dict`` (string keys) of tensors and constants; an
+output with any other container (a namedtuple, a ``ModelOutput``) is kept in
+memory only. docs/file-formats.md describes the format.
 """
 
 from __future__ import annotations
@@ -17,35 +20,43 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import struct
+from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from torchfreeze._core import tree
-from torchfreeze._core.fingerprint import tensor_bytes
 from torchfreeze.errors import ArgumentError
 from torchfreeze.speed.keys import CONSTANT_TYPES, check_dense
+from torchfreeze.speed.slabs import SlabStore
 
 __all__ = [
     "Entry",
     "flatten_output",
     "detached",
     "row_entries",
-    "stack_entries",
+    "check_rows",
+    "entry_rows",
+    "RowLayout",
+    "RowLayouts",
     "encode_entry",
     "decode_entry",
     "Unstorable",
 ]
 
-_MAGIC = b"TFCACHE\x03"
-_PREFIX = len(_MAGIC) + 16  # magic, total length, header length
+#: the file format's name, in every file's metadata and in the authenticated bytes
+FORMAT = "tfc-entry-4"
 _DIGEST = 32
-_ALIGN = 64
+_MAX_HEADER = 1 << 20  # a safetensors header longer than this is damage, not an entry
 # what a damaged header can raise while it is read; every one means "corrupt: recompute"
 _DAMAGE = (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, RecursionError, struct.error)
+
+
+_LEAF = tree.flatten(0)[1]
+_TENSOR = object()  # where a tensor goes in a layout's leaves
 
 
 class Entry:
@@ -65,6 +76,8 @@ class Entry:
 
 def flatten_output(out: Any) -> tuple[tree.TreeSpec, list[Any]]:
     """The spec and leaves of a module's output; :class:`ArgumentError` for a leaf that is not cacheable."""
+    if isinstance(out, Tensor):
+        return _LEAF, [out]
     leaves, spec = tree.flatten(out)
     for leaf in leaves:
         if not isinstance(leaf, (Tensor, *CONSTANT_TYPES)):
@@ -83,46 +96,123 @@ def detached(leaf: Any) -> Any:
     return leaf.detach().clone() if isinstance(leaf, Tensor) else leaf
 
 
-def row_entries(result: Any, n: int) -> list[Entry]:
-    """One entry per row of a batch's output; every output tensor must have the batch size ``n`` first."""
-    spec, leaves = flatten_output(result)
-    tensors = [t for t in leaves if isinstance(t, Tensor)]
-    for i, t in enumerate(tensors):
+def check_rows(leaves: Sequence[Any], n: int) -> None:
+    """:class:`ArgumentError` unless every tensor leaf of an output has the batch size ``n`` first."""
+    for i, t in enumerate(x for x in leaves if isinstance(x, Tensor)):
         if t.dim() == 0 or t.shape[0] != n:
             raise ArgumentError(
                 f"cache_features: with granularity='sample' every output tensor needs the batch size {n} "
                 f"as its first dimension; output #{i} has shape {tuple(t.shape)}. "
                 "Use granularity='batch' for this module."
             )
+
+
+def row_entries(result: Any, n: int) -> list[Entry]:
+    """One entry per row of a batch's output (copies: for the files on disk)."""
+    spec, leaves = flatten_output(result)
+    check_rows(leaves, n)
     return [Entry(spec, tuple(detached(x[r]) if isinstance(x, Tensor) else x for x in leaves)) for r in range(n)]
 
 
-def stack_entries(entries: list[Entry], device: torch.device) -> Any:
-    """The batch output rebuilt from one entry per row, on ``device``."""
-    first = entries[0]
-    for e in entries:
-        if e.spec is first.spec:  # rows of one call
-            continue
-        same_constants = all(isinstance(a, Tensor) or a == b for a, b in zip(first.leaves, e.leaves, strict=False))
-        if e.spec != first.spec or not same_constants:
-            raise ArgumentError(
-                "cache_features: the cached rows of this batch have different output structures; "
-                "use granularity='batch' for this module."
-            )
-    out = [
-        stack_rows([e.leaves[j] for e in entries], device) if isinstance(leaf, Tensor) else leaf
-        for j, leaf in enumerate(first.leaves)
-    ]
-    return first.output(out)
+def entry_rows(entries: Sequence[Entry]) -> list[Tensor]:
+    """The tensor leaves of one-row entries (read from disk) stacked into batches, one per leaf."""
+    count = sum(isinstance(x, Tensor) for x in entries[0].leaves)
+    return [torch.stack([[x for x in e.leaves if isinstance(x, Tensor)][j] for e in entries]) for j in range(count)]
 
 
-def stack_rows(rows: list[Tensor], device: torch.device) -> Tensor:
-    """Stack cached rows into a batch on ``device`` (one copy when every row is already there)."""
-    try:
-        out = torch.stack(rows)
-    except RuntimeError:  # rows on different devices (e.g. some read back from disk)
-        return torch.stack([t.to(device) for t in rows])
-    return out if out.device == device else out.to(device)
+class RowLayout:
+    """Per-sample rows of one call layout (method, input structure, dtypes, row shapes, autocast).
+
+    Holds the key salt, the output structure (spec, constants, and each tensor's row
+    shape and dtype: set by the first output seen) and a :class:`SlabStore` with the
+    output's tensor rows.
+    """
+
+    __slots__ = ("leaves", "rows", "salt", "single", "spec", "store")
+
+    def __init__(self, salt: bytes, max_bytes: int) -> None:
+        self.salt = salt
+        self.store = SlabStore(max_bytes=max_bytes)
+        self.spec: tree.TreeSpec | None = None
+        self.leaves: list[Any] = []  # constants, and _TENSOR where a tensor goes
+        self.rows: list[tuple[torch.Size, torch.dtype]] = []
+        self.single = False  # the output is one tensor
+
+    def matches(self, spec: tree.TreeSpec, leaves: Sequence[Any]) -> bool:
+        """Whether a batch output (tensors with rows in dim 0) has this layout's structure, constants and rows."""
+        if self.spec is None:
+            return False
+        if len(leaves) != len(self.leaves) or (spec is not self.spec and spec != self.spec):
+            return False
+        if [(t.shape[1:], t.dtype) for t in leaves if isinstance(t, Tensor)] != self.rows:
+            return False
+        return all(
+            (c is _TENSOR) == isinstance(x, Tensor) and (c is _TENSOR or x == c)
+            for x, c in zip(leaves, self.leaves, strict=True)
+        )
+
+    def adopt(self, spec: tree.TreeSpec, leaves: Sequence[Any]) -> None:
+        """Take this structure; the rows held so far are dropped."""
+        self.store = SlabStore(max_bytes=self.store.max_bytes)
+        self.spec = spec
+        self.leaves = [_TENSOR if isinstance(x, Tensor) else x for x in leaves]
+        self.rows = [(t.shape[1:], t.dtype) for t in leaves if isinstance(t, Tensor)]
+        self.single = spec.is_leaf() and len(leaves) == 1 and isinstance(leaves[0], Tensor)
+
+    def output(self, tensors: list[Tensor]) -> Any:
+        """The output rebuilt from its tensor leaves (batches)."""
+        if self.single:
+            return tensors[0]
+        it = iter(tensors)
+        assert self.spec is not None  # rows are only stored after adopt
+        return tree.unflatten(self.spec, [next(it) if c is _TENSOR else c for c in self.leaves])
+
+
+class RowLayouts:
+    """The :class:`RowLayout` of each call layout, least recently used first out when over ``max_bytes``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.layouts: OrderedDict[tuple[Any, ...], RowLayout] = OrderedDict()
+        self.dropped = 0  # rows of whole layouts dropped for the budget
+
+    def get(self, ident: tuple[Any, ...], salt: Any) -> RowLayout:
+        """The layout ``ident`` (made with ``salt()`` when new), marked as used now."""
+        layout = self.layouts.get(ident)
+        if layout is None:
+            layout = self.layouts[ident] = RowLayout(salt(), self.max_bytes)
+        else:
+            self.layouts.move_to_end(ident)
+        return layout
+
+    def insert(self, layout: RowLayout, keys: Sequence[bytes], tensors: Sequence[Tensor]) -> None:
+        """Store rows in ``layout``, then drop other layouts (least recently used first) over the budget."""
+        layout.store.insert(keys, tensors)
+        total = self.nbytes
+        while total > self.max_bytes and len(self.layouts) > 1:
+            ident, old = next(iter(self.layouts.items()))
+            if old is layout:
+                self.layouts.move_to_end(ident)
+                continue
+            del self.layouts[ident]
+            total -= old.store.nbytes
+            self.dropped += len(old.store)
+
+    def clear(self) -> None:
+        self.layouts.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(lay.store.nbytes for lay in self.layouts.values())
+
+    def counts(self) -> tuple[int, int, int]:
+        """Rows held, rows evicted, rows skipped (larger than the budget)."""
+        stores = [lay.store for lay in self.layouts.values()]
+        return (
+            sum(map(len, stores)),
+            self.dropped + sum(s.evictions for s in stores),
+            sum(s.skipped for s in stores),
+        )
 
 
 # --------------------------------------------------------------------------- spec <-> JSON
@@ -189,12 +279,10 @@ def _rebuild(spec: Any, tensors: list[Tensor], depth: int = 0) -> Any:
 # --------------------------------------------------------------------------- file format
 
 
-def _dtype_from_str(s: str) -> torch.dtype:
-    name = s.split(".", 1)[1] if s.startswith("torch.") else s
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {s!r}")
-    return dt
+def _safetensors() -> Any:
+    import safetensors.torch as st  # the io extra; cache_features checks it is there before using a directory
+
+    return st
 
 
 def encode_entry(key: str, entry: Entry, secret: bytes) -> bytes:
@@ -205,40 +293,16 @@ def encode_entry(key: str, entry: Entry, secret: bytes) -> bytes:
     """
     tensors = [check_dense(t) for t in entry.leaves if isinstance(t, Tensor)]
     spec = spec_to_json(entry.spec, list(entry.leaves))
-    metas = []
-    chunks: list[bytes | memoryview] = []
-    offset = 0
-    for t in tensors:
-        mv = tensor_bytes(t)
-        pad = (-offset) % _ALIGN
-        if pad:
-            chunks.append(b"\0" * pad)
-            offset += pad
-        metas.append({"dtype": str(t.dtype), "shape": list(t.shape), "offset": offset, "nbytes": mv.nbytes})
-        chunks.append(mv)
-        offset += mv.nbytes
-    header = json.dumps({"key": key, "spec": spec, "tensors": metas}, separators=(",", ":")).encode()
-    total = _PREFIX + len(header) + offset + _DIGEST
-    signed = b"".join([_MAGIC, struct.pack("<QQ", total, len(header)), header, *chunks])
-    return signed + hmac.new(secret, signed, hashlib.sha256).digest()
+    named = {str(i): t.detach().cpu().contiguous() for i, t in enumerate(tensors)}
+    meta = {"format": FORMAT, "key": key, "spec": json.dumps(spec, separators=(",", ":"))}
+    payload: bytes = _safetensors().save(named, metadata=meta)
+    return payload + _mac(secret, payload)
 
 
-def _read_tensors(metas: list[dict[str, Any]], data: bytearray) -> list[Tensor]:
-    tensors = []
-    for m in metas:
-        dt = _dtype_from_str(m["dtype"])
-        shape = tuple(int(s) for s in m["shape"])
-        if any(d < 0 for d in shape):
-            raise ValueError("negative dimension")
-        numel = math.prod(shape)
-        if numel == 0:
-            tensors.append(torch.empty(shape, dtype=dt))
-            continue
-        itemsize = torch.empty((), dtype=dt).element_size()
-        if m["nbytes"] != numel * itemsize or m["offset"] < 0 or m["offset"] + m["nbytes"] > len(data):
-            raise ValueError("tensor extent out of range")
-        tensors.append(torch.frombuffer(data, dtype=dt, count=numel, offset=m["offset"]).reshape(shape))
-    return tensors
+def _mac(secret: bytes, payload: bytes | memoryview) -> bytes:
+    h = hmac.new(secret, FORMAT.encode() + b"\0", hashlib.sha256)
+    h.update(payload)
+    return h.digest()
 
 
 def decode_entry(raw: bytes, key: str, secret: bytes) -> Entry:
@@ -246,20 +310,25 @@ def decode_entry(raw: bytes, key: str, secret: bytes) -> Entry:
 
     The HMAC is checked before anything of the file is parsed.
     """
-    if len(raw) < _PREFIX + _DIGEST or not raw.startswith(_MAGIC):
-        raise ValueError("bad magic or truncated")
-    total, hlen = struct.unpack_from("<QQ", raw, len(_MAGIC))
-    if total != len(raw) or hlen > len(raw) - _PREFIX - _DIGEST:
-        raise ValueError("declared length does not match the file")
-    signed = memoryview(raw)[: len(raw) - _DIGEST]
-    if not hmac.compare_digest(hmac.new(secret, signed, hashlib.sha256).digest(), raw[len(raw) - _DIGEST :]):
+    from safetensors import SafetensorError
+
+    if len(raw) < 8 + _DIGEST:
+        raise ValueError("truncated")
+    payload = memoryview(raw)[: len(raw) - _DIGEST]
+    if not hmac.compare_digest(_mac(secret, payload), raw[len(raw) - _DIGEST :]):
         raise ValueError("not authenticated by this cache directory's secret")
     try:
-        header = json.loads(bytes(signed[_PREFIX : _PREFIX + hlen]))
-        if header.get("key") != key:
-            raise ValueError("entry belongs to another key")
-        tensors = _read_tensors(header["tensors"], bytearray(signed[_PREFIX + hlen :]))
-        spec, leaves = flatten_output(_rebuild(header["spec"], tensors))
-    except _DAMAGE as error:
+        (hlen,) = struct.unpack_from("<Q", raw, 0)
+        if hlen > min(_MAX_HEADER, len(payload) - 8):
+            raise ValueError("header length out of range")
+        meta = json.loads(bytes(payload[8 : 8 + hlen])).get("__metadata__") or {}
+        if meta.get("format") != FORMAT or meta.get("key") != key:
+            raise ValueError("entry of another format or key")
+        named = _safetensors().load(bytes(payload))
+        tensors = [named[str(i)] for i in range(len(named))]
+        spec, leaves = flatten_output(_rebuild(json.loads(meta["spec"]), tensors))
+        if sum(isinstance(x, Tensor) for x in leaves) != len(tensors):
+            raise ValueError("tensors not all used by the structure")
+    except (*_DAMAGE, SafetensorError) as error:
         raise ValueError(f"damaged entry: {error}") from error
     return Entry(spec, tuple(leaves))

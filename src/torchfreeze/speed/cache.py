@@ -4,19 +4,25 @@
 back where the module lived (``model.backbone = cache_features(model.backbone)``);
 that is the one call. The wrapper
 
-* keys every output by the *content* of the inputs (a fast SHA-256 hash (hardware-accelerated on current CPUs) of the
-  tensor bytes, dtype and shape, never the sample's index: augmented data simply
-  misses and stays correct) plus a fingerprint of the wrapped module's weights,
-  buffers, structure and train/eval flags (:mod:`torchfreeze.speed.keys`);
+* keys every output by the *content* of the inputs (a 128-bit hash per row of the
+  tensor bytes, with their dtypes and shapes: xxh3-128 with the optional ``xxhash``
+  package, a vectorised hash in torch operations on the tensor's own device otherwise;
+  never the sample's index: augmented data simply misses and stays correct) plus the
+  wrapped module's weights, buffers, structure and train/eval flags
+  (:mod:`torchfreeze.speed.keys`);
 * by default caches per sample (``granularity="sample"``): each row of the batch
   is its own entry, so a shuffled ``DataLoader`` hits the cache from the second
   epoch on. This assumes the module treats the rows of a batch independently,
-  which holds for eval-mode networks; use ``granularity="batch"`` otherwise;
-* keeps entries in memory, least recently used first out, within ``max_bytes``,
-  and optionally in a directory on disk (atomic writes; every file carries its
-  key and an HMAC under the directory's own secret, so a corrupted, foreign or
-  planted entry is detected, counted and recomputed, never returned; a failed
-  write is counted and skipped) (:mod:`torchfreeze.speed.storage`);
+  which holds for eval-mode networks; use ``granularity="batch"`` otherwise. Rows are
+  kept in preallocated slabs, one per output tensor (:mod:`torchfreeze.speed.slabs`):
+  a batch of hits is one key pass, one dict lookup per row and one ``index_select``
+  per output tensor, on the device the outputs were computed on;
+* keeps entries in memory within ``max_bytes`` (per-sample rows: oldest first out;
+  whole calls: least recently used first out), and optionally in a directory on
+  disk (safetensors files, atomic writes; every file carries its key and an HMAC
+  under the directory's own secret, so a corrupted, foreign or planted entry is
+  detected, counted and recomputed, never returned; a failed write is counted and
+  skipped) (:mod:`torchfreeze.speed.storage`);
 * refuses a module with trainable parameters or stochastic behaviour (dropout in
   train mode, BatchNorm using batch statistics), naming the parameter or layer,
   both when it is wrapped and on every call, so a later ``unfreeze`` is caught
@@ -25,8 +31,9 @@ that is the one call. The wrapper
   ``model.train()`` does not reach through the cache;
 * leaves ``state_dict`` keys unchanged (the wrapper adds no ``module.`` prefix
   to saved or loaded keys); ``parameters()`` names do show the ``.module`` level;
-* pickles without its in-memory entries, so it works in ``DataLoader`` workers
-  (each worker has its own memory; a shared ``directory`` lets them share).
+* pickles (and deep-copies) without its in-memory entries, so it works in
+  ``DataLoader`` workers (each worker has its own memory; a shared ``directory``
+  lets them share).
 
 The way back is ``cached.module`` (the original module, untouched).
 """
@@ -38,7 +45,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -47,21 +54,27 @@ from torchfreeze._core.canonical import make_state_dict_transparent
 from torchfreeze._core.checks import require_choice, require_module, short_repr
 from torchfreeze._core.uses import FrozenOnly
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, CacheRefusedError
-from torchfreeze.speed._entry import Entry, detached, flatten_output, row_entries, stack_entries
+from torchfreeze.speed._entry import (
+    Entry,
+    RowLayout,
+    check_rows,
+    detached,
+    entry_rows,
+    flatten_output,
+    row_entries,
+)
 from torchfreeze.speed.keys import (
     ModuleWatch,
-    batch_key,
-    input_signature,
-    key_prefix,
+    autocast_state,
+    fast_signature,
+    key_salt,
     module_fingerprint,
-    row_keys,
+    row_keys_fast,
     take_rows,
 )
 from torchfreeze.speed.refusal import cache_refusal_reasons, refusal_error
+from torchfreeze.speed.slabs import int64
 from torchfreeze.speed.storage import CacheStats, EntryStore
-
-if TYPE_CHECKING:
-    from hashlib import _Hash
 
 __all__ = ["cache_features", "FeatureCache"]
 
@@ -112,7 +125,7 @@ class FeatureCache(FrozenOnly):
         self._instance = uuid.uuid4().hex
         self._generation = 0
         self._fingerprint: str | None = None
-        self._watch = ModuleWatch(module)
+        self._watch: ModuleWatch | None = ModuleWatch(module)
         if self.directory is not None:
             self._fingerprint = module_fingerprint(module, salt=salt)
         make_state_dict_transparent(self)
@@ -129,6 +142,11 @@ class FeatureCache(FrozenOnly):
             if name == "forward_features" and callable(attr):
                 return lambda *a, **k: self._cached_call("forward_features", attr, a, k)
             return attr
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_watch"] = None  # rebuilt on the next call, over the (copied) module
+        return state
 
     def train(self, mode: bool = True) -> FeatureCache:
         """Set the wrapper's flag only: the cached module keeps the modes it was wrapped with."""
@@ -172,7 +190,8 @@ class FeatureCache(FrozenOnly):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped module's output, from the cache when the inputs were seen before."""
-        return self._cached_call("forward", self.module, args, kwargs)
+        module: nn.Module = self._modules["module"]  # type: ignore[assignment]  # faster than self.module
+        return self._cached_call("forward", module, args, kwargs)
 
     # -- checks -------------------------------------------------------------
     def _key_base(self) -> str:
@@ -182,31 +201,37 @@ class FeatureCache(FrozenOnly):
             self._fingerprint = module_fingerprint(self.module, salt=self.salt)
         return self._fingerprint
 
+    def _changed(self) -> None:
+        self._fingerprint = None
+        self._generation += 1
+        with self._store.lock:
+            self._store.rows.clear()  # their keys are of the old module: never reachable again
+
     def _check_module(self) -> None:
-        if self._watch.module is not self.module:  # `cached.module = other`: a new module, new keys
+        watch = self._watch
+        if watch is None or watch.module is not self._modules["module"]:  # `cached.module = other`, or unpickled
             reasons = cache_refusal_reasons(self.module)
             if reasons:
                 raise refusal_error(reasons, "the wrapped module any more (it was replaced after cache_features)")
             self._watch = ModuleWatch(self.module)
-            self._fingerprint = None
-            self._generation += 1
+            if watch is not None:
+                self._changed()
             return
-        token = self._watch.poll()
+        token = watch.poll()
         if token is None:
             return
         reasons = cache_refusal_reasons(self.module)
         if reasons:  # the token is not accepted: every later call checks again
             raise refusal_error(reasons, "the wrapped module any more (it changed after cache_features)")
-        self._fingerprint = None
-        self._generation += 1
-        self._watch.accept(token)
+        self._changed()
+        watch.accept(token)
 
     # -- core ---------------------------------------------------------------
     def _cached_call(self, method: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         t0 = time.perf_counter()
         try:
             self._check_module()
-            signature, leaves = input_signature(args, kwargs)
+            signature, leaves = fast_signature(args, kwargs)
             if torch.is_grad_enabled():
                 for i, t in enumerate(leaves):
                     if t.requires_grad:
@@ -215,10 +240,9 @@ class FeatureCache(FrozenOnly):
                             "before the module trains; a cached output would cut that gradient path. Fix: freeze "
                             "what comes before too, or do not cache this module (see torchfreeze.explain)."
                         )
-            prefix = key_prefix(self._key_base(), method, self.granularity, signature)
             if self.granularity == "batch":
-                return self._call_batch(prefix, fn, args, kwargs, leaves)
-            return self._call_sample(prefix, fn, args, kwargs, leaves)
+                return self._call_batch(method, signature, fn, args, kwargs, leaves)
+            return self._call_sample(method, signature, fn, args, kwargs, leaves)
         finally:
             dt = time.perf_counter() - t0
             with self._store.lock:
@@ -230,13 +254,25 @@ class FeatureCache(FrozenOnly):
             with torch.no_grad():
                 return fn(*args, **kwargs)
         finally:
-            self._watch.rebase_attributes()  # counters the module keeps itself are not a change
+            if self._watch is not None:
+                self._watch.rebase_attributes()  # counters the module keeps itself are not a change
             dt = time.perf_counter() - t0
             with self._store.lock:
                 self._store.stats.compute_seconds += dt
 
-    def _call_batch(self, prefix: _Hash, fn: Callable[..., Any], args: Any, kwargs: Any, leaves: list[Tensor]) -> Any:
-        key = batch_key(prefix, leaves)
+    def _call_batch(
+        self,
+        method: str,
+        signature: tuple[Any, ...],
+        fn: Callable[..., Any],
+        args: Any,
+        kwargs: Any,
+        leaves: list[Tensor],
+    ) -> Any:
+        shapes = tuple((t.dtype, tuple(t.shape)) for t in leaves)
+        salt = key_salt(self._key_base(), method, "batch", (signature, shapes))
+        whole = [t.reshape(1, -1) for t in leaves]  # one "row" per call
+        key = (row_keys_fast(whole, 1, salt=salt)[0] if whole else salt).hex()
         entry = self._store.lookup([key])[0]
         device = leaves[0].device if leaves else None
         if entry is not None:
@@ -252,7 +288,15 @@ class FeatureCache(FrozenOnly):
         self._store.insert([(key, Entry(spec, tuple(detached(x) for x in out_leaves)))])
         return result
 
-    def _call_sample(self, prefix: _Hash, fn: Callable[..., Any], args: Any, kwargs: Any, leaves: list[Tensor]) -> Any:
+    def _call_sample(
+        self,
+        method: str,
+        signature: tuple[Any, ...],
+        fn: Callable[..., Any],
+        args: Any,
+        kwargs: Any,
+        leaves: list[Tensor],
+    ) -> Any:
         if not leaves:
             raise ArgumentError(
                 "cache_features: granularity='sample' needs at least one tensor input with a batch "
@@ -266,23 +310,110 @@ class FeatureCache(FrozenOnly):
                     f"batch dimension; input #0 has shape {tuple(leaves[0].shape)} and input #{i} has "
                     f"{tuple(t.shape)}. Use granularity='batch' for such modules."
                 )
-        keys = row_keys(prefix, leaves, n)
-        found = self._store.lookup(keys)
-        missing = [r for r, e in enumerate(found) if e is None]
+        if len(leaves) == 1:
+            x = leaves[0]
+            ident: tuple[Any, ...] = (method, signature, autocast_state(), x.dtype, x.shape[1:])
+        else:
+            ident = (method, signature, autocast_state(), *[(t.dtype, t.shape[1:]) for t in leaves])
+        store = self._store
+        with store.lock:
+            layout = store.rows.get(ident, lambda: key_salt(self._key_base(), method, "sample", signature))
+        keys = row_keys_fast(leaves, n, salt=layout.salt)
         device = leaves[0].device
-        if len(missing) == n:
-            result = self._compute(fn, args, kwargs)
-            rows = row_entries(result, n)
-            self._store.insert([(keys[r], rows[r]) for r in range(n)])
+        with store.lock:
+            slots = layout.store.find(keys)
+            if slots is not None:  # the common case once warm: every row is in the slabs
+                store.stats.hits += n
+                store.stats.memory_hits += n
+                return layout.output(layout.store.gather(slots, device))
+            found = layout.store.slots(keys)
+            hit = [r for r, s in enumerate(found) if s >= 0]
+            hit_rows = layout.store.gather(int64([found[r] for r in hit]), device) if hit else []
+        return self._fill(layout, keys, hit, hit_rows, fn, args, kwargs, device)
+
+    def _fill(
+        self,
+        layout: RowLayout,
+        keys: list[bytes],
+        hit: list[int],
+        hit_rows: list[Tensor],
+        fn: Callable[..., Any],
+        args: Any,
+        kwargs: Any,
+        device: torch.device,
+    ) -> Any:
+        """A batch with missing rows: read them from disk or compute them, store them, assemble the output."""
+        n, store = len(keys), self._store
+        hit_set = set(hit)
+        missing = [r for r in range(n) if r not in hit_set]
+        found = self._read_rows(layout, keys, missing)
+        todo = [r for r in missing if r not in found]
+        with store.lock:
+            store.stats.hits += len(hit) + len(found)
+            store.stats.memory_hits += len(hit)
+            store.stats.disk_hits += len(found)
+            store.stats.misses += len(todo)
+        parts = [(hit, hit_rows)]
+        if found:
+            rows = list(found)
+            tensors = entry_rows([found[r] for r in rows])
+            with store.lock:
+                store.rows.insert(layout, [keys[r] for r in rows], tensors)
+            parts.append((rows, tensors))
+        if not todo:
+            return layout.output(assemble(n, parts, device))
+        whole = len(todo) == n
+        sub = (args, kwargs) if whole else take_rows((args, kwargs), torch.tensor(todo, device=device))
+        result = self._compute(fn, *sub)
+        spec, out = flatten_output(result)
+        check_rows(out, len(todo))
+        if not layout.matches(spec, out):
+            if not whole:  # the rows at hand have another output structure: compute the whole batch once more
+                result = self._compute(fn, args, kwargs)
+                spec, out = flatten_output(result)
+                check_rows(out, n)
+                todo, whole = list(range(n)), True
+            with store.lock:
+                layout.adopt(spec, out)  # a new structure: the old rows are dropped
+        tensors = [x.detach() for x in out if isinstance(x, Tensor)]
+        with store.lock:
+            store.rows.insert(layout, [keys[r] for r in todo], tensors)
+        if store.directory is not None:
+            for r, entry in zip(todo, row_entries(result, len(todo)), strict=True):
+                store.write(keys[r].hex(), entry)
+        if whole:
             return result
-        if missing:
-            idx = torch.tensor(missing, device=device)
-            sub_args, sub_kwargs = take_rows((args, kwargs), idx)
-            rows = row_entries(self._compute(fn, sub_args, sub_kwargs), len(missing))
-            for r, entry in zip(missing, rows, strict=True):
-                found[r] = entry
-            self._store.insert([(keys[r], entry) for r, entry in zip(missing, rows, strict=True)])
-        return stack_entries([e for e in found if e is not None], device)
+        parts.append((todo, tensors))
+        return layout.output(assemble(n, parts, device))
+
+    def _read_rows(self, layout: RowLayout, keys: list[bytes], missing: list[int]) -> dict[int, Entry]:
+        """The missing rows found in the directory whose structure fits the layout (it adopts the first one's)."""
+        found: dict[int, Entry] = {}
+        if self._store.directory is None:
+            return found
+        for r in missing:
+            e = self._store.read(keys[r].hex())
+            if e is None:
+                continue
+            batched = [x.unsqueeze(0) if isinstance(x, Tensor) else x for x in e.leaves]
+            with self._store.lock:
+                if layout.spec is None:
+                    layout.adopt(e.spec, batched)
+                if layout.matches(e.spec, batched):
+                    found[r] = e
+        return found
+
+
+def assemble(n: int, parts: list[tuple[list[int], list[Tensor]]], device: torch.device) -> list[Tensor]:
+    """Output tensors of ``n`` rows from parts (rows, one tensor per output leaf): one ``index_copy_`` per part."""
+    template = next(ts for rows, ts in parts if rows)
+    out = [torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=device) for t in template]
+    for rows, tensors in parts:
+        if rows:
+            idx = torch.tensor(rows, device=device)
+            for o, t in zip(out, tensors, strict=True):
+                o.index_copy_(0, idx, t.to(device))
+    return out
 
 
 def cache_features(

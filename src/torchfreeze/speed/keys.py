@@ -9,26 +9,22 @@ dtypes, shapes and bytes (:func:`batch_key`, :func:`row_keys`).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import operator
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from torchfreeze._core import tree
-from torchfreeze._core.fingerprint import fingerprint, hash_tensor, tensor_bytes
+from torchfreeze._core.fingerprint import fingerprint, tensor_bytes
 from torchfreeze.errors import ArgumentError
-
-if TYPE_CHECKING:
-    from hashlib import _Hash
 
 __all__ = ["module_fingerprint"]
 
-KEY_FORMAT = "tfc-key-2"
+KEY_FORMAT = "tfc-key-3"
 CONSTANT_TYPES: tuple[type, ...] = (type(None), bool, int, float, str)
 # what a broken ``extra_repr`` of a user's module may raise; the class name stands in for it then
 _REPR_ERRORS = (AttributeError, TypeError, ValueError, KeyError, IndexError, RuntimeError)
@@ -111,99 +107,102 @@ def plain_attributes(module: nn.Module) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in module.__dict__.items() if k[0] != "_" and k != "training" and _plain(v)]
 
 
-_get_training = operator.attrgetter("training")
 _get_version = operator.attrgetter("_version")
 _get_requires_grad = operator.attrgetter("requires_grad")
 _get_parameters = operator.attrgetter("_parameters")
 _get_buffers = operator.attrgetter("_buffers")
 _get_modules = operator.attrgetter("_modules")
-_get_dict = operator.attrgetter("__dict__")
-_not_none = functools.partial(operator.is_not, None)
-
-StateToken = tuple[list[Any], ...]
-Reader = Callable[[dict[str, Any]], Any]
+_values = dict.values
+_chain = itertools.chain.from_iterable
 
 
-def _none(_: dict[str, Any]) -> None:
-    return None
+_CORE = ("training",)
+Token = tuple[list[Any], list[int], list[int], list[int], list[bool]]
 
 
-def attribute_readers(mods: list[nn.Module]) -> list[Reader]:
-    """Per module, a C-level getter of its plain attributes' values (see :func:`plain_attributes`)."""
-    readers: list[Reader] = []
-    for m in mods:
-        keys = [k for k, _ in plain_attributes(m)]
-        readers.append(operator.itemgetter(*keys) if keys else _none)
-    return readers
+_call_getter = operator.itemgetter.__call__  # operator.call is Python 3.11+
 
 
-def _read(reader: Reader, d: dict[str, Any]) -> Any:
-    try:
-        return reader(d)
-    except KeyError:  # an attribute was deleted: a change
-        return KeyError
-
-
-def state_token(mods: list[nn.Module], readers: list[Reader] | None = None) -> StateToken:
-    """A token that changes whenever weights, buffers, structure or modes of ``mods`` change.
-
-    Per tensor: identity, storage address, version counter (bumped by every in-place change,
-    including ``load_state_dict`` and optimizer steps) and ``requires_grad``; per module: the
-    identity of its parameter, buffer and child dicts, of every child, its ``training`` flag
-    (so a swapped or added layer, even one without parameters, changes the token) and its plain
-    attributes (:func:`plain_attributes`: ``negative_slope``, ``eps``, ``p``...). It runs on
-    every cached call, so it is built from C-level ``map`` calls over the flat module list:
-    microseconds even for a transformer encoder.
-    """
-    if readers is None:
-        readers = attribute_readers(mods)
-    pdicts = list(map(_get_parameters, mods))
-    bdicts = list(map(_get_buffers, mods))
-    mdicts = list(map(_get_modules, mods))
-    slots = list(itertools.chain.from_iterable(map(dict.values, pdicts + bdicts)))  # tensors and Nones
-    tensors = list(filter(_not_none, slots))
-    return (
-        list(map(id, pdicts + bdicts + mdicts)),
-        list(map(id, slots)),
-        list(map(id, itertools.chain.from_iterable(map(dict.values, mdicts)))),
-        list(map(Tensor.data_ptr, tensors)),
-        list(map(_get_version, tensors)),
-        list(map(_get_requires_grad, tensors)),
-        list(map(_get_training, mods)),
-        list(map(len, dicts := list(map(_get_dict, mods)))),  # an attribute added
-        list(map(_read, readers, dicts)),
-    )
+def _getter(module: nn.Module) -> operator.itemgetter[Any]:
+    names = [*_CORE, *(k for k, _ in plain_attributes(module))]
+    return operator.itemgetter(*names, *names)  # two names at least: it returns a tuple
 
 
 class ModuleWatch:
-    """Cheap change detection for a wrapped module (see :func:`state_token`)."""
+    """Cheap change detection for a wrapped module: :meth:`poll` runs on every cached call.
 
-    __slots__ = ("mods", "module", "readers", "token")
+    The token is, over every submodule, the *objects* of its ``training`` flag, its
+    parameters, buffers and children, and its plain attributes
+    (:func:`plain_attributes`), compared by identity (and held, so a freed object's
+    address cannot come back as a false "unchanged"); the size of its ``__dict__``
+    (an added attribute); and each tensor's version counter (bumped by every in-place
+    change: optimizer steps, ``load_state_dict``), storage address (``.data = ...``)
+    and ``requires_grad``. So a swapped layer (even one without parameters), a new
+    parameter object, a ``train()``/``eval()`` flag or a new hyperparameter value
+    (``negative_slope``, ``eps``) all change it. A few C-level passes: microseconds
+    for a dozen modules.
+    """
+
+    __slots__ = ("dicts", "getters", "mods", "module", "slots", "tensors", "token")
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.mods = list(module.modules())
-        self.readers = attribute_readers(self.mods)
-        self.token = state_token(self.mods, self.readers)
+        self._walk()
+        self.token = self._take()
 
-    def poll(self) -> StateToken | None:
+    def _walk(self) -> None:
+        mods = self.mods = list(self.module.modules())
+        self.dicts = list(map(vars, mods))
+        self.getters = [_getter(m) for m in mods]
+        self.slots = [*map(_get_parameters, mods), *map(_get_buffers, mods), *map(_get_modules, mods)]
+        self.tensors: list[Tensor] = [t for d in self.slots[: 2 * len(mods)] for t in d.values() if t is not None]
+
+    def _objects(self) -> list[Any]:
+        try:
+            held = list(_chain(map(_call_getter, self.getters, self.dicts)))
+        except KeyError:  # an attribute was deleted: a change
+            return [KeyError]
+        held += _chain(map(_values, self.slots))
+        return held
+
+    def _take(self) -> Token:
+        tensors = self.tensors
+        return (
+            self._objects(),
+            list(map(len, self.dicts)),
+            list(map(_get_version, tensors)),
+            list(map(Tensor.data_ptr, tensors)),
+            list(map(_get_requires_grad, tensors)),
+        )
+
+    def poll(self) -> Token | None:
         """None when nothing changed; otherwise the new token (make it current with :meth:`accept`)."""
-        token = state_token(self.mods, self.readers)
-        if token == self.token:
+        held, sizes, versions, ptrs, grads = self.token
+        now = self._objects()
+        tensors = self.tensors
+        if (
+            len(now) == len(held)
+            and all(map(operator.is_, now, held))
+            and list(map(_get_version, tensors)) == versions
+            and list(map(len, self.dicts)) == sizes
+            and list(map(Tensor.data_ptr, tensors)) == ptrs
+            and list(map(_get_requires_grad, tensors)) == grads
+        ):
             return None
-        self.mods = list(self.module.modules())  # the structure may have changed: walk again
-        self.readers = attribute_readers(self.mods)
-        return state_token(self.mods, self.readers)
+        self._walk()  # the structure may have changed: walk again
+        return self._take()
 
     def rebase_attributes(self) -> None:
-        """Take the plain attributes as they are now (after a forward pass that updated its own counters).
+        """Take the attribute objects as they are now (after a forward pass that updated its own counters).
 
         A module that counts its calls in an attribute changes it on every forward pass; that is
         the module's own doing, not a new hyperparameter, so it must not make every call a miss.
+        Tensor versions, addresses and flags are not rebased: a module that changes its own
+        tensors in its forward pass keeps missing, as it must.
         """
-        self.token = (*self.token[:-2], *state_token(self.mods, self.readers)[-2:])
+        self.token = (self._objects(), list(map(len, self.dicts)), *self.token[2:])
 
-    def accept(self, token: StateToken) -> None:
+    def accept(self, token: Token) -> None:
         """Make ``token`` the current one."""
         self.token = token
 
@@ -309,40 +308,209 @@ def autocast_state() -> tuple[tuple[str, bool, str], ...]:
 # --------------------------------------------------------------------------- content keys
 
 
-def key_prefix(base: str, method: str, granularity: str, signature: str) -> _Hash:
-    """A SHA-256 object fed with everything of a key but the input tensors."""
-    h = hashlib.sha256()
-    h.update(f"{KEY_FORMAT}|{base}|{method}|{granularity}|{signature!r}|{autocast_state()}|".encode())
-    return h
+def fast_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], list[Tensor]]:
+    """The structure of a call's inputs as a hashable tuple, and its tensors in order.
 
+    The common calls (one tensor; one plain ``dict`` of tensors with string keys) take a
+    fast path; anything else goes through :func:`input_signature` (pytree). The two
+    never give the same tuple for different structures.
 
-def batch_key(prefix: _Hash, tensors: list[Tensor]) -> str:
-    """The key of a whole call: ``prefix`` plus each tensor's dtype, shape and bytes."""
-    for t in tensors:
-        hash_tensor(prefix, check_dense(t))
-    return prefix.hexdigest()[:40]
+    Raises:
+        ArgumentError: an input that cannot be hashed (see :func:`input_signature`).
 
-
-def row_keys(prefix: _Hash, tensors: list[Tensor], n: int) -> list[str]:
-    """One key per row: ``prefix``, each tensor's dtype and row shape, then row ``r`` of every tensor.
-
-    One pass over each contiguous input buffer: row ``r`` of every input is a slice of its view.
+    >>> fast_signature((torch.ones(2),), {})[0], fast_signature(({"a": torch.ones(2)},), {})[0]
+    (('T',), ('D', ('a',)))
     """
-    views = [tensor_bytes(check_dense(t)) for t in tensors]
-    prefix.update("".join(f"{t.dtype}|{tuple(t.shape[1:])}|" for t in tensors).encode())
-    keys: list[str] = []
+    if not kwargs and len(args) == 1:
+        a = args[0]
+        if isinstance(a, Tensor):
+            return ("T",), [a]
+        if type(a) is dict:
+            values = list(a.values())
+            if all(isinstance(v, Tensor) for v in values) and all(type(k) is str for k in a):
+                return ("D", tuple(a)), values
+    signature, tensors = input_signature(args, kwargs)
+    return ("G", signature), tensors
+
+
+def key_salt(base: str, method: str, granularity: str, signature: tuple[Any, ...]) -> bytes:
+    """16 bytes naming everything of a key but the input tensors' content (and their dtypes and shapes).
+
+    That is the module's part (its fingerprint, or an in-memory generation), the method, the
+    granularity, the inputs' structure and constants, and the autocast state.
+    """
+    text = f"{KEY_FORMAT}|{base}|{method}|{granularity}|{signature!r}|{autocast_state()}"
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+_xxhash: Any
+try:  # the optional fast-hashing extra: ``pip install torchfreeze[fast]``
+    import xxhash as _xxhash
+except ImportError:  # pragma: no cover - depends on the environment
+    _xxhash = None
+
+HAVE_XXHASH = _xxhash is not None
+_MASK64 = (1 << 64) - 1
+_SEEDS: dict[tuple[Any, ...], tuple[int, int]] = {}
+
+
+def _seeds(salt: bytes, tensors: Sequence[Tensor]) -> tuple[int, int]:
+    """Two 64-bit integers from ``salt`` plus each tensor's dtype and row shape (memoised)."""
+    layout = (salt, *[(t.dtype, t.shape[1:]) for t in tensors])
+    seeds = _SEEDS.get(layout)
+    if seeds is None:
+        header = salt + "|".join(f"{t.dtype}:{tuple(t.shape[1:])}" for t in tensors).encode()
+        d = hashlib.blake2b(header, digest_size=16, person=b"tfc-rows").digest()
+        seeds = (int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little"))
+        if len(_SEEDS) > 4096:
+            _SEEDS.clear()
+        _SEEDS[layout] = seeds
+    return seeds
+
+
+def row_keys_fast(
+    tensors: Sequence[Tensor], n: int, *, salt: bytes, method: Literal["auto", "xxhash", "torch"] = "auto"
+) -> list[bytes]:
+    """One 16-byte content key per row: row ``r`` of every tensor, its dtype and row shape, and ``salt``.
+
+    With the optional ``xxhash`` package and every tensor on the CPU, each row of the
+    contiguous buffer is hashed with xxh3-128 (tens of GB/s; one call per row, no copy
+    of a contiguous input). Otherwise, and always for tensors on an accelerator, a
+    vectorised 128-bit hash runs in torch operations on the tensor's own device (two
+    independent 64-bit lanes: every 8-byte word mixed with its position by a
+    splitmix64/murmur3 finaliser, summed per row), so a CUDA input is never copied to
+    the host; only the ``n`` keys (16 bytes each) are. Both are non-cryptographic:
+    keys are unique in practice (a collision needs about 2**64 rows), not against an
+    adversary choosing inputs. The two methods give different keys for the same rows.
+
+    Args:
+        tensors: dense tensors sharing the leading dimension ``n`` (rows).
+        n: the number of rows.
+        salt: bytes mixed into every key (what else the key depends on).
+        method: ``"auto"`` (xxhash when installed and on the CPU), ``"xxhash"`` or ``"torch"``.
+
+    Returns:
+        ``n`` keys of 16 bytes; equal rows (same bytes, dtypes, row shapes, salt) give equal
+        keys wherever they sit in whichever batch.
+
+    Raises:
+        ArgumentError: a sparse tensor, a tensor without ``n`` rows, or ``method="xxhash"``
+            without the package or on a non-CPU tensor.
+
+    >>> x = torch.arange(12.0).reshape(3, 4)
+    >>> k = row_keys_fast([x], 3, salt=b"s")
+    >>> len(k), len(k[0]), k[1] == row_keys_fast([x[1:2]], 1, salt=b"s")[0], k[0] == k[1]
+    (3, 16, True, False)
+    """
+    for t in tensors:
+        check_dense(t)
+        if t.dim() == 0 or t.shape[0] != n:
+            raise ArgumentError(
+                f"row_keys_fast: every tensor needs {n} rows in dim 0; got shape {tuple(t.shape)}. "
+                "Fix: pass tensors that share the batch dimension."
+            )
+    if n == 0:
+        return []
+    seed_a, seed_b = _seeds(salt, tensors)
+    cpu = all(t.device.type == "cpu" for t in tensors)
+    if method == "xxhash" or (method == "auto" and _xxhash is not None and cpu):
+        if _xxhash is None or not cpu:
+            raise ArgumentError(
+                "row_keys_fast(method='xxhash'): needs the xxhash package and CPU tensors. "
+                "Fix: pip install 'torchfreeze[fast]', or use method='auto'."
+            )
+        return _xxhash_rows(tensors, n, seed_a)
+    return _torch_rows(tensors, n, seed_a, seed_b)
+
+
+def _bytes(t: Tensor) -> memoryview:
+    """The bytes of a CPU tensor: through numpy when it can (a microsecond), else :func:`tensor_bytes`."""
+    if t.is_contiguous() and not t.requires_grad:
+        try:
+            return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
+        except (RuntimeError, TypeError, ValueError):  # no numpy, bfloat16, a conjugate or negative view
+            pass
+    return tensor_bytes(t)
+
+
+_SLICES: dict[tuple[int, int], list[slice]] = {}
+
+
+def _slices(rb: int, n: int) -> list[slice]:
+    got = _SLICES.get((rb, n))
+    if got is None:
+        if len(_SLICES) > 256:
+            _SLICES.clear()
+        got = _SLICES[(rb, n)] = [slice(i, i + rb) for i in range(0, rb * n, rb)]
+    return got
+
+
+def _xxhash_rows(tensors: Sequence[Tensor], n: int, seed: int) -> list[bytes]:
+    assert _xxhash is not None  # checked by the caller
+    views = [_bytes(t) for t in tensors]
     if len(views) == 1:
         mv = views[0]
-        rb = mv.nbytes // n if n else 0
-        for start in range(0, rb * n, rb) if rb else [0] * n:
-            h = prefix.copy()
-            h.update(mv[start : start + rb])
-            keys.append(h.hexdigest()[:40])
-        return keys
-    rbs = [mv.nbytes // n if n else 0 for mv in views]
+        if mv.ndim != 1 or mv.format != "B":
+            mv = mv.cast("B") if mv.c_contiguous else memoryview(bytes(mv))
+        rows = map(mv.__getitem__, _slices(mv.nbytes // n, n))
+        return list(map(_xxhash.xxh3_128_digest, rows, itertools.repeat(seed, n)))
+    rbs = [mv.nbytes // n for mv in views]
+    keys = []
     for r in range(n):
-        h = prefix.copy()
-        for mv, rb in zip(views, rbs):
+        h = _xxhash.xxh3_128(seed=seed)
+        for mv, rb in zip(views, rbs, strict=True):
             h.update(mv[r * rb : (r + 1) * rb])
-        keys.append(h.hexdigest()[:40])
+        keys.append(h.digest())
     return keys
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >> 63 else x
+
+
+_M1, _M2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)  # splitmix64
+_M3, _M4 = _signed(0xFF51AFD7ED558CCD), _signed(0xC4CEB9FE1A85EC53)  # murmur3 fmix64
+_GOLDEN, _ODD = _signed(0x9E3779B97F4A7C15), _signed(0xD6E8FEB86659FD93)
+
+
+def _shr(z: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 words."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix(z: Tensor) -> Tensor:
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    return z ^ _shr(z, 31)
+
+
+def _fmix(z: Tensor) -> Tensor:
+    z = (z ^ _shr(z, 33)) * _M3
+    z = (z ^ _shr(z, 33)) * _M4
+    return z ^ _shr(z, 33)
+
+
+def _words(t: Tensor, n: int) -> Tensor:
+    """The rows of ``t`` as int64 words (zero-padded to 8 bytes; the row length is in the seeds)."""
+    t = t.detach().resolve_conj().resolve_neg().contiguous()
+    raw = t.view(torch.uint8).reshape(n, -1) if t.numel() else torch.zeros(n, 0, dtype=torch.uint8, device=t.device)
+    pad = (-raw.shape[1]) % 8
+    if pad:
+        raw = torch.cat([raw, raw.new_zeros(n, pad)], 1)
+    return raw.view(torch.int64)
+
+
+def _torch_rows(tensors: Sequence[Tensor], n: int, seed_a: int, seed_b: int) -> list[bytes]:
+    device = tensors[0].device
+    acc_a = torch.full((n,), _signed(seed_a), dtype=torch.int64, device=device)
+    acc_b = torch.full((n,), _signed(seed_b), dtype=torch.int64, device=device)
+    for t in tensors:
+        w = _words(t, n)
+        pos = torch.arange(1, w.shape[1] + 1, dtype=torch.int64, device=w.device)
+        lane_a = _splitmix(w + pos * _GOLDEN + _signed(seed_a)).sum(1, dtype=torch.int64)
+        lane_b = _fmix((w ^ _signed(seed_b)) + pos * _ODD).sum(1, dtype=torch.int64)
+        acc_a = _splitmix(acc_a * _GOLDEN + lane_a.to(device))
+        acc_b = _fmix(acc_b * _ODD + lane_b.to(device))
+    keys = torch.stack([acc_a, acc_b], 1).cpu()  # 16 bytes per row cross to the host, never the input
+    raw = bytes(tensor_bytes(keys))
+    return [raw[i : i + 16] for i in range(0, 16 * n, 16)]

@@ -20,6 +20,7 @@ not refresh a row's age. ``max_bytes`` smaller than one row stores nothing
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 
 import torch
@@ -27,7 +28,14 @@ from torch import Tensor
 
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 
-__all__ = ["SlabStore"]
+__all__ = ["SlabStore", "int64"]
+
+
+def int64(values: Sequence[int]) -> Tensor:
+    """A CPU int64 tensor from Python ints (through an ``array``: several times faster than ``torch.tensor``)."""
+    if not values:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.frombuffer(array("q", values), dtype=torch.int64)
 
 
 class SlabStore:
@@ -116,7 +124,14 @@ class SlabStore:
 
     def lookup(self, keys: Sequence[bytes]) -> Tensor:
         """An int64 tensor (on the CPU) with the slot of each key, -1 where missing."""
-        return torch.tensor(self.slots(keys), dtype=torch.int64)
+        return int64(self.slots(keys))
+
+    def find(self, keys: Sequence[bytes]) -> Tensor | None:
+        """The slots of ``keys`` as an int64 tensor when every key is present, else None (the fast hit path)."""
+        found = list(map(self._index.get, keys))
+        if None in found:
+            return None
+        return int64(found)  # type: ignore[arg-type]
 
     def gather(self, slots: Tensor, device: torch.device | str | None = None) -> list[Tensor]:
         """The rows at ``slots`` (all present, none -1), one tensor per leaf, on ``device`` (default: the slabs').
@@ -181,8 +196,8 @@ class SlabStore:
         rows, slots = self._place(keys, limit)
         if not rows:
             return 0
-        dst = torch.tensor(slots, dtype=torch.int64, device=self.device)
-        src = None if len(rows) == n else torch.tensor(rows, dtype=torch.int64, device=leaves[0].device)
+        dst = int64(slots).to(self.device)
+        src = None if len(rows) == n else int64(rows).to(leaves[0].device)
         for slab, leaf in zip(self._slabs, leaves, strict=True):
             leaf = leaf.detach()
             if src is not None:

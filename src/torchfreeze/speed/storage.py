@@ -1,7 +1,10 @@
-"""Where cache entries live: an in-memory LRU within a byte budget, and an optional directory.
+"""Where cache entries live: memory within a byte budget, and an optional directory.
 
 :class:`EntryStore` holds the entries of one :class:`~torchfreeze.speed.FeatureCache`
-and its :class:`CacheStats`; memory is looked up first, then the directory.
+and its :class:`CacheStats`; memory is looked up first, then the directory. Per-sample
+rows (``granularity="sample"``) live in slabs (:class:`~torchfreeze.speed._entry.RowLayouts`:
+oldest rows out first within a layout, least recently used layout out first);
+whole-call entries (``granularity="batch"``) in a least-recently-used dict.
 
 The directory is untrusted input. Its entries are authenticated with HMAC-SHA256
 under a per-directory secret (``.tfc-secret``, 32 random bytes, created once with
@@ -29,7 +32,7 @@ from typing import Any
 
 from torchfreeze._core.files import read_regular_file, write_bytes_atomic
 from torchfreeze.errors import CheckpointError
-from torchfreeze.speed._entry import Entry, Unstorable, decode_entry, encode_entry
+from torchfreeze.speed._entry import Entry, RowLayouts, Unstorable, decode_entry, encode_entry
 
 __all__ = ["CacheStats", "EntryStore"]
 
@@ -113,6 +116,7 @@ class EntryStore:
 
     def _init_runtime(self) -> None:
         self.entries: OrderedDict[str, Entry] = OrderedDict()
+        self.rows = RowLayouts(self.max_bytes)
         self.bytes = 0
         self.lock = threading.Lock()
         self.stats = CacheStats(max_bytes=self.max_bytes)
@@ -128,16 +132,21 @@ class EntryStore:
     def snapshot(self) -> CacheStats:
         """A copy of the counters, with the current entry count and bytes."""
         with self.lock:
-            return CacheStats(**{**asdict(self.stats), "entries": len(self.entries), "bytes": self.bytes})
+            rows, evicted, skipped = self.rows.counts()
+            s = asdict(self.stats)
+            s.update(entries=len(self.entries) + rows, bytes=self.bytes + self.rows.nbytes)
+            s.update(evictions=s["evictions"] + evicted, skipped=s["skipped"] + skipped)
+            return CacheStats(**s)
 
     def clear(self, *, disk: bool = False) -> None:
         """Drop every in-memory entry (and with ``disk=True`` the directory's entry files).
 
-        Only ``<directory>/<2 hex>/<key>.tfc`` names are removed, and no symlink is followed:
+        Only ``<directory>/<2 hex>/<name>.tfc`` files are removed, and no symlink is followed:
         a symlinked subdirectory is left alone, a symlink named like an entry is removed itself.
         """
         with self.lock:
             self.entries.clear()
+            self.rows.clear()
             self.bytes = 0
         if not disk or self.directory is None:
             return
@@ -177,7 +186,7 @@ class EntryStore:
         for r, k in enumerate(keys):
             if found[r] is not None:
                 continue
-            e = self._read(k) if self.directory is not None else None
+            e = self.read(k) if self.directory is not None else None
             if e is not None:
                 with self.lock:
                     self.stats.hits += 1
@@ -194,7 +203,7 @@ class EntryStore:
         """Keep ``items`` in memory (evicting the least recently used) and, with ``write``, on disk."""
         if write and self.directory is not None:
             for key, entry in items:
-                self._write(key, entry)
+                self.write(key, entry)
         with self.lock:
             for key, entry in items:
                 if entry.nbytes > self.max_bytes:
@@ -237,7 +246,8 @@ class EntryStore:
         self._secret = data
         return data
 
-    def _read(self, key: str) -> Entry | None:
+    def read(self, key: str) -> Entry | None:
+        """The entry of ``key`` in the directory, or None (absent; refused entries are counted in ``corrupt``)."""
         path = self.path(key)
         try:
             raw = read_regular_file(path, max_bytes=MAX_ENTRY_BYTES, follow_symlinks=False)
@@ -256,7 +266,8 @@ class EntryStore:
             self._count("corrupt")
             return None
 
-    def _write(self, key: str, entry: Entry) -> None:
+    def write(self, key: str, entry: Entry) -> None:
+        """Write ``entry`` under ``key`` to the directory (atomic); failures are counted, never raised."""
         if self.directory is None:
             return
         try:
