@@ -225,3 +225,10 @@ def test_a_compiled_model_without_inputs_is_refused_by_its_inner_forward() -> No
     compiled = torch.compile(tf.freeze(mlp(), "0"))
     with pytest.raises(tf.errors.ArgumentError, match=r"Sequential\.forward cannot take no example inputs"):
         explain(compiled)
+
+
+def test_frozen_leading_parts_that_are_not_one_module_point_to_cache_frozen_prefix() -> None:
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 3))
+    tf.freeze(model, "0", "2", mode="eval")
+    report = tf.explain(model, torch.randn(32, 64))
+    assert any("cache_frozen_prefix(model)" in step for step in report.steps)

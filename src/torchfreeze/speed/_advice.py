@@ -128,9 +128,10 @@ def _cache_steps(report: Explanation, frozen_names: set[str]) -> list[tuple[floa
         (
             share,
             f"The frozen parts {shown} take {share:.0%} of the step and nothing before them trains, but they "
-            "are not one module: move them into one frozen sub-module (a feature extractor) and wrap it with "
-            "cache_features, so that from the second epoch on they cost one lookup. Caching each part "
-            f"separately also works (e.g. `{_expr(names[-1])} = cache_features({_expr(names[-1])})`) but "
+            "are not one module: `prefix = cache_frozen_prefix(model)` stores the output of the model's "
+            "frozen leading layer groups and skips them from the second epoch on (it checks that the skip "
+            "is exact). Otherwise move them into one frozen sub-module and wrap it with cache_features; "
+            f"caching each part separately (e.g. `{_expr(names[-1])} = cache_features({_expr(names[-1])})`) "
             "still runs and hashes every part's inputs.",
         )
     ]
