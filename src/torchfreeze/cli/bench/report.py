@@ -71,7 +71,9 @@ def _probe(s: Mapping[str, Any]) -> list[str]:
         f"{s['samples']} samples, batch {s['batch']}; the head trained with {s['optimizer']}. Per-epoch figures: "
         "`blocked_autorange` of one epoch; `cache_first_epoch` (freezing, wrapping and the filling epoch) and "
         f"`precompute_end_to_end` (precomputing plus {s['epochs_end_to_end']} epochs): `Timer.timeit(1)` on a "
-        f"fresh model. precompute_features: {s['precompute_features']}.",
+        f"fresh model. `floor`: the head trained on features computed once up front, looked up by batch index "
+        "(the inputs never read). `plain`: `requires_grad=False`, model in train mode; `no_grad`: backbone in "
+        f"eval under `torch.no_grad`. precompute_features: {s['precompute_features']}.",
         "",
         *_figures_table("variant", s["seconds_per_epoch"]),
         "",

@@ -10,7 +10,8 @@ batches, the same for every variant). Backbones: the 6-layer MLP of issue 13 (``
 - ``cache_first_epoch``: freezing, wrapping and the filling epoch, one shot on a fresh model;
 - ``precompute_epochs`` / ``precompute_end_to_end``: ``precompute_features`` (the data set
   level path): one epoch over its features, and precomputing plus ``epochs`` epochs, one shot;
-- ``floor``: features computed once up front, looked up by batch index (what no cache can beat).
+- ``floor``: features computed once up front, looked up by batch index, the inputs never read
+  (what no cache can beat: shuffled indices, one ``index_select`` of features and labels, the head step).
 
 Per-epoch figures: ``blocked_autorange``; one-shot figures: ``Timer.timeit(1)`` on a fresh model.
 Goals (issue 13): cached epochs within 1.3x the floor, cached first epoch within 1.05x the
@@ -31,7 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 import torchfreeze as tf
-from torchfreeze.cli.bench.timing import Figure, figure, merged, one_shot, per_call, ratio
+from torchfreeze.cli.bench.timing import Figure, compare_text, figure, merged, one_shot, per_call, ratio
 from torchfreeze.cli.bench.workload import Sizes, make_data, shuffled_batches, take
 from torchfreeze.compose import Composite, ModuleBackbone
 
@@ -133,9 +134,13 @@ class _Probe:
     def epoch(self) -> None:
         m, opt = self.model, self.opt
         m.train()
-        if self.variant == "floor" and self.feats is not None:
-            for _, y, idx in self.batches():
-                _head_step(m, opt, self.feats.index_select(0, idx), y)
+        if self.variant == "floor" and self.feats is not None:  # indices only: the inputs are never read
+            self.seed += 1
+            labels = self.data[1]
+            perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+            for start in range(0, len(labels), self.bs):
+                idx = perm[start : start + self.bs]
+                _head_step(m, opt, self.feats.index_select(0, idx), labels.index_select(0, idx))
         elif self.variant == "precompute":  # its own batches: one index_select per column, the same order
             self.seed += 1
             order = torch.Generator().manual_seed(self.seed)
@@ -229,10 +234,12 @@ def scenario_probe(
         for name, fn in rounds[k:] + rounds[:k]:
             parts[name].append(fn())
     figs: dict[str, Figure] = {}
-    for name, ms in parts.items():
+    measurements = {name: merged(ms) for name, ms in parts.items()}
+    for name, m in measurements.items():
         one = name in ("cache_first_epoch", "precompute_end_to_end")
         what = "one-shot runs (Timer.timeit(1))" if one else "timed blocks (blocked_autorange)"
-        figs[name] = figure(merged(ms), what=what)
+        figs[name] = figure(m, what=what)
+    log(compare_text(list(measurements.values())))  # torch.utils.benchmark.Compare: the raw view
     identity = _identity(base, data, bs, sizes.identity_epochs, precompute)
     ratios: dict[str, Figure] = {
         "cache_epochs_vs_floor": ratio(figs["cache_epochs"], figs["floor"]),

@@ -152,6 +152,4 @@ def compare_text(measurements: Sequence[Measurement]) -> str:
     """``torch.utils.benchmark.Compare`` of some Measurements, as text (for the console)."""
     from torch.utils.benchmark import Compare
 
-    cmp = Compare(list(measurements))
-    cmp.trim_significant_figures()
-    return str(cmp)
+    return str(Compare(list(measurements)))
