@@ -9,23 +9,25 @@ place). Items and outputs of another structure or shape than the first are refus
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from torchfreeze._core import tree
 from torchfreeze._core.files import atomic_write
 from torchfreeze.errors import ArgumentError
 from torchfreeze.speed import _features_file as ffile
-from torchfreeze.speed._items import RestColumn, mismatch
+from torchfreeze.speed._items import ItemKind, RestColumn, mismatch
 from torchfreeze.speed.precomputed import Layout
 
-__all__ = ["Allocate", "UserOSError", "run", "memory", "write", "run_device"]
+__all__ = ["Allocate", "Batch", "UserOSError", "item_batches", "tensor_batches", "run", "memory", "write", "run_device"]
 
 _VERB = "precompute_features"
 Allocate = Callable[[Layout], dict[str, Tensor]]
@@ -50,21 +52,68 @@ def run_device(backbone: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _user_batches(loader: DataLoader[Any]) -> Iterator[Any]:
+@dataclass
+class Batch:
+    """``size`` items of one kind: their batched inputs, and per leaf of the rest the items' values (or rows)."""
+
+    x: Any
+    size: int
+    kind: ItemKind
+    rest_spec: tree.TreeSpec
+    rest: list[Any]  # per leaf: a list of the items' values, or a tensor of their rows
+
+
+_PLAIN_LEAVES = frozenset({Tensor, int, float, bool, str})
+
+
+@functools.lru_cache(maxsize=16)
+def _tuple_spec(k: int) -> tree.TreeSpec:
+    return tree.flatten(tuple(range(k)))[1]
+
+
+def _flatten_rest(rest: tuple[Any, ...]) -> tuple[list[Any], tree.TreeSpec]:
+    if all(type(v) in _PLAIN_LEAVES for v in rest):  # the common (x, label) item: no pytree walk per item
+        return list(rest), _tuple_spec(len(rest))
+    return tree.flatten(rest)
+
+
+def item_batches(loader: DataLoader[Any], start: int = 0) -> Iterator[Batch]:
+    """Batches from a ``DataLoader`` whose collate is :class:`~torchfreeze.speed._items.Split`.
+
+    The data set's own ``OSError`` is carried as :class:`UserOSError` (see there).
+    """
     batches = iter(loader)
     while True:
         try:
-            batch = next(batches)
+            xb, rests, kinds = next(batches)
         except StopIteration:
             return
         except OSError as error:
             raise UserOSError(error) from error
-        yield batch
+        flat = [_flatten_rest(r) for r in rests]
+        spec = flat[0][1]
+        for k, ((_, spec_k), kind) in enumerate(zip(flat, kinds, strict=True)):
+            if kind != kinds[0]:
+                raise mismatch(start + k, "the form", kinds[0], kind)
+            if spec_k != spec:
+                raise mismatch(start + k, "targets of structure", spec, spec_k)
+        columns = [list(values) for values in zip(*(leaves for leaves, _ in flat), strict=True)] if flat[0][0] else []
+        yield Batch(xb, len(kinds), kinds[0], spec, columns)
+        start += len(kinds)
 
 
-def _first(out: Any, rests: list[Any], kinds: list[Any], n: int, dtype: torch.dtype | None) -> Layout:
+def tensor_batches(dataset: TensorDataset, batch_size: int) -> Iterator[Batch]:
+    """Batches of a plain ``TensorDataset`` by slicing its tensors: the items it would give, without per-item work."""
+    x, *rest = dataset.tensors
+    spec = _tuple_spec(len(rest))
+    for start in range(0, len(x), batch_size):
+        rows = [t[start : start + batch_size] for t in rest]
+        yield Batch(x[start : start + batch_size], len(x[start : start + batch_size]), "tuple", spec, rows)
+
+
+def _first(out: Any, batch: Batch, n: int, dtype: torch.dtype | None) -> Layout:
     leaves, spec = tree.flatten(out)
-    b = len(kinds)
+    b = batch.size
     for j, leaf in enumerate(leaves):
         if not isinstance(leaf, Tensor) or leaf.dim() == 0 or leaf.shape[0] != b:
             what = f"shape {tuple(leaf.shape)}" if isinstance(leaf, Tensor) else f"a {type(leaf).__name__}"
@@ -78,8 +127,8 @@ def _first(out: Any, rests: list[Any], kinds: list[Any], n: int, dtype: torch.dt
                 f"{_VERB}(backbone=...): output leaf #{j} has dtype {leaf.dtype}, which cannot be stored. "
                 "Fix: return real floating or integer features."
             )
-    rest_leaves, rest_spec = rests[0]
-    layout = Layout(n, kinds[0], spec, rest_spec, [RestColumn.of(v) for v in rest_leaves])
+    columns = [RestColumn.of(v[0]) for v in batch.rest]
+    layout = Layout(n, batch.kind, spec, batch.rest_spec, columns)
     layout.features = [
         ffile.Column(
             f"feature.{j}", dtype if dtype is not None and t.is_floating_point() else t.dtype, (n, *t.shape[1:])
@@ -89,11 +138,9 @@ def _first(out: Any, rests: list[Any], kinds: list[Any], n: int, dtype: torch.dt
     return layout
 
 
-def _check_batch(
-    layout: Layout, first: list[Tensor], out: Any, rests: list[Any], kinds: list[Any], start: int
-) -> list[Tensor]:
+def _check_batch(layout: Layout, first: list[Tensor], out: Any, batch: Batch, start: int) -> list[Tensor]:
     leaves, spec = tree.flatten(out)
-    b = len(kinds)
+    b = batch.size
     if start + b > layout.n:
         raise ArgumentError(f"{_VERB}(dataset=...): the loader gave more than len(dataset)={layout.n} items.")
     if spec != layout.out_spec:
@@ -107,15 +154,19 @@ def _check_batch(
         ):
             raise ArgumentError(
                 f"{_VERB}(backbone=...): the features of items {start}..{start + b - 1} have shape "
-                f"{tuple(getattr(leaf, 'shape', ()))}, those of item 0 {tuple(ref.shape[1:])} per row; every row must have "
-                "one shape. Fix: pool or pad the features to a fixed size (e.g. tokenize with padding='max_length')."
+                f"{tuple(getattr(leaf, 'shape', ()))}, those of item 0 {tuple(ref.shape[1:])} per row; every row must "
+                "have one shape. Fix: pool or pad the features to a fixed size (e.g. tokenize with padding='max_length')."
             )
-    for k, ((values, spec_r), kind) in enumerate(zip(rests, kinds, strict=True)):
-        if kind != layout.item:
-            raise mismatch(start + k, "the form", layout.item, kind)
-        if spec_r != layout.rest_spec:
-            raise mismatch(start + k, "targets of structure", layout.rest_spec, spec_r)
-        for value, column in zip(values, layout.rest, strict=True):
+    if batch.kind != layout.item:
+        raise mismatch(start, "the form", layout.item, batch.kind)
+    if batch.rest_spec != layout.rest_spec:
+        raise mismatch(start, "targets of structure", layout.rest_spec, batch.rest_spec)
+    for values, column in zip(batch.rest, layout.rest, strict=True):
+        if isinstance(values, Tensor):
+            if tuple(values.shape[1:]) != column.shape or values.dtype != column.dtype:
+                raise mismatch(start, "targets of shape", column, values.shape)
+            continue
+        for k, value in enumerate(values):
             if not column.accepts(value):
                 raise mismatch(start + k, "a target", column, value)
     return leaves
@@ -123,41 +174,41 @@ def _check_batch(
 
 def run(
     fn: Callable[[Any], Any],
-    loader: DataLoader[Any],
+    batches: Iterator[Batch],
     n: int,
     run_device: torch.device,
     dtype: torch.dtype | None,
     allocate: Allocate,
 ) -> Result:
-    """Every item once through ``fn``, in order; returns the layout, the stored columns and the rest."""
+    """Every batch once through ``fn``, in order; returns the layout, the stored columns and the rest."""
     start = 0
     layout: Layout | None = None
     first: list[Tensor] = []
     stored: dict[str, Tensor] = {}
     rest: list[Any] = []
-    for xb, rests, kinds in _user_batches(loader):
-        rests = [tree.flatten(r) for r in rests]
-        xb = tree.map_tensors(lambda t: t.to(run_device), xb)
+    for batch in batches:
+        xb = batch.x
+        if not isinstance(xb, Tensor) or xb.device != run_device:  # a plain tensor in place needs no pytree walk
+            xb = tree.map_tensors(lambda t: t.to(run_device), xb)
         try:
             with torch.inference_mode():
                 out = fn(xb)
         except OSError as error:
             raise UserOSError(error) from error
         if layout is None:
-            layout = _first(out, rests, kinds, n, dtype)
+            layout = _first(out, batch, n, dtype)
             first = tree.flatten(out)[0]
             stored = allocate(layout)
             rest = [[] if c.kind == "object" else stored.get(f"rest.{j}") for j, c in enumerate(layout.rest)]
-        leaves = _check_batch(layout, first, out, rests, kinds, start)
-        b = len(kinds)
+        leaves = _check_batch(layout, first, out, batch, start)
+        b = batch.size
         for j, leaf in enumerate(leaves):
             stored[f"feature.{j}"][start : start + b].copy_(leaf)
-        for j, column in enumerate(layout.rest):
-            values = [leaves_r[j] for leaves_r, _ in rests]
+        for j, (column, values) in enumerate(zip(layout.rest, batch.rest, strict=True)):
             if column.kind == "object":
                 rest[j].extend(values)
             elif column.kind != "none":
-                rest[j][start : start + b].copy_(column.rows(values))
+                rest[j][start : start + b].copy_(values if isinstance(values, Tensor) else column.rows(values))
         start += b
     if layout is None or start != n:
         raise ArgumentError(f"{_VERB}(dataset=...): the loader gave {start} items, len(dataset) is {n}.")

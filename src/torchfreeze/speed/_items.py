@@ -137,6 +137,8 @@ class RestColumn:
 
     def accepts(self, value: Any) -> bool:
         """Whether ``value`` fits this column (same kind; for tensors same shape and dtype)."""
+        if type(value) is Tensor:  # the common case first
+            return self.kind == "tensor" and tuple(value.shape) == self.shape and value.dtype == self.dtype
         if rest_kind(value) != self.kind:
             return False
         if self.kind != "tensor":

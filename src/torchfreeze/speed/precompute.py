@@ -15,14 +15,24 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, default_collate
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset, default_collate
 
 from torchfreeze._core.checks import require_choice, require_module, require_positive_int, short_repr
 from torchfreeze._core.files import require_path
 from torchfreeze._core.mode import eval_mode
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, CacheRefusedError
 from torchfreeze.speed import _features_file as ffile
-from torchfreeze.speed._extract import Allocate, Result, UserOSError, memory, run, run_device, write
+from torchfreeze.speed._extract import (
+    Allocate,
+    Result,
+    UserOSError,
+    item_batches,
+    memory,
+    run,
+    run_device,
+    tensor_batches,
+    write,
+)
 from torchfreeze.speed._items import Split, difference, item_digest, split_item
 from torchfreeze.speed.keys import autocast_state, module_fingerprint
 from torchfreeze.speed.precomputed import Layout, PrecomputedFeatures
@@ -284,16 +294,13 @@ def precompute_features(
         name, fn = _method(backbone, method)
         sample = _sample(dataset, n, verify)
         device_of_backbone = run_device(backbone)
-        loader: DataLoader[Any] = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            collate_fn=Split(collate_fn if collate_fn is not None else default_collate),
-        )
 
         def go(allocate: Allocate) -> Result:
-            return run(fn, loader, n, device_of_backbone, dtype, allocate)
+            if type(dataset) is TensorDataset and collate_fn is None:  # its items are rows: slice them
+                return run(fn, tensor_batches(dataset, batch_size), n, device_of_backbone, dtype, allocate)
+            collate = Split(collate_fn if collate_fn is not None else default_collate)
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+            return run(fn, item_batches(loader), n, device_of_backbone, dtype, allocate)
 
         try:
             if where is None:
