@@ -113,6 +113,16 @@ def _progressive(s: Mapping[str, Any]) -> list[str]:
     lines += ["", "Variants:", ""]
     for name, v in s["variants"].items():
         lines.append(f"- `{name}`: {v['description']} ({v['implementation']}); config `{v['config']}`")
+    for name, v in s["variants"].items():
+        st = v.get("prefix_cache_stats")
+        if isinstance(st, dict):
+            phases = ", ".join(f"{k} {_fmt_s(float(t))}" for k, t in st.get("seconds", {}).items())
+            lines += [
+                "",
+                f"Prefix cache of `{name}` (first run): boundary `{st.get('boundary')}`, {st.get('hits')} hits, "
+                f"{st.get('misses')} misses, {st.get('bytes')} bytes; time by phase (the cache's own account, "
+                f"all epochs): {phases or 'n/a'}.",
+            ]
     return lines
 
 

@@ -104,9 +104,12 @@ def _head_step(model: Any, opt: torch.optim.Optimizer, feats: torch.Tensor, y: t
 class _Probe:
     """One variant's model and optimizer, and one epoch of its loop (``epoch()``)."""
 
-    def __init__(self, variant: str, base: nn.Module, data: ProbeData, bs: int, precompute: Any) -> None:
+    def __init__(
+        self, variant: str, base: nn.Module, data: ProbeData, bs: int, precompute: Any, *, own: bool = False
+    ) -> None:
         self.variant, self.data, self.bs = variant, data, bs
-        self.model: Any = copy.deepcopy(base)  # a Composite, reached by attribute
+        # a Composite, reached by attribute; a copy of ``base`` unless ``own`` (then set up in place)
+        self.model: Any = base if own else copy.deepcopy(base)
         self.seed = 0
         self.feats: torch.Tensor | None = None
         self.features: Any = None
@@ -206,12 +209,7 @@ def scenario_probe(
         return copy.deepcopy(base)
 
     def precompute_e2e(model: Any) -> None:
-        p = _Probe.__new__(_Probe)
-        p.variant, p.data, p.bs, p.model, p.seed = "precompute", data, bs, model, 0
-        tf.freeze(model, "backbone", mode="eval")
-        p.features = precompute(model.backbone, _Rows(data), batch_size=bs)
-        p.opt = _sgd(model)
-        e2e(p)
+        e2e(_Probe("precompute", model, data, bs, precompute, own=True))  # freezing + precomputing timed too
 
     names = {"plain": "plain", "no_grad": "no_grad", "cache": "cache_epochs", "floor": "floor"}
     names.update({"precompute": "precompute_epochs"} if precompute is not None else {})
