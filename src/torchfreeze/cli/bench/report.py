@@ -73,7 +73,7 @@ def _probe(s: Mapping[str, Any]) -> list[str]:
         f"`precompute_end_to_end` (precomputing plus {s['epochs_end_to_end']} epochs): `Timer.timeit(1)` on a "
         f"fresh model. `floor`: the head trained on features computed once up front, looked up by batch index "
         "(the inputs never read). `plain`: `requires_grad=False`, model in train mode; `no_grad`: backbone in "
-        f"eval under `torch.no_grad`. precompute_features: {s['precompute_features']}.",
+        "eval under `torch.no_grad`.",
         "",
         *_figures_table("variant", s["seconds_per_epoch"]),
         "",

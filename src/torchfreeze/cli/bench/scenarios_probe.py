@@ -23,7 +23,6 @@ order, compared (max abs difference of the final head weights).
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -36,7 +35,7 @@ from torchfreeze.cli.bench.timing import Figure, compare_text, figure, merged, o
 from torchfreeze.cli.bench.workload import Sizes, make_data, shuffled_batches, take
 from torchfreeze.compose import Composite, ModuleBackbone
 
-__all__ = ["Backbone", "build_mlp", "optional", "scenario_probe", "ProbeData"]
+__all__ = ["Backbone", "build_mlp", "scenario_probe", "ProbeData"]
 
 #: The backbones of scenario 1.
 Backbone = Literal["mlp", "cnn", "encoder"]
@@ -44,14 +43,6 @@ Backbone = Literal["mlp", "cnn", "encoder"]
 ProbeData = tuple[Any, torch.Tensor]
 
 _LR = 0.05
-
-
-def optional(module: str, name: str) -> Any:
-    """``module.name`` when it exists (parts of issue 13 still being written), else None."""
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
 
 
 def build_mlp(sizes: Sizes) -> Composite:
@@ -104,9 +95,7 @@ def _head_step(model: Any, opt: torch.optim.Optimizer, feats: torch.Tensor, y: t
 class _Probe:
     """One variant's model and optimizer, and one epoch of its loop (``epoch()``)."""
 
-    def __init__(
-        self, variant: str, base: nn.Module, data: ProbeData, bs: int, precompute: Any, *, own: bool = False
-    ) -> None:
+    def __init__(self, variant: str, base: nn.Module, data: ProbeData, bs: int, *, own: bool = False) -> None:
         self.variant, self.data, self.bs = variant, data, bs
         # a Composite, reached by attribute; a copy of ``base`` unless ``own`` (then set up in place)
         self.model: Any = base if own else copy.deepcopy(base)
@@ -119,7 +108,7 @@ class _Probe:
             m.backbone = tf.cache_features(m.backbone)
         elif variant == "precompute":
             tf.freeze(m, "backbone", mode="eval")
-            self.features = precompute(m.backbone, _Rows(data), batch_size=bs)
+            self.features = tf.precompute_features(m.backbone, _Rows(data), batch_size=bs)
         else:
             m.backbone.requires_grad_(False)
         if variant == "floor":
@@ -166,12 +155,12 @@ class _Probe:
         return [p.detach().clone() for p in self.model.head.parameters()]
 
 
-def _identity(base: nn.Module, data: ProbeData, bs: int, epochs: int, precompute: Any) -> dict[str, float]:
+def _identity(base: nn.Module, data: ProbeData, bs: int, epochs: int) -> dict[str, float]:
     """Max abs difference of the final head weights of each cached variant against ``no_grad``."""
     heads: dict[str, list[torch.Tensor]] = {}
-    for v in ("no_grad", "cache", "floor", *(("precompute",) if precompute is not None else ())):
+    for v in ("no_grad", "cache", "floor", "precompute"):
         torch.manual_seed(1)
-        p = _Probe(v, base, data, bs, precompute)
+        p = _Probe(v, base, data, bs)
         for _ in range(epochs):
             p.epoch()
         heads[v] = p.head()
@@ -184,12 +173,9 @@ def scenario_probe(
 ) -> dict[str, Any]:
     """1. Feature caching on one backbone: per-epoch and one-shot figures, ratios to the goals, identity."""
     data, bs = _data(kind, sizes)
-    precompute = optional("torchfreeze.speed.precompute", "precompute_features")
     label = f"1. feature caching ({kind})"
-    probes = {v: _Probe(v, base, data, bs, precompute) for v in ("plain", "no_grad", "cache", "floor")}
+    probes = {v: _Probe(v, base, data, bs) for v in ("plain", "no_grad", "cache", "floor", "precompute")}
     probes["cache"].epoch()  # the filling epoch: later epochs are all hits
-    if precompute is not None:
-        probes["precompute"] = _Probe("precompute", base, data, bs, precompute)
     epochs = sizes.epochs
 
     def e2e(p: _Probe) -> None:
@@ -197,7 +183,7 @@ def scenario_probe(
             p.epoch()
 
     def cache_first_fresh() -> _Probe:  # the deep copy is untimed; wrapping and filling are timed
-        return _Probe("no_grad", base, data, bs, precompute)
+        return _Probe("no_grad", base, data, bs)
 
     def cache_first(p: _Probe) -> None:
         tf.freeze(p.model, "backbone", mode="eval")
@@ -209,10 +195,10 @@ def scenario_probe(
         return copy.deepcopy(base)
 
     def precompute_e2e(model: Any) -> None:
-        e2e(_Probe("precompute", model, data, bs, precompute, own=True))  # freezing + precomputing timed too
+        e2e(_Probe("precompute", model, data, bs, own=True))  # freezing + precomputing timed too
 
     names = {"plain": "plain", "no_grad": "no_grad", "cache": "cache_epochs", "floor": "floor"}
-    names.update({"precompute": "precompute_epochs"} if precompute is not None else {})
+    names["precompute"] = "precompute_epochs"
 
     def steady(p: _Probe) -> Callable[[], Any]:
         return lambda: per_call(
@@ -224,8 +210,7 @@ def scenario_probe(
 
     rounds: list[tuple[str, Callable[[], Any]]] = [(names[v], steady(p)) for v, p in probes.items()]
     rounds.append(("cache_first_epoch", shot(cache_first, cache_first_fresh, "cache_first_epoch")))
-    if precompute is not None:
-        rounds.append(("precompute_end_to_end", shot(precompute_e2e, precompute_fresh, "precompute_end_to_end")))
+    rounds.append(("precompute_end_to_end", shot(precompute_e2e, precompute_fresh, "precompute_end_to_end")))
     parts: dict[str, list[Any]] = {name: [] for name, _ in rounds}
     for r in range(repeats):  # side by side: every variant once per round, the order rotated
         k = r % len(rounds)
@@ -238,17 +223,16 @@ def scenario_probe(
         what = "one-shot runs (Timer.timeit(1))" if one else "timed blocks (blocked_autorange)"
         figs[name] = figure(m, what=what)
     log(compare_text(list(measurements.values())))  # torch.utils.benchmark.Compare: the raw view
-    identity = _identity(base, data, bs, sizes.identity_epochs, precompute)
+    identity = _identity(base, data, bs, sizes.identity_epochs)
     ratios: dict[str, Figure] = {
         "cache_epochs_vs_floor": ratio(figs["cache_epochs"], figs["floor"]),
         "cache_first_epoch_vs_no_grad": ratio(figs["cache_first_epoch"], figs["no_grad"]),
         "plain_vs_cache_epochs": ratio(figs["plain"], figs["cache_epochs"]),
         "plain_vs_floor": ratio(figs["plain"], figs["floor"]),
     }
-    if precompute is not None:
-        ratios["precompute_epochs_vs_floor"] = ratio(figs["precompute_epochs"], figs["floor"])
-        scaled = {k: figs["no_grad"][k] * epochs for k in ("median", "q1", "q3")}
-        ratios["precompute_end_to_end_vs_no_grad_epochs"] = ratio(figs["precompute_end_to_end"], scaled)
+    ratios["precompute_epochs_vs_floor"] = ratio(figs["precompute_epochs"], figs["floor"])
+    scaled = {k: figs["no_grad"][k] * epochs for k in ("median", "q1", "q3")}
+    ratios["precompute_end_to_end_vs_no_grad_epochs"] = ratio(figs["precompute_end_to_end"], scaled)
     goals: list[dict[str, Any]] = [
         {"what": "cached epochs / floor", "ratio": "cache_epochs_vs_floor", "goal": "<= 1.3", "limit": 1.3},
         {
@@ -270,7 +254,6 @@ def scenario_probe(
         "epochs_end_to_end": epochs,
         "identity_epochs": sizes.identity_epochs,
         "optimizer": f"SGD lr {_LR} on the head",
-        "precompute_features": "measured" if precompute is not None else "not available (torchfreeze.speed.precompute)",
         "seconds_per_epoch": figs,
         "ratios": ratios,
         "goals": goals,

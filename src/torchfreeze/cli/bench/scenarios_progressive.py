@@ -11,9 +11,6 @@ runs (median, IQR, min-max). Goal (issue 13): progressive >= 3x faster than full
 final held-out accuracy within 1 point.
 
 The variants are data (:data:`VARIANTS`): the lead tunes the progressive schedule there.
-Until ``torchfreeze.training.progressive`` / ``torchfreeze.speed.prefix`` exist, the progressive
-variant freezes by hand on the same schedule (``freeze(..., mode="eval")`` of the leading
-groups), without a prefix cache, and says so in ``implementation``.
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchfreeze as tf
-from torchfreeze.cli.bench.scenarios_probe import optional
 from torchfreeze.cli.bench.timing import Figure, figure, from_samples, ratio
 from torchfreeze.cli.bench.workload import Sizes, TinyEncoder
 from torchfreeze.cli.demo_tasks import MODELS, TOPICS, Task, accuracy, make_task
@@ -134,44 +130,35 @@ def _freeze_leading(model: nn.Module, groups: list[Any], n: int) -> None:
 
 
 class _Run:
-    """One variant's model, optimizer and schedulers; ``epoch_done(e)`` after each epoch."""
+    """One variant's model, optimizer and scheduler; ``epoch_done()`` after each epoch."""
 
     def __init__(self, v: ProgressiveVariant, s: Setup) -> None:
-        self.v = v
         self.model = copy.deepcopy(s.model)
-        groups = [list(g) for g in tf.layer_groups(self.model)]
-        self.groups = groups
-        self.implementation = "torchfreeze"
-        self.hooks: Any = None
-        self.sched: Any = None
-        self.hand: dict[int, int] = {}
+        self.groups = [list(g) for g in tf.layer_groups(self.model)]
+        self.sched: tf.GradualUnfreezing | tf.ProgressiveFreezing | None = None
+        self.prefix: Any = None
+        used = ["AdamW (backbone lr, head lr)"]
         if v.static_frozen:
-            _freeze_leading(self.model, groups, v.static_frozen)
+            _freeze_leading(self.model, self.groups, v.static_frozen)
+            used.append(f"freeze(mode='eval') of the first {v.static_frozen} groups")
         if v.gradual is not None:
             tf.freeze_to(self.model, -1)
         self.opt = _optimizer(self.model, s)
         if v.gradual is not None:
             self.sched = tf.GradualUnfreezing(self.model, self.opt, v.gradual, lr=s.backbone_lr)
+            used.append("GradualUnfreezing")
         if v.progressive:
-            prog = optional("torchfreeze.training.progressive", "ProgressiveFreezing")
-            schedule = {k: (n if n >= 0 else len(groups) + n) for k, n in v.progressive.items()}
-            if prog is not None:
-                self.sched = prog(self.model, self.opt, schedule)
-            else:
-                self.hand = schedule
-                self.implementation = "stand-in: freeze(mode='eval') by hand on the schedule"
+            schedule = {k: (n if n >= 0 else len(self.groups) + n) for k, n in v.progressive.items()}
+            self.sched = tf.ProgressiveFreezing(self.model, self.opt, schedule)
+            used.append("ProgressiveFreezing")
         if v.prefix_cache:
-            cache = optional("torchfreeze.speed.prefix", "cache_frozen_prefix")
-            if cache is not None:
-                self.hooks = cache(self.model)
-            else:
-                self.implementation += "; no prefix cache (torchfreeze.speed.prefix not available)"
+            self.prefix = tf.cache_frozen_prefix(self.model)
+            used.append("cache_frozen_prefix")
+        self.implementation = " + ".join(used)
 
-    def epoch_done(self, done: int) -> None:
+    def epoch_done(self) -> None:
         if self.sched is not None:
             self.sched.step()
-        elif done in self.hand:
-            _freeze_leading(self.model, self.groups, self.hand[done])
 
     def frozen_groups(self) -> int:
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -195,7 +182,7 @@ def _train(v: ProgressiveVariant, s: Setup) -> dict[str, Any]:
     eval_s: list[float] = []
     acc: list[float] = []
     frozen: list[int] = []
-    for e in range(s.epochs):
+    for _ in range(s.epochs):
         order = task.train[torch.randperm(len(task.train), generator=gen)]
         t0 = time.perf_counter()
         model.train()
@@ -206,19 +193,19 @@ def _train(v: ProgressiveVariant, s: Setup) -> dict[str, Any]:
             loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             run.opt.step()
         frozen.append(run.frozen_groups())
-        run.epoch_done(e + 1)
+        run.epoch_done()
         train_s.append(time.perf_counter() - t0)
         t1 = time.perf_counter()
         acc.append(accuracy(model, task, task.test))
         eval_s.append(time.perf_counter() - t1)
-    stats = run.hooks.stats() if run.hooks is not None and hasattr(run.hooks, "stats") else None
+    stats = run.prefix.stats() if run.prefix is not None else None
     return {
         "train_seconds": train_s,
         "eval_seconds": eval_s,
         "accuracy": acc,
         "frozen_groups": frozen,
         "implementation": run.implementation,
-        "prefix_cache_stats": None if stats is None else (stats.to_dict() if hasattr(stats, "to_dict") else str(stats)),
+        "prefix_cache_stats": None if stats is None else stats.to_dict(),
     }
 
 
