@@ -188,3 +188,103 @@ def test_unfreezing_inside_a_cache_is_refused_before_anything_changes(how: str) 
             tf.GradualUnfreezing(model, opt, {1: "backbone.module.2"}).step()
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()} and len(opt.param_groups) == 1
     model(torch.randn(3, 4))  # the cache still serves
+
+
+def test_training_a_head_on_cached_features_is_bit_identical_to_uncached() -> None:
+    def train(cache: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        backbone = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 8)).requires_grad_(False).eval()
+        head = nn.Linear(8, 3)
+        model = nn.Sequential(cache_features(backbone) if cache else backbone, head)
+        opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+        data, labels = torch.randn(24, 6), torch.randint(0, 3, (24,))
+        for epoch in range(3):
+            order = torch.randperm(24, generator=torch.Generator().manual_seed(epoch))
+            for idx in order.split(8):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(data[idx]), labels[idx]).backward()
+                opt.step()
+        return [p.detach().clone() for p in head.parameters()]
+
+    for a, b in zip(train(cache=True), train(cache=False)):
+        assert torch.equal(a, b)
+
+
+def test_the_budget_holds_across_input_layouts_and_each_layout_still_hits() -> None:
+    class Flat(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(x.shape[0], -1)[:, :4] * 2
+
+    row = 4 * 4
+    cached = cache_features(Flat().eval(), max_bytes=12 * row)
+    a, b = torch.randn(8, 6), torch.randn(8, 3, 2)  # two input layouts: two slabs
+    cached(a)
+    cached(b)
+    s = cached.stats()
+    assert s.bytes <= 12 * row and s.entries == 8 and s.evictions == 8  # the older layout went
+    torch.testing.assert_close(cached(b), b.reshape(8, -1)[:, :4] * 2)
+    assert cached.stats().hits == 8
+
+
+def test_deepcopy_and_pickle_drop_memory_entries_and_keep_working() -> None:
+    import pickle
+
+    inner = frozen_mlp()
+    cached = cache_features(inner)
+    x = torch.randn(4, 6)
+    y = cached(x)
+    for clone in (copy.deepcopy(cached), pickle.loads(pickle.dumps(cached))):
+        assert clone.stats().entries == 0
+        torch.testing.assert_close(clone(x), y)
+        torch.testing.assert_close(clone(x), y)
+        assert clone.stats().hits == 4
+        with torch.no_grad():
+            clone.module[3].bias.add_(1.0)  # the copy watches its own module
+        torch.testing.assert_close(clone(x), y + 1.0)
+    torch.testing.assert_close(cached(x), y)  # the original is untouched
+
+
+class ByValue(nn.Module):
+    """An output whose structure follows a constant argument (same input layout)."""
+
+    def forward(self, x: torch.Tensor, pair: bool = False) -> object:
+        return (x * 2, x * 3) if pair else x * 2
+
+
+def test_an_output_structure_change_within_one_input_layout_is_served_correctly() -> None:
+    cached = cache_features(ByValue().eval())
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(cached(x), x * 2)
+    out = cached(x, pair=True)  # a constant in the inputs: another layout, another entry
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[1], x * 3)
+    torch.testing.assert_close(cached(x), x * 2)
+    assert cached.stats().hits == 3
+
+
+def test_an_output_without_the_batch_dimension_is_refused_with_the_fix() -> None:
+    class Pooled(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.sum(0)
+
+    cached = cache_features(Pooled().eval())
+    with pytest.raises(tf.errors.ArgumentError, match="granularity='batch'"):
+        cached(torch.randn(3, 2))
+    torch.testing.assert_close(
+        cache_features(Pooled().eval(), granularity="batch")(torch.ones(3, 2)), torch.full((2,), 3.0)
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_keys_and_features_stay_on_the_device() -> None:
+    from torchfreeze.speed.keys import row_keys_fast
+
+    x = torch.randn(16, 6)
+    assert row_keys_fast([x.cuda()], 16, salt=b"s") == row_keys_fast([x], 16, salt=b"s", method="torch")
+    inner = frozen_mlp().cuda()
+    cached = cache_features(inner)
+    cached(x.cuda())
+    out = cached(x.cuda()[torch.randperm(16)])
+    assert out.device.type == "cuda" and cached.stats().hits == 16
+    layouts = list(cached._store.rows.layouts.values())
+    assert layouts[0].store.device.type == "cuda"

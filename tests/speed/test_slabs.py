@@ -46,7 +46,7 @@ def test_inserted_rows_are_copied_not_aliased() -> None:
     assert store.gather(store.lookup(keys(5)))[0].tolist() == [[5.0, 5.0, 5.0]]
 
 
-def test_growth_by_doubling_keeps_earlier_rows() -> None:
+def test_growth_keeps_earlier_rows() -> None:
     store = SlabStore(max_bytes=1 << 20)
     row_bytes = 3 * 4 + 2 * 8
     store.insert(keys(0, 1), rows(0, 1))

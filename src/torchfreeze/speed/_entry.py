@@ -55,7 +55,7 @@ _MAX_HEADER = 1 << 20  # a safetensors header longer than this is damage, not an
 _DAMAGE = (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, RecursionError, struct.error)
 
 
-_LEAF = tree.flatten(0)[1]
+LEAF = tree.flatten(0)[1]
 _TENSOR = object()  # where a tensor goes in a layout's leaves
 
 
@@ -77,7 +77,7 @@ class Entry:
 def flatten_output(out: Any) -> tuple[tree.TreeSpec, list[Any]]:
     """The spec and leaves of a module's output; :class:`ArgumentError` for a leaf that is not cacheable."""
     if isinstance(out, Tensor):
-        return _LEAF, [out]
+        return LEAF, [out]
     leaves, spec = tree.flatten(out)
     for leaf in leaves:
         if not isinstance(leaf, (Tensor, *CONSTANT_TYPES)):

@@ -55,6 +55,7 @@ from torchfreeze._core.checks import require_choice, require_module, short_repr
 from torchfreeze._core.uses import FrozenOnly
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, CacheRefusedError
 from torchfreeze.speed._entry import (
+    LEAF,
     Entry,
     RowLayout,
     check_rows,
@@ -79,6 +80,7 @@ from torchfreeze.speed.storage import CacheStats, EntryStore
 __all__ = ["cache_features", "FeatureCache"]
 
 Granularity = Literal["sample", "batch"]
+_NOTHING: Any = object()  # "not computed yet"
 
 
 class FeatureCache(FrozenOnly):
@@ -321,14 +323,22 @@ class FeatureCache(FrozenOnly):
         keys = row_keys_fast(leaves, n, salt=layout.salt)
         device = leaves[0].device
         with store.lock:
-            slots = layout.store.find(keys)
-            if slots is not None:  # the common case once warm: every row is in the slabs
+            found = layout.store.get(keys)
+            missing = found.count(None)
+            if not missing:  # the common case once warm: every row is in the slabs
                 store.stats.hits += n
                 store.stats.memory_hits += n
-                return layout.output(layout.store.gather(slots, device))
-            found = layout.store.slots(keys)
-            hit = [r for r, s in enumerate(found) if s >= 0]
-            hit_rows = layout.store.gather(int64([found[r] for r in hit]), device) if hit else []
+                return layout.output(layout.store.gather(int64(found), device))  # type: ignore[arg-type]
+            hit = [r for r, s in enumerate(found) if s is not None] if missing < n else []
+            hit_rows = layout.store.gather(int64([found[r] for r in hit]), device) if hit else []  # type: ignore[misc]
+        if not hit and store.directory is None and layout.single:  # all new rows, a known one-tensor output
+            result = self._compute(fn, args, kwargs)
+            if isinstance(result, Tensor) and result.dim() and result.shape[0] == n and layout.matches(LEAF, [result]):
+                with store.lock:
+                    store.stats.misses += n
+                    store.rows.insert(layout, keys, [result.detach()])
+                return result
+            return self._fill(layout, keys, [], [], fn, args, kwargs, device, result)
         return self._fill(layout, keys, hit, hit_rows, fn, args, kwargs, device)
 
     def _fill(
@@ -341,8 +351,12 @@ class FeatureCache(FrozenOnly):
         args: Any,
         kwargs: Any,
         device: torch.device,
+        computed: Any = _NOTHING,
     ) -> Any:
-        """A batch with missing rows: read them from disk or compute them, store them, assemble the output."""
+        """A batch with missing rows: read them from disk or compute them, store them, assemble the output.
+
+        ``computed`` is the whole batch's output when the caller computed it already.
+        """
         n, store = len(keys), self._store
         hit_set = set(hit)
         missing = [r for r in range(n) if r not in hit_set]
@@ -363,8 +377,11 @@ class FeatureCache(FrozenOnly):
         if not todo:
             return layout.output(assemble(n, parts, device))
         whole = len(todo) == n
-        sub = (args, kwargs) if whole else take_rows((args, kwargs), torch.tensor(todo, device=device))
-        result = self._compute(fn, *sub)
+        if computed is not _NOTHING:
+            result = computed
+        else:
+            sub = (args, kwargs) if whole else take_rows((args, kwargs), int64(todo).to(device))
+            result = self._compute(fn, *sub)
         spec, out = flatten_output(result)
         check_rows(out, len(todo))
         if not layout.matches(spec, out):
@@ -433,7 +450,8 @@ def cache_features(
     Args:
         module: a module with no trainable parameters and nothing random in its
             current mode (pin eval first, e.g. ``freeze(model, "backbone", mode="eval")``).
-        max_bytes: in-memory budget in bytes; least recently used entries are dropped.
+        max_bytes: in-memory budget in bytes (slab capacity included); per-sample rows go oldest
+            first, whole calls (``granularity="batch"``) least recently used first.
         directory: optional directory for a persistent cache shared across runs
             and DataLoader workers (created on first write).
         granularity: ``"sample"`` caches each row of the batch (works with
@@ -450,6 +468,7 @@ def cache_features(
             layer (the message names them); nothing is changed.
         ArgumentError: a negative ``max_bytes``, an unknown ``granularity``, a
             ``directory`` that is a file or the empty string, or ``module`` is already a :class:`FeatureCache`.
+        ImportError: ``directory`` is given and the ``safetensors`` package (the ``io`` extra) is missing.
 
     >>> enc = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).requires_grad_(False).eval()
     >>> cached = cache_features(enc)
@@ -492,6 +511,13 @@ def cache_features(
                 "cache_features(directory=''): expected a directory path; the empty string would write into "
                 "the current directory. Fix: pass directory='feature-cache/' (or None for memory only)."
             )
+        try:
+            import safetensors.torch  # noqa: F401 - the entry files are safetensors
+        except ImportError as error:  # pragma: no cover - environment dependent
+            raise ImportError(
+                "cache_features(directory=...) writes safetensors files and needs the safetensors package: "
+                "pip install 'torchfreeze[io]' (or pass directory=None for a memory-only cache)."
+            ) from error
         if Path(directory).exists() and not Path(directory).is_dir():
             raise ArgumentError(
                 f"cache_features(directory={short_repr(str(directory))}): the path exists and is not a directory. "

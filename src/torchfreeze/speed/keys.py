@@ -117,7 +117,7 @@ _chain = itertools.chain.from_iterable
 
 
 _CORE = ("training",)
-Token = tuple[list[Any], list[int], list[int], list[int], list[bool]]
+Token = tuple[list[Any], list[Any], list[int], list[int], list[int], list[bool]]
 
 
 _call_getter = operator.itemgetter.__call__  # operator.call is Python 3.11+
@@ -157,18 +157,17 @@ class ModuleWatch:
         self.slots = [*map(_get_parameters, mods), *map(_get_buffers, mods), *map(_get_modules, mods)]
         self.tensors: list[Tensor] = [t for d in self.slots[: 2 * len(mods)] for t in d.values() if t is not None]
 
-    def _objects(self) -> list[Any]:
+    def _attributes(self) -> list[Any]:
         try:
-            held = list(_chain(map(_call_getter, self.getters, self.dicts)))
+            return list(_chain(map(_call_getter, self.getters, self.dicts)))
         except KeyError:  # an attribute was deleted: a change
             return [KeyError]
-        held += _chain(map(_values, self.slots))
-        return held
 
     def _take(self) -> Token:
         tensors = self.tensors
         return (
-            self._objects(),
+            self._attributes(),
+            list(_chain(map(_values, self.slots))),
             list(map(len, self.dicts)),
             list(map(_get_version, tensors)),
             list(map(Tensor.data_ptr, tensors)),
@@ -177,12 +176,15 @@ class ModuleWatch:
 
     def poll(self) -> Token | None:
         """None when nothing changed; otherwise the new token (make it current with :meth:`accept`)."""
-        held, sizes, versions, ptrs, grads = self.token
-        now = self._objects()
+        attrs, held, sizes, versions, ptrs, grads = self.token
         tensors = self.tensors
+        now = self._attributes()
+        slots = list(_chain(map(_values, self.slots)))
         if (
-            len(now) == len(held)
-            and all(map(operator.is_, now, held))
+            len(now) == len(attrs)
+            and all(map(operator.is_, now, attrs))
+            and len(slots) == len(held)
+            and all(map(operator.is_, slots, held))
             and list(map(_get_version, tensors)) == versions
             and list(map(len, self.dicts)) == sizes
             and list(map(Tensor.data_ptr, tensors)) == ptrs
@@ -193,14 +195,15 @@ class ModuleWatch:
         return self._take()
 
     def rebase_attributes(self) -> None:
-        """Take the attribute objects as they are now (after a forward pass that updated its own counters).
+        """Take the plain attributes and flags as they are now (after a forward pass that updated its own counters).
 
         A module that counts its calls in an attribute changes it on every forward pass; that is
         the module's own doing, not a new hyperparameter, so it must not make every call a miss.
-        Tensor versions, addresses and flags are not rebased: a module that changes its own
-        tensors in its forward pass keeps missing, as it must.
+        Parameters, buffers, children and tensor versions are not rebased: a module that changes
+        its own tensors in its forward pass keeps missing, as it must.
         """
-        self.token = (self._objects(), list(map(len, self.dicts)), *self.token[2:])
+        _, held, _, versions, ptrs, grads = self.token
+        self.token = (self._attributes(), held, list(map(len, self.dicts)), versions, ptrs, grads)
 
     def accept(self, token: Token) -> None:
         """Make ``token`` the current one."""

@@ -11,7 +11,7 @@ The layout (each leaf's row shape, dtype and device) is fixed by the first
 (:meth:`SlabStore.accepts` says so beforehand). Slabs live on the device of the
 first rows inserted (on a GPU, cached features stay on the GPU, within the budget).
 
-Budget and eviction: the slabs grow by doubling up to ``max_bytes // row_bytes``
+Budget and eviction: the slabs grow (by a factor of four) up to ``max_bytes // row_bytes``
 rows and never beyond. Once full, the oldest inserted row is overwritten first
 (a ring: first in, first out, counted in :attr:`SlabStore.evictions`); a hit does
 not refresh a row's age. ``max_bytes`` smaller than one row stores nothing
@@ -29,6 +29,9 @@ from torch import Tensor
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["SlabStore", "int64"]
+
+#: slabs grow by this factor (each growth copies the rows so far: at most a third of the final size in all)
+_GROWTH = 4
 
 
 def int64(values: Sequence[int]) -> Tensor:
@@ -126,12 +129,9 @@ class SlabStore:
         """An int64 tensor (on the CPU) with the slot of each key, -1 where missing."""
         return int64(self.slots(keys))
 
-    def find(self, keys: Sequence[bytes]) -> Tensor | None:
-        """The slots of ``keys`` as an int64 tensor when every key is present, else None (the fast hit path)."""
-        found = list(map(self._index.get, keys))
-        if None in found:
-            return None
-        return int64(found)  # type: ignore[arg-type]
+    def get(self, keys: Sequence[bytes]) -> list[int | None]:
+        """The slot of each key, None where missing (one C-level pass: the fast hit path)."""
+        return list(map(self._index.get, keys))
 
     def gather(self, slots: Tensor, device: torch.device | str | None = None) -> list[Tensor]:
         """The rows at ``slots`` (all present, none -1), one tensor per leaf, on ``device`` (default: the slabs').
@@ -193,6 +193,11 @@ class SlabStore:
         if limit == 0:
             self.skipped += n
             return 0
+        start = self._append(keys, limit)
+        if start is not None:  # the common case: new, distinct keys with room at the end
+            for slab, leaf in zip(self._slabs, leaves, strict=True):
+                slab[start : start + n].copy_(leaf.detach())
+            return n
         rows, slots = self._place(keys, limit)
         if not rows:
             return 0
@@ -204,6 +209,18 @@ class SlabStore:
                 leaf = leaf.index_select(0, src)
             slab.index_copy_(0, dst, leaf.to(slab.device, slab.dtype))
         return len(rows)
+
+    def _append(self, keys: Sequence[bytes], limit: int) -> int | None:
+        """Slots ``start..start+n`` for ``keys`` when they are all new and distinct and fit at the end, else None."""
+        n, index, filled = len(keys), self._index, self._filled
+        if filled + n > limit or any(map(index.__contains__, keys)) or len(set(keys)) != n:
+            return None
+        if filled + n > self._capacity:
+            self._grow(min(limit, max(_GROWTH * self._capacity, filled + n)))
+        index.update(zip(keys, range(filled, filled + n)))
+        self._keys[filled : filled + n] = keys
+        self._filled = filled + n
+        return filled
 
     def _place(self, keys: Sequence[bytes], limit: int) -> tuple[list[int], list[int]]:
         """Choose a slot for each row to write (growing the slabs first); the rows and slots to copy."""
@@ -219,7 +236,7 @@ class SlabStore:
             new = new[len(new) - limit :]
         free = self._capacity - self._filled
         if len(new) > free and self._capacity < limit:
-            self._grow(min(limit, max(2 * self._capacity, self._filled + len(new))))
+            self._grow(min(limit, max(_GROWTH * self._capacity, self._filled + len(new))))
         rows: list[int] = []
         slots: list[int] = []
         for k, r in last.items():
