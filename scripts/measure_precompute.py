@@ -2,28 +2,33 @@
 
 The workload of issue 13: a frozen backbone of 6 x (Linear(512, 512) + GELU), 40 batches of 64
 inputs, a linear head trained with SGD, one thread, everything in one process. Reported (median
-and interquartile range of ``torch.utils.benchmark.Timer.blocked_autorange``):
+and interquartile range over interleaved rounds, see :func:`measure`):
 
-* ``no_grad epoch``: the careful loop (backbone under ``no_grad`` in eval, then the head step);
+* ``no_grad epoch``: the careful loop (backbone under ``no_grad`` in eval, then the head step), and
+  the backbone's forward passes alone;
+* ``first epoch``: ``precompute_features`` then one head epoch over its batches (what the first
+  epoch of a linear probe costs on this path);
 * ``precompute``: ``precompute_features`` in memory (the backbone once, ``verify=8``), and with a
   directory, writing the file and reusing it;
 * ``epoch on precomputed``: a head epoch over ``ds.batches(64, shuffle=True)``, and over a
   ``DataLoader(ds, 64, shuffle=True)`` (per-item indexing and the default collate);
 * ``floor``: a head epoch over features already in one tensor, ``index_select`` per batch.
 
-Usage: ``.venv/bin/python scripts/measure_precompute.py [--min-run-time 2.0]``
+Usage: ``.venv/bin/python scripts/measure_precompute.py [--rounds 15]``
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import statistics
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchfreeze import freeze
@@ -47,14 +52,30 @@ def head_epoch(head: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[An
         opt.step()
 
 
-def measure(name: str, fn: Callable[[], Any], min_run_time: float) -> tuple[str, float, float]:
-    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return name, m.median, m.iqr
+def measure(cases: list[tuple[str, Callable[[], Any]]], rounds: int) -> list[tuple[str, float, float]]:
+    """Median and interquartile range of each case, timed in interleaved rounds.
+
+    One call of every case per round, the cases in turn, so that a change of the machine's load
+    (other processes on a shared machine) reaches every case alike instead of one block of them.
+    """
+    times: list[list[float]] = [[] for _ in cases]
+    for _, fn in cases:  # warm up
+        fn()
+    for _ in range(rounds):
+        for k, (_, fn) in enumerate(cases):
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    out = []
+    for (name, _), ts in zip(cases, times, strict=True):
+        q = statistics.quantiles(ts, n=4)
+        out.append((name, statistics.median(ts), q[2] - q[0]))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=15, help="timed calls of each case")
     args = parser.parse_args()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -73,6 +94,14 @@ def main() -> None:
                 features = bb(x[idx])
             head_epoch(head, opt, [(features, y[idx])])
 
+    def forward_only() -> None:
+        with torch.no_grad():
+            for i in range(0, len(x), BATCH):
+                bb(x[i : i + BATCH])
+
+    def first_epoch() -> None:
+        head_epoch(head, opt, precompute_features(bb, data, batch_size=BATCH).batches(BATCH, shuffle=True))
+
     ds = precompute_features(bb, data, batch_size=BATCH)
     features = ds.features.clone()
 
@@ -89,38 +118,37 @@ def main() -> None:
 
     directory = tempfile.mkdtemp(prefix="measure-precompute-")
     counter = iter(range(1 << 30))
-    rows = [
-        measure("no_grad epoch (careful loop)", no_grad_epoch, args.min_run_time),
-        measure(
-            "precompute_features, memory", lambda: precompute_features(bb, data, batch_size=BATCH), args.min_run_time
-        ),
-        measure(
+    cases = [
+        ("no_grad epoch (careful loop)", no_grad_epoch),
+        ("backbone forward only (no_grad, in order)", forward_only),
+        ("first epoch: precompute + epoch on batches()", first_epoch),
+        ("precompute_features, memory", lambda: precompute_features(bb, data, batch_size=BATCH)),
+        (
             "precompute_features, memory, verify=0",
             lambda: precompute_features(bb, data, batch_size=BATCH, verify=0),
-            args.min_run_time,
         ),
-        measure(
+        (
             "precompute_features, new file",
             lambda: precompute_features(bb, data, batch_size=BATCH, directory=directory, salt=str(next(counter))),
-            args.min_run_time,
         ),
-        measure(
+        (
             "precompute_features, file reused",
             lambda: precompute_features(bb, data, batch_size=BATCH, directory=directory),
-            args.min_run_time,
         ),
-        measure(
+        (
             "epoch on ds.batches(64, shuffle=True)",
             lambda: head_epoch(head, opt, ds.batches(BATCH, shuffle=True)),
-            args.min_run_time,
         ),
-        measure(
+        (
             "epoch on DataLoader(ds, 64, shuffle=True)",
             lambda: head_epoch(head, opt, DataLoader(ds, BATCH, shuffle=True)),
-            args.min_run_time,
         ),
-        measure("floor (tensor, index_select per batch)", floor_epoch, args.min_run_time),
+        ("floor (tensor, index_select per batch)", floor_epoch),
     ]
+    try:
+        rows = measure(cases, args.rounds)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
     no_grad, floor = rows[0][1], rows[-1][1]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread, {BATCHES} batches of {BATCH}, 6 x Linear({WIDTH}) + GELU"

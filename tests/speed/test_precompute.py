@@ -511,3 +511,16 @@ def test_features_kept_on_the_gpu(tmp_path: Path) -> None:
 def test_worker_processes_read_the_items() -> None:
     ds = precompute_features(Counting(), labelled(), batch_size=BATCH, num_workers=1)
     assert bits(ds.features) == bits(precompute_features(Counting(), labelled(), batch_size=BATCH).features)
+
+
+@pytest.mark.parametrize("tensors", [1, 2, 3])
+def test_a_tensor_data_set_sliced_directly_gives_what_its_items_give(tensors: int) -> None:
+    x = inputs()
+    data = TensorDataset(x, *[torch.arange(N) * k for k in range(1, tensors)])
+    fast = precompute_features(Counting(), data, batch_size=BATCH)  # sliced
+    items = precompute_features(Counting(), [data[i] for i in range(N)], batch_size=BATCH)  # item by item
+    assert bits(fast.features) == bits(items.features)
+    for i in range(N):
+        a, b = fast[i], items[i]
+        assert type(a) is type(b) is tuple and len(a) == len(b) == tensors
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
