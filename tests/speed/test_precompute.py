@@ -524,3 +524,27 @@ def test_a_tensor_data_set_sliced_directly_gives_what_its_items_give(tensors: in
         a, b = fast[i], items[i]
         assert type(a) is type(b) is tuple and len(a) == len(b) == tensors
         assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def test_a_hugging_face_encoder_over_tokenizer_output_and_a_composites_backbone() -> None:
+    transformers = pytest.importorskip("transformers")
+    from torchfreeze.compose import HFEncoder
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8,
+        max_position_embeddings=16,
+    )  # fmt: skip
+    model = tf.Composite(HFEncoder(transformers.BertModel(config)), nn.Linear(8, 2))
+    tf.freeze(model, "backbone")  # left in train mode: its dropout is off during the run
+    ids = torch.randint(1, 30, (N, 9), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(9) < torch.randint(2, 10, (N, 1), generator=torch.Generator().manual_seed(1))).long()
+    data = [({"input_ids": ids[i], "attention_mask": mask[i]}, i % 2) for i in range(N)]
+    ds = precompute_features(model.backbone, data, batch_size=4)
+    with tf.eval_mode(model), torch.no_grad():
+        batches = [{"input_ids": ids[i : i + 4], "attention_mask": mask[i : i + 4]} for i in range(0, N, 4)]
+        expected = torch.cat([model.backbone.forward_features(b) for b in batches])
+    assert bits(ds.features) == bits(expected) and ds.features.shape == (N, 8)
+    assert model.backbone.training  # the flags are restored
+    with pytest.raises(CacheRefusedError, match=r"head\.weight.*model\.backbone"):  # the whole model trains its head
+        precompute_features(model, data)
