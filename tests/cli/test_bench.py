@@ -99,6 +99,12 @@ def test_progressive_scenario_has_four_variants_with_accuracies(quick_run: tuple
     assert s["variants"]["progressive"]["frozen_groups_per_epoch"][0] == 0
     assert s["variants"]["progressive"]["frozen_groups_per_epoch"][-1] > 0
     assert [g["goal"] for g in s["goals"]] == [">= 3", "within 1 point"]
+    # progressive freezing runs through the library, and its frozen prefix was replayed from the cache
+    prog = s["variants"]["progressive"]
+    assert prog["implementation"].endswith("ProgressiveFreezing + cache_frozen_prefix")
+    assert prog["prefix_cache_stats"]["hits"] > 0
+    assert prog["prefix_cache_stats"]["boundary"] is not None
+    assert s["variants"]["full"]["prefix_cache_stats"] is None
 
 
 @pytest.mark.slow
