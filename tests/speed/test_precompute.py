@@ -426,9 +426,9 @@ class Stream(IterableDataset[Any]):
 def _call(**kwargs: Any) -> Callable[[Path], Any]:
     def call(tmp: Path) -> Any:
         args: dict[str, Any] = {"backbone": Counting(), "dataset": labelled(), **kwargs}
-        if args.get("directory") == "FILE":
+        if str(args.get("directory", "")).startswith("FILE"):  # a regular file where a directory goes
             (tmp / "file").write_text("x")
-            args["directory"] = tmp / "file"
+            args["directory"] = tmp / str(args["directory"]).replace("FILE", "file")
         return precompute_features(**args)
 
     return call
@@ -448,6 +448,7 @@ BAD_INPUT: dict[str, tuple[Callable[[Path], Any], type[Exception], str]] = {
     "dtype a str": (_call(dtype="bfloat16"), ArgumentTypeError, "dtype="),
     "dtype an int dtype": (_call(dtype=torch.int64), ArgumentError, "dtype="),
     "directory a file": (_call(directory="FILE"), ArgumentError, "directory="),
+    "directory under a file": (_call(directory="FILE/features"), CheckpointError, "directory="),
     "directory bytes": (_call(directory=b"cache"), ArgumentTypeError, "directory="),
     "directory empty": (_call(directory=""), ArgumentError, "directory="),
     "verify negative": (_call(verify=-1), ArgumentError, "verify="),

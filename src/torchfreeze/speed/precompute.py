@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, default_collate
 
 from torchfreeze._core.checks import require_choice, require_module, require_positive_int, short_repr
-from torchfreeze._core.files import require_path
+from torchfreeze._core.files import reason, require_path
 from torchfreeze._core.mode import eval_mode
-from torchfreeze.errors import ArgumentError, ArgumentTypeError, CacheRefusedError
+from torchfreeze.errors import ArgumentError, ArgumentTypeError, CacheRefusedError, CheckpointError
 from torchfreeze.speed import _features_file as ffile
 from torchfreeze.speed._extract import (
     Allocate,
@@ -125,7 +125,7 @@ def _method(backbone: nn.Module, method: Method) -> tuple[str, Callable[[Any], A
                 "Fix: pass method='forward' (or 'auto')."
             )
         return "forward_features", features
-    return "forward", lambda x: backbone(**x) if isinstance(x, dict) else backbone(x)
+    return "forward", lambda x: backbone(**x) if isinstance(x, Mapping) else backbone(x)
 
 
 def _refusal(backbone: nn.Module, reasons: list[str]) -> CacheRefusedError:
@@ -192,6 +192,16 @@ def _new_directories(where: Path) -> list[Path]:
     return missing[::-1]
 
 
+def _make_directory(where: Path) -> None:
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(
+            f"{_VERB}(directory={short_repr(str(where))}): the directory {reason(error)}; nothing was written. "
+            "Fix: pass a directory you can write to, or directory=None to keep the features in memory."
+        ) from error
+
+
 # --------------------------------------------------------------------------- public
 
 
@@ -220,15 +230,23 @@ def precompute_features(
     ``(feature, *rest)`` (see :class:`PrecomputedFeatures`). ``feature`` is
     ``backbone.forward_features(x)`` when the backbone has that method (the backbone protocol of
     ``Composite``, ``ModuleBackbone``, ``HFEncoder``; ``method="forward"`` overrides), else
-    ``backbone(x)`` (``backbone(**x)`` for a dict ``x``, such as tokenizer output).
+    ``backbone(x)`` (``backbone(**x)`` for a mapping ``x``, such as tokenizer output).
 
     Before the run, ``verify`` items spread over the data set are read twice and compared bit
-    for bit: a random data set (augmentation) is refused. With ``directory``, the features go
-    into a safetensors file there (written through a memory map, then renamed into place), and a
-    later call with the same backbone (weights, structure), method, data set length and sampled
-    items, batch size, dtype, device type, torch version and ``salt`` maps that file instead of
-    running the backbone. The file is untrusted: a file that is foreign, written for other
-    settings, truncated or damaged (SHA-256 of the data) is recomputed, never used.
+    for bit: a random data set (augmentation) is refused. A plain ``TensorDataset`` is read by
+    slicing its tensors (the same items, without per-item work); other data sets through a
+    ``DataLoader`` (in order, ``num_workers``, ``collate_fn`` for the inputs).
+
+    With ``directory``, the features (and the targets) go into a safetensors file there, written
+    through a memory map and renamed into place, and mapped copy-on-write when read back. A later
+    call maps that file instead of running the backbone when everything that makes the features
+    is the same: the backbone's fingerprint (weights, buffers, structure, public attributes),
+    the method, the data set's length and the content of the sampled items, ``batch_size``,
+    ``dtype``, the backbone's device type, the collate function's name, the autocast state, the
+    torch version and ``salt``. The code of ``forward`` or of the data set is not seen: change
+    ``salt`` after changing them. The file is untrusted input: one that is not a regular file,
+    foreign, written for other settings, truncated or damaged (a SHA-256 over header and data,
+    checked on every reuse) is computed again and replaced, never used.
 
     Args:
         backbone: a frozen module (no trainable parameter, nothing random in eval mode).
@@ -254,7 +272,7 @@ def precompute_features(
             ``directory`` that is a file, items or outputs of varying structure or shape.
         CacheRefusedError: the backbone has a trainable parameter or stays random in eval mode, or
             the data set gave different values for the same item (random augmentation).
-        CheckpointError: the file could not be written (read-only directory, full disk).
+        CheckpointError: the directory or the file could not be written (read-only, full disk).
 
     Nothing is changed on error: the backbone's modes are restored and no file is left.
 
@@ -316,7 +334,7 @@ def precompute_features(
                 return found
             created = _new_directories(where)
             try:
-                where.mkdir(parents=True, exist_ok=True)
+                _make_directory(where)
                 write(path, key, go)
             except BaseException:
                 for d in reversed(created):
