@@ -172,6 +172,19 @@ def test_a_prefix_read_by_another_path_is_refused_with_a_warning_and_stays_corre
     assert prefix.stats().replayed_batches == 0
 
 
+def test_a_random_layer_in_no_group_is_named_when_the_replay_is_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 8), nn.Linear(8, 3))
+    assert tf.layer_groups(model) == [["0"], ["2"], ["3"]]  # the Dropout has no parameters: no group
+    tf.freeze(model, "0", "2", mode="eval")
+    prefix = cache_frozen_prefix(model)
+    x = torch.randn(5, 6)
+    model(x)
+    with pytest.warns(UserWarning, match=r"layer '1' \(Dropout, p=0.5\).*pin_mode\(model, '1'"):
+        model(x)
+    assert prefix.stats().replayed_batches == 0
+
+
 def test_remove_leaves_no_hook_and_no_stub() -> None:
     model = blocks()
     tf.freeze(model, "0", mode="eval")

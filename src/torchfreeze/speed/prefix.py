@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from torchfreeze._core import tree
+from torchfreeze._core.behaviour import nondeterministic_modules
 from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.select import Selector, resolve
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
@@ -352,9 +353,28 @@ class PrefixCache:
             rewind()
         problem = difference(full, replayed)
         if problem:
-            self._refuse(store, f"replaying the prefix up to '{store.boundary}' changes the model's output ({problem})")
+            self._refuse(
+                store,
+                f"replaying the prefix up to '{store.boundary}' changes the model's output ({problem})"
+                + self._ungrouped_randomness(),
+            )
         else:
             store.verified = True
+
+    def _ungrouped_randomness(self) -> str:
+        """Random layers in no group (a parameter-free Dropout between blocks): a likely cause, named."""
+        grouped = {name for names in self._names for name in names}
+
+        def inside(name: str) -> bool:
+            return any(name == g or name.startswith(g + ".") for g in grouped)
+
+        loose = [found for found in nondeterministic_modules(self.model) if not inside(found.name)]
+        if not loose:
+            return ""
+        return (
+            f"; {loose[0].sentence()} and belongs to no layer group, so freezing the groups does not pin it: "
+            f"pin it too (pin_mode(model, '{loose[0].name}', mode='eval')) or pass groups= that include it"
+        )
 
     def _refuse(self, store: Store, reason: str) -> None:
         store.refused = reason
