@@ -122,3 +122,29 @@ def test_stats_time_the_cache_apart_from_the_module() -> None:
     assert after_hit.compute_seconds == after_miss.compute_seconds
     assert after_hit.call_seconds > after_miss.call_seconds and after_hit.overhead_seconds > 0
     assert "time in cache" in str(after_hit)
+
+
+def test_a_batch_seen_again_after_its_rows_were_evicted_is_recomputed_correctly() -> None:
+    inner = frozen_mlp()
+    cached = cache_features(inner, max_bytes=8 * 4 * 4)  # 8 rows
+    a, b, c = torch.randn(4, 6), torch.randn(4, 6), torch.randn(4, 6)
+    cached(a)
+    cached(a)  # the whole batch is remembered
+    cached(b)
+    cached(c)  # a's rows are overwritten by c's
+    torch.testing.assert_close(cached(a), inner(a))
+    torch.testing.assert_close(cached(a), inner(a))
+    torch.testing.assert_close(cached(c), inner(c))
+    s = cached.stats()
+    assert (s.hits, s.misses) == (4 + 4 + 4, 4 * 4)
+
+
+def test_a_batch_of_the_same_rows_in_another_order_is_not_mistaken_for_it() -> None:
+    inner = frozen_mlp()
+    cached = cache_features(inner)
+    x = torch.randn(5, 6)
+    cached(x)
+    cached(x)
+    flipped = x.flip(0)
+    torch.testing.assert_close(cached(flipped), inner(flipped))
+    assert cached.stats().misses == 5

@@ -128,10 +128,13 @@ class RowLayout:
     output's tensor rows.
     """
 
-    __slots__ = ("leaves", "rows", "salt", "single", "spec", "store")
+    __slots__ = ("batches", "leaves", "rows", "salt", "single", "spec", "store")
 
     def __init__(self, salt: bytes, max_bytes: int) -> None:
         self.salt = salt
+        #: whole batches seen before: batch key -> (store, its generation, the rows' slots); lets a
+        #: batch that comes again unchanged (a loader without shuffling) skip the per-row keys
+        self.batches: dict[bytes, tuple[SlabStore, int, Tensor]] = {}
         self.store = SlabStore(max_bytes=max_bytes)
         self.spec: tree.TreeSpec | None = None
         self.leaves: list[Any] = []  # constants, and _TENSOR where a tensor goes
@@ -158,6 +161,19 @@ class RowLayout:
         self.leaves = [_TENSOR if isinstance(x, Tensor) else x for x in leaves]
         self.rows = [(t.shape[1:], t.dtype) for t in leaves if isinstance(t, Tensor)]
         self.single = spec.is_leaf() and len(leaves) == 1 and isinstance(leaves[0], Tensor)
+
+    def recall(self, batch: bytes) -> Tensor | None:
+        """The slots of a whole batch remembered under ``batch``, if still valid."""
+        got = self.batches.get(batch)
+        if got is None or got[0] is not self.store or got[1] != self.store.generation:
+            return None
+        return got[2]
+
+    def remember(self, batch: bytes, slots: Tensor) -> None:
+        """Remember the slots of a whole batch (at most 4096 batches per layout)."""
+        if len(self.batches) >= 4096:
+            self.batches.clear()
+        self.batches[batch] = (self.store, self.store.generation, slots)
 
     def output(self, tensors: list[Tensor]) -> Any:
         """The output rebuilt from its tensor leaves (batches)."""

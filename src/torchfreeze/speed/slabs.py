@@ -71,6 +71,7 @@ class SlabStore:
         "_slabs",
         "device",
         "evictions",
+        "generation",
         "max_bytes",
         "row_bytes",
         "skipped",
@@ -93,6 +94,9 @@ class SlabStore:
         self.row_bytes = 0
         self.evictions = 0
         self.skipped = 0
+        #: bumped whenever a slot may come to hold another key's row (eviction, clear): slots
+        #: remembered under an older generation are stale
+        self.generation = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -160,6 +164,7 @@ class SlabStore:
     # -- changes -------------------------------------------------------------
     def clear(self) -> None:
         """Drop every row and free the slabs (the layout is kept)."""
+        self.generation += 1
         self._reset()
 
     def insert(self, keys: Sequence[bytes], leaves: Sequence[Tensor]) -> int:
@@ -231,6 +236,7 @@ class SlabStore:
         new = [k for k in last if k not in index]
         if len(new) > limit:  # more new rows than the budget holds: the first ones are dropped at once
             self.evictions += len(new) - limit
+            self.generation += 1
             for k in new[: len(new) - limit]:
                 del last[k]
             new = new[len(new) - limit :]
@@ -260,6 +266,7 @@ class SlabStore:
         if old is not None:
             del self._index[old]
             self.evictions += 1
+            self.generation += 1
         return slot
 
     def _grow(self, capacity: int) -> None:
