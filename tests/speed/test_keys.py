@@ -296,3 +296,29 @@ def test_a_cache_without_xxhash_gives_the_same_results(monkeypatch: pytest.Monke
     out = cached(again)
     assert cached.stats().hits == 7 and cached.stats().misses == 10
     torch.testing.assert_close(out, inner(again))
+
+
+class ScaledByParameters(nn.Module):
+    """Multiplies by every parameter it holds (none at first)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for p in self.parameters():
+            x = x * p
+        return x
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda m: m.register_parameter("s", nn.Parameter(torch.tensor(3.0), False)), id="new-parameter"),
+        pytest.param(lambda m: m.register_buffer("unused", torch.ones(1)) or setattr(m, "k", 2), id="new-attribute"),
+    ],
+)
+def test_a_layer_that_had_no_parameters_is_still_watched(change: object) -> None:
+    inner = ScaledByParameters().eval()
+    cached = cache_features(inner)
+    x = torch.randn(3, 2)
+    cached(x)
+    change(inner)  # type: ignore[operator]
+    torch.testing.assert_close(cached(x), inner(x))
+    assert cached.stats().hits == 0

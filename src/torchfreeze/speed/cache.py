@@ -67,6 +67,7 @@ from torchfreeze.speed._entry import (
 from torchfreeze.speed.keys import (
     ModuleWatch,
     autocast_state,
+    batch_key,
     fast_signature,
     key_salt,
     module_fingerprint,
@@ -322,7 +323,7 @@ class FeatureCache(FrozenOnly):
             layout = store.rows.get(ident, lambda: key_salt(self._key_base(), method, "sample", signature))
         device = leaves[0].device
         # one hash of the whole batch first: a batch seen before skips the per-row keys
-        batch = row_keys_fast([t.reshape(1, -1) for t in leaves], 1, salt=layout.salt)[0]
+        batch = batch_key(leaves, salt=layout.salt)
         with store.lock:
             slots = layout.recall(batch)
             if slots is not None:

@@ -116,34 +116,26 @@ _values = dict.values
 _chain = itertools.chain.from_iterable
 
 
-_CORE = ("training",)
-Token = tuple[list[Any], list[Any], list[int], list[int], list[int], list[bool]]
-
-
-_call_getter = operator.itemgetter.__call__  # operator.call is Python 3.11+
-
-
-def _getter(module: nn.Module) -> operator.itemgetter[Any]:
-    names = [*_CORE, *(k for k, _ in plain_attributes(module))]
-    return operator.itemgetter(*names, *names)  # two names at least: it returns a tuple
+Token = tuple[list[dict[str, Any]], list[Any], list[int], list[int], list[bool]]
+# what comparing a changed attribute's old and new values may raise (a multi-element tensor, an array)
+_COMPARE_ERRORS = (RuntimeError, ValueError, TypeError)
 
 
 class ModuleWatch:
     """Cheap change detection for a wrapped module: :meth:`poll` runs on every cached call.
 
-    The token is, over every submodule, the *objects* of its ``training`` flag, its
-    parameters, buffers and children, and its plain attributes
-    (:func:`plain_attributes`), compared by identity (and held, so a freed object's
-    address cannot come back as a false "unchanged"); the size of its ``__dict__``
-    (an added attribute); and each tensor's version counter (bumped by every in-place
-    change: optimizer steps, ``load_state_dict``), storage address (``.data = ...``)
-    and ``requires_grad``. So a swapped layer (even one without parameters), a new
-    parameter object, a ``train()``/``eval()`` flag or a new hyperparameter value
-    (``negative_slope``, ``eps``) all change it. A few C-level passes: microseconds
-    for a dozen modules.
+    The token is, over every submodule, a shallow copy of its ``__dict__`` (compared
+    with ``==``, which is C-level and returns at once for the objects that were not
+    replaced: so the ``training`` flag, every plain attribute such as
+    ``negative_slope`` or ``eps``, and an added or deleted attribute are seen); the
+    objects of its parameters, buffers and children (compared by identity, and held,
+    so a freed object's address cannot come back as a false "unchanged"); and each
+    tensor's version counter (bumped by every in-place change: optimizer steps,
+    ``load_state_dict``), storage address (``.data = ...``) and ``requires_grad``.
+    A few C-level passes: microseconds for a dozen modules.
     """
 
-    __slots__ = ("dicts", "getters", "mods", "module", "slots", "tensors", "token")
+    __slots__ = ("dicts", "empty", "mods", "module", "slots", "tensors", "token")
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -153,40 +145,38 @@ class ModuleWatch:
     def _walk(self) -> None:
         mods = self.mods = list(self.module.modules())
         self.dicts = list(map(vars, mods))
-        self.getters = [_getter(m) for m in mods]
-        self.slots = [*map(_get_parameters, mods), *map(_get_buffers, mods), *map(_get_modules, mods)]
-        self.tensors: list[Tensor] = [t for d in self.slots[: 2 * len(mods)] for t in d.values() if t is not None]
-
-    def _attributes(self) -> list[Any]:
-        try:
-            return list(_chain(map(_call_getter, self.getters, self.dicts)))
-        except KeyError:  # an attribute was deleted: a change
-            return [KeyError]
+        slots = [*map(_get_parameters, mods), *map(_get_buffers, mods), *map(_get_modules, mods)]
+        self.tensors: list[Tensor] = [t for d in slots[: 2 * len(mods)] for t in d.values() if t is not None]
+        self.slots = [d for d in slots if d]  # scanned by value; the empty ones only need to stay empty
+        self.empty = [d for d in slots if not d]
 
     def _take(self) -> Token:
         tensors = self.tensors
         return (
-            self._attributes(),
+            list(map(dict, self.dicts)),
             list(_chain(map(_values, self.slots))),
-            list(map(len, self.dicts)),
             list(map(_get_version, tensors)),
             list(map(Tensor.data_ptr, tensors)),
             list(map(_get_requires_grad, tensors)),
         )
 
+    def _same_attributes(self, snapshots: list[dict[str, Any]]) -> bool:
+        try:
+            return all(map(operator.eq, self.dicts, snapshots))
+        except _COMPARE_ERRORS:  # a replaced tensor or array attribute: a change
+            return False
+
     def poll(self) -> Token | None:
         """None when nothing changed; otherwise the new token (make it current with :meth:`accept`)."""
-        attrs, held, sizes, versions, ptrs, grads = self.token
+        snapshots, held, versions, ptrs, grads = self.token
         tensors = self.tensors
-        now = self._attributes()
         slots = list(_chain(map(_values, self.slots)))
         if (
-            len(now) == len(attrs)
-            and all(map(operator.is_, now, attrs))
+            self._same_attributes(snapshots)
+            and not any(map(len, self.empty))
             and len(slots) == len(held)
             and all(map(operator.is_, slots, held))
             and list(map(_get_version, tensors)) == versions
-            and list(map(len, self.dicts)) == sizes
             and list(map(Tensor.data_ptr, tensors)) == ptrs
             and list(map(_get_requires_grad, tensors)) == grads
         ):
@@ -195,15 +185,16 @@ class ModuleWatch:
         return self._take()
 
     def rebase_attributes(self) -> None:
-        """Take the plain attributes and flags as they are now (after a forward pass that updated its own counters).
+        """Take the attributes and flags as they are now (after a forward pass that updated its own counters).
 
         A module that counts its calls in an attribute changes it on every forward pass; that is
         the module's own doing, not a new hyperparameter, so it must not make every call a miss.
         Parameters, buffers, children and tensor versions are not rebased: a module that changes
         its own tensors in its forward pass keeps missing, as it must.
         """
-        _, held, _, versions, ptrs, grads = self.token
-        self.token = (self._attributes(), held, list(map(len, self.dicts)), versions, ptrs, grads)
+        snapshots, held, versions, ptrs, grads = self.token
+        if not self._same_attributes(snapshots):
+            self.token = (list(map(dict, self.dicts)), held, versions, ptrs, grads)
 
     def accept(self, token: Token) -> None:
         """Make ``token`` the current one."""
@@ -369,6 +360,27 @@ def _seeds(salt: bytes, tensors: Sequence[Tensor]) -> tuple[int, int]:
             _SEEDS.clear()
         _SEEDS[layout] = seeds
     return seeds
+
+
+def batch_key(tensors: Sequence[Tensor], *, salt: bytes) -> bytes:
+    """One 16-byte content key for whole tensors (all their bytes, dtypes and shapes, and ``salt``).
+
+    One xxh3-128 pass over each buffer on the CPU with ``xxhash``; else :func:`row_keys_fast`
+    over each tensor flattened to one row.
+
+    >>> batch_key([torch.ones(2, 3)], salt=b"") == batch_key([torch.ones(3, 2)], salt=b"")
+    False
+    """
+    shapes = repr([(t.dtype, tuple(t.shape)) for t in tensors]).encode()
+    if _xxhash is not None and all(t.device.type == "cpu" for t in tensors):
+        seed, _ = _seeds(salt + shapes, ())
+        if len(tensors) == 1:
+            return bytes(_xxhash.xxh3_128_digest(_bytes(check_dense(tensors[0])), seed))
+        h = _xxhash.xxh3_128(seed=seed)
+        for t in tensors:
+            h.update(_bytes(check_dense(t)))
+        return bytes(h.digest())
+    return row_keys_fast([t.reshape(1, -1) for t in tensors], 1, salt=salt + shapes)[0]
 
 
 def row_keys_fast(

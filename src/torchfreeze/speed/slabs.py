@@ -144,10 +144,11 @@ class SlabStore:
         """
         if not self._slabs:
             raise ArgumentError("SlabStore.gather: the store is empty; look the keys up first (lookup gives -1).")
-        if slots.device != self._slabs[0].device:
-            slots = slots.to(self._slabs[0].device, non_blocking=True)
+        here = self.device
+        if here is not None and here.type != "cpu":
+            slots = slots.to(here, non_blocking=True)
         out = [slab.index_select(0, slots) for slab in self._slabs]
-        if device is not None:
+        if device is not None and device != here:
             out = [t.to(device, non_blocking=True) for t in out]
         return out
 
