@@ -52,8 +52,8 @@ def head_epoch(head: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[An
         opt.step()
 
 
-def measure(cases: list[tuple[str, Callable[[], Any]]], rounds: int) -> list[tuple[str, float, float]]:
-    """Median and interquartile range of each case, timed in interleaved rounds.
+def measure(cases: list[tuple[str, Callable[[], Any]]], rounds: int) -> list[tuple[str, float, float, float]]:
+    """Median, interquartile range and minimum of each case, timed in interleaved rounds.
 
     One call of every case per round, the cases in turn, so that a change of the machine's load
     (other processes on a shared machine) reaches every case alike instead of one block of them.
@@ -69,7 +69,7 @@ def measure(cases: list[tuple[str, Callable[[], Any]]], rounds: int) -> list[tup
     out = []
     for (name, _), ts in zip(cases, times, strict=True):
         q = statistics.quantiles(ts, n=4)
-        out.append((name, statistics.median(ts), q[2] - q[0]))
+        out.append((name, statistics.median(ts), q[2] - q[0], min(ts)))
     return out
 
 
@@ -149,13 +149,15 @@ def main() -> None:
         rows = measure(cases, args.rounds)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    no_grad, floor = rows[0][1], rows[-1][1]
+    no_grad, floor, no_min, floor_min = rows[0][1], rows[-1][1], rows[0][3], rows[-1][3]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread, {BATCHES} batches of {BATCH}, 6 x Linear({WIDTH}) + GELU"
     )
-    print(f"{'what':45s} {'median ms':>10s} {'IQR ms':>8s} {'/ no_grad':>10s} {'/ floor':>8s}")
-    for name, median, iqr in rows:
-        print(f"{name:45s} {median * 1e3:10.2f} {iqr * 1e3:8.2f} {median / no_grad:10.2f} {median / floor:8.2f}")
+    print("ratios of medians (and of minima, the least disturbed runs on a shared machine)")
+    print(f"{'what':45s} {'median ms':>10s} {'IQR ms':>8s} {'min ms':>8s} {'/ no_grad':>10s} {'/ floor':>8s}")
+    for name, median, iqr, least in rows:
+        ratios = f"{median / no_grad:5.2f} ({least / no_min:4.2f}) {median / floor:5.2f} ({least / floor_min:4.2f})"
+        print(f"{name:45s} {median * 1e3:10.2f} {iqr * 1e3:8.2f} {least * 1e3:8.2f}  {ratios}")
 
 
 if __name__ == "__main__":
