@@ -133,6 +133,8 @@ def test_items_keep_their_structure_with_the_feature_in_place_of_x(form: str) ->
     expected = reference(backbone, x)
     assert all(check(ds[i], expected[i], i) for i in range(N))
     assert check(ds[-1], expected[-1], N - 1)
+    picked = [3, 0, -1, 3]
+    assert all(check(item, expected[i], i % N) for i, item in zip(picked, ds.__getitems__(picked), strict=True))
 
 
 def test_dict_inputs_are_passed_as_keywords() -> None:
