@@ -148,3 +148,33 @@ def test_a_batch_of_the_same_rows_in_another_order_is_not_mistaken_for_it() -> N
     flipped = x.flip(0)
     torch.testing.assert_close(cached(flipped), inner(flipped))
     assert cached.stats().misses == 5
+
+
+def test_the_whole_batch_hash_is_skipped_in_the_first_epoch_and_dropped_for_shuffled_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torchfreeze.speed import cache as cache_module
+
+    calls = []
+    real = cache_module.batch_key
+    monkeypatch.setattr(cache_module, "batch_key", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inner = frozen_mlp()
+    cached = cache_features(inner)
+    data = torch.randn(64, 6)
+    fixed = list(data.split(4))
+    for b in fixed:  # first epoch: all misses, no whole-batch hash
+        cached(b)
+    assert calls == []
+    for _ in range(2):  # the same batches again: remembered, then served whole
+        for b in fixed:
+            torch.testing.assert_close(cached(b), inner(b))
+    assert 0 < len(calls) <= 2 * len(fixed)
+    calls.clear()
+    for _ in range(25):  # reshuffled every epoch: 400 new batches whose rows all hit
+        for idx in torch.randperm(64).split(4):
+            torch.testing.assert_close(cached(data[idx]), inner(data[idx]))
+    assert 256 <= len(calls) < 400  # tried for 256 missed batches (plus 8 per hit before), then dropped
+    calls.clear()
+    for idx in torch.randperm(64).split(4):
+        cached(data[idx])
+    assert calls == [] and cached.stats().misses == 64

@@ -128,13 +128,16 @@ class RowLayout:
     output's tensor rows.
     """
 
-    __slots__ = ("batches", "leaves", "rows", "salt", "single", "spec", "store")
+    __slots__ = ("batches", "leaves", "probe_hits", "probe_misses", "rows", "salt", "single", "spec", "store", "warm")
 
     def __init__(self, salt: bytes, max_bytes: int) -> None:
         self.salt = salt
         #: whole batches seen before: batch key -> (store, its generation, the rows' slots); lets a
         #: batch that comes again unchanged (a loader without shuffling) skip the per-row keys
         self.batches: dict[bytes, tuple[SlabStore, int, Tensor]] = {}
+        self.warm = False  # the last batch was all hits
+        self.probe_hits = 0
+        self.probe_misses = 0  # batches whose rows all hit but which were not remembered as a whole
         self.store = SlabStore(max_bytes=max_bytes)
         self.spec: tree.TreeSpec | None = None
         self.leaves: list[Any] = []  # constants, and _TENSOR where a tensor goes
@@ -162,11 +165,28 @@ class RowLayout:
         self.rows = [(t.shape[1:], t.dtype) for t in leaves if isinstance(t, Tensor)]
         self.single = spec.is_leaf() and len(leaves) == 1 and isinstance(leaves[0], Tensor)
 
+    def probing(self) -> bool:
+        """Whether to try the whole-batch shortcut: the layout is warm, and the shortcut pays.
+
+        After 256 all-hit batches that it missed, it must hit one in eight, or it is dropped for good
+        (rows reshuffled into new batches every epoch never repeat as a whole): the first epoch
+        and shuffled loaders do not pay for a second hash of their inputs.
+        """
+        return self.warm and self.probe_hits * 8 + 256 >= self.probe_misses
+
+    def settle(self, *, probed: bool) -> bool:
+        """A batch whose rows all hit: count a missed probe; whether to remember the batch."""
+        self.warm = True
+        if probed:
+            self.probe_misses += 1
+        return self.probe_hits * 8 + 256 >= self.probe_misses
+
     def recall(self, batch: bytes) -> Tensor | None:
         """The slots of a whole batch remembered under ``batch``, if still valid."""
         got = self.batches.get(batch)
         if got is None or got[0] is not self.store or got[1] != self.store.generation:
             return None
+        self.probe_hits += 1
         return got[2]
 
     def remember(self, batch: bytes, slots: Tensor) -> None:

@@ -322,14 +322,17 @@ class FeatureCache(FrozenOnly):
         with store.lock:
             layout = store.rows.get(ident, lambda: key_salt(self._key_base(), method, "sample", signature))
         device = leaves[0].device
-        # one hash of the whole batch first: a batch seen before skips the per-row keys
-        batch = batch_key(leaves, salt=layout.salt)
-        with store.lock:
-            slots = layout.recall(batch)
-            if slots is not None:
-                store.stats.hits += n
-                store.stats.memory_hits += n
-                return layout.output(layout.store.gather(slots, device))
+        # a warm layout whose whole batches come again (a loader without shuffling) tries one hash of
+        # the whole batch first: a batch seen before skips the per-row keys
+        probing = layout.probing()
+        batch = batch_key(leaves, salt=layout.salt) if probing else None
+        if batch is not None:
+            with store.lock:
+                slots = layout.recall(batch)
+                if slots is not None:
+                    store.stats.hits += n
+                    store.stats.memory_hits += n
+                    return layout.output(layout.store.gather(slots, device))
         keys = row_keys_fast(leaves, n, salt=layout.salt)
         with store.lock:
             found = layout.store.get(keys)
@@ -338,8 +341,10 @@ class FeatureCache(FrozenOnly):
                 store.stats.hits += n
                 store.stats.memory_hits += n
                 slots = int64(found)  # type: ignore[arg-type]
-                layout.remember(batch, slots)
+                if layout.settle(probed=probing):
+                    layout.remember(batch or batch_key(leaves, salt=layout.salt), slots)
                 return layout.output(layout.store.gather(slots, device))
+            layout.warm = False
             hit = [r for r, s in enumerate(found) if s is not None] if missing < n else []
             hit_rows = layout.store.gather(int64([found[r] for r in hit]), device) if hit else []  # type: ignore[misc]
         if not hit and store.directory is None and layout.single:  # all new rows, a known one-tensor output
@@ -348,9 +353,6 @@ class FeatureCache(FrozenOnly):
                 with store.lock:
                     store.stats.misses += n
                     store.rows.insert(layout, keys, [result.detach()])
-                    found = layout.store.get(keys)
-                    if None not in found:
-                        layout.remember(batch, int64(found))  # type: ignore[arg-type]
                 return result
             return self._fill(layout, keys, [], [], fn, args, kwargs, device, result)
         return self._fill(layout, keys, hit, hit_rows, fn, args, kwargs, device)
