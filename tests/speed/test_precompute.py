@@ -235,6 +235,7 @@ def test_a_second_call_maps_the_file_and_does_not_run_the_backbone(tmp_path: Pat
     second = precompute_features(backbone, labelled(), batch_size=BATCH, directory=tmp_path / "feats")
     assert backbone.calls == calls and second.reused and not first.reused and second.path == first.path
     assert bits(second.features) == bits(first.features) == bits(reference(backbone, inputs()))
+    assert bits(second.features) == bits(precompute_features(backbone, labelled(), batch_size=BATCH).features)
     assert [second[i][1] for i in range(N)] == [first[i][1] for i in range(N)]
     assert [p.name for p in (tmp_path / "feats").iterdir()] == [first.path.name]  # no temporary file left
     safetensors = pytest.importorskip("safetensors")
@@ -243,6 +244,14 @@ def test_a_second_call_maps_the_file_and_does_not_run_the_backbone(tmp_path: Pat
         assert f.metadata()["format"] == "torchfreeze.precompute/1"
     second.features.mul_(0)  # the map is private: the file keeps its data
     assert precompute_features(backbone, labelled(), batch_size=BATCH, directory=tmp_path / "feats").reused
+
+
+def test_half_storage_round_trips_through_the_file(tmp_path: Path) -> None:
+    backbone = Counting()
+    first = precompute_features(backbone, labelled(), batch_size=BATCH, dtype=torch.bfloat16, directory=tmp_path)
+    second = precompute_features(backbone, labelled(), batch_size=BATCH, dtype=torch.bfloat16, directory=tmp_path)
+    assert second.reused and second.features.dtype == torch.bfloat16
+    assert bits(second.features) == bits(first.features) == bits(reference(backbone, inputs()).to(torch.bfloat16))
 
 
 OTHER_SETTINGS: dict[str, Callable[[Counting], dict[str, Any]]] = {
