@@ -3,7 +3,9 @@
 Modules: :mod:`~torchfreeze.speed.cache` (``cache_features``, ``FeatureCache``),
 :mod:`~torchfreeze.speed.keys` (fingerprints and content keys),
 :mod:`~torchfreeze.speed.storage` (the in-memory LRU and disk entries, ``CacheStats``),
-:mod:`~torchfreeze.speed.prefix` (``cache_frozen_prefix``: skip a model's frozen leading groups),
+:mod:`~torchfreeze.speed.precompute` (``precompute_features``: a frozen backbone once over a data set;
+its result class in :mod:`~torchfreeze.speed.precomputed`), :mod:`~torchfreeze.speed.slabs` (rows in
+preallocated tensors), :mod:`~torchfreeze.speed.prefix` (``cache_frozen_prefix``: skip a model's frozen leading groups),
 :mod:`~torchfreeze.speed.refusal` (what the cache refuses, and why),
 :mod:`~torchfreeze.speed.explain` (``explain``) and :mod:`~torchfreeze.speed.report`
 (``Explanation``, ``FrozenPart``).
