@@ -322,3 +322,24 @@ def test_a_layer_that_had_no_parameters_is_still_watched(change: object) -> None
     change(inner)  # type: ignore[operator]
     torch.testing.assert_close(cached(x), inner(x))
     assert cached.stats().hits == 0
+
+
+@pytest.mark.parametrize("xxhash_installed", [True, False], ids=["xxhash", "torch-hash"])
+def test_batch_key_covers_content_dtype_shape_and_every_tensor(
+    monkeypatch: pytest.MonkeyPatch, xxhash_installed: bool
+) -> None:
+    from torchfreeze.speed import keys as keys_module
+
+    if not xxhash_installed:
+        monkeypatch.setattr(keys_module, "_xxhash", None)
+    elif not HAVE_XXHASH:
+        pytest.skip("the optional xxhash package is not installed")
+    key = keys_module.batch_key
+    x, m = torch.arange(12.0).reshape(3, 4), torch.ones(3, dtype=torch.bool)
+    assert key([x, m], salt=b"s") == key([x.clone(), m.clone()], salt=b"s")
+    other = x.clone()
+    other[2, 3] += 1
+    assert len({key([x], salt=b"s"), key([other], salt=b"s"), key([x.reshape(4, 3)], salt=b"s")}) == 3
+    assert key([x], salt=b"s") != key([x.view(torch.int32)], salt=b"s")
+    assert key([x, m], salt=b"s") != key([x, ~m], salt=b"s") != key([x], salt=b"s")
+    assert key([x], salt=b"s") != key([x], salt=b"t")
