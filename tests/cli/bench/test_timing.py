@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from torchfreeze.cli.bench.timing import figure, from_samples, merged, one_shot, per_call, ratio, rounds
+from torchfreeze.cli.bench.timing import figure, from_samples, merged, one_shot, paired_ratio, per_call, ratio, rounds
 
 
 def test_figure_is_median_iqr_and_range_of_the_times() -> None:
@@ -71,3 +71,11 @@ def test_one_shot_runs_each_call_on_a_fresh_state() -> None:
 def test_merged_refuses_rounds_of_different_variants() -> None:
     with pytest.raises(RuntimeError, match="task specs"):
         merged([from_samples("a", [1.0]), from_samples("b", [1.0])])
+
+
+def test_paired_ratio_pairs_rounds_and_refuses_unequal_lengths() -> None:
+    r = paired_ratio([2.0, 9.0, 3.0, 4.0], [1.0, 3.0, 1.0, 4.0])
+    assert (r["median"], r["min"], r["max"], r["n"]) == (2.5, 1.0, 3.0, 4)
+    assert r["unit"] == "x" and "per-round ratios" in r["spread"]
+    with pytest.raises(ValueError):
+        paired_ratio([1.0, 2.0], [1.0])

@@ -166,7 +166,9 @@ def to_markdown(results: Mapping[str, Any]) -> str:
         "on a fresh state for one-shot figures, in-run times wrapped into Measurements where evaluation or setup sits "
         "between the timed parts). Every variant of a scenario runs in this process, side by side, the order rotated "
         "each round. Each figure is `median [q1-q3]`, the interquartile range over its repetitions (min-max and "
-        "counts in the tables); a ratio's range comes from both IQRs (q1/q3 to q3/q1).",
+        "counts in the tables). Ratios of scenarios 1, 5 and 6 are paired: one ratio per round (the two variants "
+        "ran side by side in it), then their median [IQR]; the other ratios are ratios of medians, their range "
+        "from both IQRs (q1/q3 to q3/q1). Every `spread` field of bench.json says which.",
         "",
         "## Headline",
         "",

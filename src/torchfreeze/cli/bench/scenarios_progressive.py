@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchfreeze as tf
-from torchfreeze.cli.bench.timing import Figure, figure, from_samples, ratio
+from torchfreeze.cli.bench.timing import Figure, figure, from_samples, paired_ratio
 from torchfreeze.cli.bench.workload import Sizes, TinyEncoder
 from torchfreeze.cli.demo_tasks import MODELS, TOPICS, Task, accuracy, make_task
 from torchfreeze.compose import Composite
@@ -248,12 +248,13 @@ def scenario_progressive(s: Setup, sizes: Sizes, log: Callable[[str], None]) -> 
             "prefix_cache_stats": first["prefix_cache_stats"],
         }
     full, prog = variants["full"], variants["progressive"]
-    speedup: Figure = ratio(full["total_train_seconds"], prog["total_train_seconds"])
+    totals = {name: [sum(x["train_seconds"]) for x in rs] for name, rs in runs.items()}  # paired by round
+    speedup: Figure = paired_ratio(totals["full"], totals["progressive"])
     diff = (prog["final_accuracy"] - full["final_accuracy"]) * 100
     ratios = {
         "progressive_speedup_vs_full": speedup,
-        "static_speedup_vs_full": ratio(full["total_train_seconds"], variants["static"]["total_train_seconds"]),
-        "gradual_speedup_vs_full": ratio(full["total_train_seconds"], variants["gradual"]["total_train_seconds"]),
+        "static_speedup_vs_full": paired_ratio(totals["full"], totals["static"]),
+        "gradual_speedup_vs_full": paired_ratio(totals["full"], totals["gradual"]),
     }
     goals = [
         {

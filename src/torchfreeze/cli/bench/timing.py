@@ -26,7 +26,18 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.benchmark import Measurement, Timer
 
-__all__ = ["Figure", "figure", "per_call", "one_shot", "from_samples", "rounds", "ratio", "merged", "compare_text"]
+__all__ = [
+    "Figure",
+    "figure",
+    "per_call",
+    "one_shot",
+    "from_samples",
+    "rounds",
+    "ratio",
+    "paired_ratio",
+    "merged",
+    "compare_text",
+]
 
 #: A figure of the report: ``{"median", "q1", "q3", "min", "max", "n", "unit", "spread"}`` (seconds).
 Figure = dict[str, Any]
@@ -146,6 +157,21 @@ def ratio(a: Figure, b: Figure) -> Figure:
         "unit": "x",
         "spread": "ratio of medians; range from both IQRs (q1/q3 to q3/q1)",
     }
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> Figure:
+    """``a / b`` round by round (values measured side by side in the same round), as a ratio figure.
+
+    Load on a shared machine drifts between rounds and hits the variants of one round alike: the
+    median of the per-round ratios, with their IQR and min-max, is steadier than a ratio of medians.
+
+    >>> r = paired_ratio([2.0, 4.0, 3.0], [1.0, 2.0, 1.0])
+    >>> r["median"], r["min"], r["max"], r["n"], r["unit"]
+    (2.0, 2.0, 3.0, 3, 'x')
+    """
+    values = [x / y for x, y in zip(a, b, strict=True) if y > 0]
+    f = figure(from_samples("paired ratio", values), what="rounds")
+    return {**f, "unit": "x", "spread": f"median, IQR and min-max of {len(values)} per-round ratios"}
 
 
 def compare_text(measurements: Sequence[Measurement]) -> str:
