@@ -182,6 +182,7 @@ def test_a_mapping_pytree_does_not_know_is_hashed_and_split_into_rows() -> None:
 
 METHODS = [
     pytest.param("torch", id="torch-hash"),
+    pytest.param("sha256", id="sha256"),
     pytest.param(
         "xxhash",
         id="xxhash",
@@ -264,8 +265,8 @@ def test_xxhash_is_the_default_on_cpu_when_installed(monkeypatch: pytest.MonkeyP
     x = torch.randn(3, 4)
     if HAVE_XXHASH:
         assert row_keys_fast([x], 3, salt=b"") == row_keys_fast([x], 3, salt=b"", method="xxhash")
-    monkeypatch.setattr(keys_module, "_xxhash", None)  # as without the package: the torch hash
-    assert keys_module.row_keys_fast([x], 3, salt=b"") == row_keys_fast([x], 3, salt=b"", method="torch")
+    monkeypatch.setattr(keys_module, "_xxhash", None)  # as without the package: SHA-256 per row
+    assert keys_module.row_keys_fast([x], 3, salt=b"") == row_keys_fast([x], 3, salt=b"", method="sha256")
     with pytest.raises(tf.errors.ArgumentError, match=r"method='xxhash'.*Fix: pip install"):
         keys_module.row_keys_fast([x], 3, salt=b"", method="xxhash")
 
@@ -286,8 +287,13 @@ def test_row_keys_refuse_bad_tensors(tensors: list[torch.Tensor], match: str) ->
 def test_a_cache_without_xxhash_gives_the_same_results(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     from torchfreeze.speed import keys as keys_module
 
-    if method == "torch":
+    if method != "xxhash":
         monkeypatch.setattr(keys_module, "_xxhash", None)
+    if method == "torch":
+        from torchfreeze.speed import cache as cache_module
+
+        real = keys_module.row_keys_fast
+        monkeypatch.setattr(cache_module, "row_keys_fast", lambda *a, **k: real(*a, **{**k, "method": "torch"}))
     inner = frozen_mlp()
     cached = cache_features(inner)
     data = torch.randn(10, 6)

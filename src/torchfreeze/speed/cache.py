@@ -5,8 +5,9 @@ back where the module lived (``model.backbone = cache_features(model.backbone)``
 that is the one call. The wrapper
 
 * keys every output by the *content* of the inputs (a 128-bit hash per row of the
-  tensor bytes, with their dtypes and shapes: xxh3-128 with the optional ``xxhash``
-  package, a vectorised hash in torch operations on the tensor's own device otherwise;
+  tensor bytes, with their dtypes and shapes: on the CPU xxh3-128 with the optional
+  ``xxhash`` package, else SHA-256; on an accelerator a vectorised hash in torch
+  operations on the tensor's own device, never a copy to the host;
   never the sample's index: augmented data simply misses and stays correct) plus the
   wrapped module's weights, buffers, structure and train/eval flags
   (:mod:`torchfreeze.speed.keys`);
