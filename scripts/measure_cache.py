@@ -19,7 +19,7 @@ Prints the medians (and the spread), the ratios cached/floor and first/no_grad, 
 breakdown of one hit batch. Times are the process's CPU time (``time.process_time``) by
 default: on a shared machine, wall time also counts the time other processes hold the
 cores (``--clock wall`` for wall time). Run:
-``.venv/bin/python scripts/measure_cache.py [--repeats 15] [--clock cpu|wall] [--method auto|torch]``.
+``.venv/bin/python scripts/measure_cache.py [--repeats 15] [--clock cpu|wall] [--no-xxhash]``.
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ def backbone() -> nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--method", choices=["auto", "torch"], default="auto", help="row hash (torch: no xxhash)")
+    parser.add_argument("--no-xxhash", action="store_true", help="as without the xxhash package (SHA-256 rows)")
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     ns = parser.parse_args()
     clock = time.process_time if ns.clock == "cpu" else time.perf_counter
     torch.set_num_threads(1)
-    if ns.method == "torch":
+    if ns.no_xxhash:
         from torchfreeze.speed import keys
 
         keys._xxhash = None
@@ -142,7 +142,7 @@ def main() -> None:
             times[name].append((clock() - t0) * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
-        f"torch {torch.__version__}, 1 thread, xxhash {'yes' if HAVE_XXHASH else 'no'}, method={ns.method}, "
+        f"torch {torch.__version__}, 1 thread, xxhash {'no' if ns.no_xxhash or not HAVE_XXHASH else 'yes'}, "
         f"{ns.clock} time, {ns.repeats} repeats"
     )
     for k, v in times.items():
