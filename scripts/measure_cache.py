@@ -55,7 +55,7 @@ def main() -> None:
     clock = time.process_time if ns.clock == "cpu" else time.perf_counter
     torch.set_num_threads(1)
     if ns.no_xxhash:
-        from torchfreeze.speed import keys
+        from torchfreeze.speed import _hashing as keys
 
         keys._xxhash = None
     torch.manual_seed(0)

@@ -244,7 +244,7 @@ def test_non_contiguous_and_multiple_inputs(method: str) -> None:
 
 
 def test_the_torch_hash_never_copies_the_input_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchfreeze.speed import keys as keys_module
+    from torchfreeze.speed import _hashing as keys_module
 
     seen: list[int] = []
     real = keys_module.tensor_bytes
@@ -260,7 +260,7 @@ def test_the_torch_hash_never_copies_the_input_to_the_host(monkeypatch: pytest.M
 
 
 def test_xxhash_is_the_default_on_cpu_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchfreeze.speed import keys as keys_module
+    from torchfreeze.speed import _hashing as keys_module
 
     x = torch.randn(3, 4)
     if HAVE_XXHASH:
@@ -285,12 +285,12 @@ def test_row_keys_refuse_bad_tensors(tensors: list[torch.Tensor], match: str) ->
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_cache_without_xxhash_gives_the_same_results(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
-    from torchfreeze.speed import keys as keys_module
+    from torchfreeze.speed import _hashing as keys_module
 
     if method != "xxhash":
         monkeypatch.setattr(keys_module, "_xxhash", None)
     if method == "torch":
-        from torchfreeze.speed import cache as cache_module
+        from torchfreeze.speed import _rows as cache_module
 
         real = keys_module.row_keys_fast
         monkeypatch.setattr(cache_module, "row_keys_fast", lambda *a, **k: real(*a, **{**k, "method": "torch"}))
@@ -334,7 +334,7 @@ def test_a_layer_that_had_no_parameters_is_still_watched(change: object) -> None
 def test_batch_key_covers_content_dtype_shape_and_every_tensor(
     monkeypatch: pytest.MonkeyPatch, xxhash_installed: bool
 ) -> None:
-    from torchfreeze.speed import keys as keys_module
+    from torchfreeze.speed import _hashing as keys_module
 
     if not xxhash_installed:
         monkeypatch.setattr(keys_module, "_xxhash", None)

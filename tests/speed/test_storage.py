@@ -153,7 +153,7 @@ def test_a_batch_of_the_same_rows_in_another_order_is_not_mistaken_for_it() -> N
 def test_the_whole_batch_hash_is_skipped_in_the_first_epoch_and_dropped_for_shuffled_batches(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from torchfreeze.speed import cache as cache_module
+    from torchfreeze.speed import _rows as cache_module
 
     calls = []
     real = cache_module.batch_key

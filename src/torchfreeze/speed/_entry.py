@@ -21,7 +21,6 @@ import hashlib
 import hmac
 import json
 import struct
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +30,6 @@ from torch import Tensor
 from torchfreeze._core import tree
 from torchfreeze.errors import ArgumentError
 from torchfreeze.speed.keys import CONSTANT_TYPES, check_dense
-from torchfreeze.speed.slabs import SlabStore
 
 __all__ = [
     "Entry",
@@ -40,8 +38,6 @@ __all__ = [
     "row_entries",
     "check_rows",
     "entry_rows",
-    "RowLayout",
-    "RowLayouts",
     "encode_entry",
     "decode_entry",
     "Unstorable",
@@ -56,7 +52,6 @@ _DAMAGE = (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeE
 
 
 LEAF = tree.flatten(0)[1]
-_TENSOR = object()  # where a tensor goes in a layout's leaves
 
 
 class Entry:
@@ -118,137 +113,6 @@ def entry_rows(entries: Sequence[Entry]) -> list[Tensor]:
     """The tensor leaves of one-row entries (read from disk) stacked into batches, one per leaf."""
     count = sum(isinstance(x, Tensor) for x in entries[0].leaves)
     return [torch.stack([[x for x in e.leaves if isinstance(x, Tensor)][j] for e in entries]) for j in range(count)]
-
-
-class RowLayout:
-    """Per-sample rows of one call layout (method, input structure, dtypes, row shapes, autocast).
-
-    Holds the key salt, the output structure (spec, constants, and each tensor's row
-    shape and dtype: set by the first output seen) and a :class:`SlabStore` with the
-    output's tensor rows.
-    """
-
-    __slots__ = ("batches", "leaves", "probe_hits", "probe_misses", "rows", "salt", "single", "spec", "store", "warm")
-
-    def __init__(self, salt: bytes, max_bytes: int) -> None:
-        self.salt = salt
-        #: whole batches seen before: batch key -> (store, its generation, the rows' slots); lets a
-        #: batch that comes again unchanged (a loader without shuffling) skip the per-row keys
-        self.batches: dict[bytes, tuple[SlabStore, int, Tensor]] = {}
-        self.warm = False  # the last batch was all hits
-        self.probe_hits = 0
-        self.probe_misses = 0  # batches whose rows all hit but which were not remembered as a whole
-        self.store = SlabStore(max_bytes=max_bytes)
-        self.spec: tree.TreeSpec | None = None
-        self.leaves: list[Any] = []  # constants, and _TENSOR where a tensor goes
-        self.rows: list[tuple[torch.Size, torch.dtype]] = []
-        self.single = False  # the output is one tensor
-
-    def matches(self, spec: tree.TreeSpec, leaves: Sequence[Any]) -> bool:
-        """Whether a batch output (tensors with rows in dim 0) has this layout's structure, constants and rows."""
-        if self.spec is None:
-            return False
-        if len(leaves) != len(self.leaves) or (spec is not self.spec and spec != self.spec):
-            return False
-        if [(t.shape[1:], t.dtype) for t in leaves if isinstance(t, Tensor)] != self.rows:
-            return False
-        return all(
-            (c is _TENSOR) == isinstance(x, Tensor) and (c is _TENSOR or x == c)
-            for x, c in zip(leaves, self.leaves, strict=True)
-        )
-
-    def adopt(self, spec: tree.TreeSpec, leaves: Sequence[Any]) -> None:
-        """Take this structure; the rows held so far are dropped."""
-        self.store = SlabStore(max_bytes=self.store.max_bytes)
-        self.spec = spec
-        self.leaves = [_TENSOR if isinstance(x, Tensor) else x for x in leaves]
-        self.rows = [(t.shape[1:], t.dtype) for t in leaves if isinstance(t, Tensor)]
-        self.single = spec.is_leaf() and len(leaves) == 1 and isinstance(leaves[0], Tensor)
-
-    def probing(self) -> bool:
-        """Whether to try the whole-batch shortcut: the layout is warm, and the shortcut pays.
-
-        After 256 all-hit batches that it missed, it must hit one in eight, or it is dropped for good
-        (rows reshuffled into new batches every epoch never repeat as a whole): the first epoch
-        and shuffled loaders do not pay for a second hash of their inputs.
-        """
-        return self.warm and self.probe_hits * 8 + 256 >= self.probe_misses
-
-    def settle(self, *, probed: bool) -> bool:
-        """A batch whose rows all hit: count a missed probe; whether to remember the batch."""
-        self.warm = True
-        if probed:
-            self.probe_misses += 1
-        return self.probe_hits * 8 + 256 >= self.probe_misses
-
-    def recall(self, batch: bytes) -> Tensor | None:
-        """The slots of a whole batch remembered under ``batch``, if still valid."""
-        got = self.batches.get(batch)
-        if got is None or got[0] is not self.store or got[1] != self.store.generation:
-            return None
-        self.probe_hits += 1
-        return got[2]
-
-    def remember(self, batch: bytes, slots: Tensor) -> None:
-        """Remember the slots of a whole batch (at most 4096 batches per layout)."""
-        if len(self.batches) >= 4096:
-            self.batches.clear()
-        self.batches[batch] = (self.store, self.store.generation, slots)
-
-    def output(self, tensors: list[Tensor]) -> Any:
-        """The output rebuilt from its tensor leaves (batches)."""
-        if self.single:
-            return tensors[0]
-        it = iter(tensors)
-        assert self.spec is not None  # rows are only stored after adopt
-        return tree.unflatten(self.spec, [next(it) if c is _TENSOR else c for c in self.leaves])
-
-
-class RowLayouts:
-    """The :class:`RowLayout` of each call layout, least recently used first out when over ``max_bytes``."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.layouts: OrderedDict[tuple[Any, ...], RowLayout] = OrderedDict()
-        self.dropped = 0  # rows of whole layouts dropped for the budget
-
-    def get(self, ident: tuple[Any, ...], salt: Any) -> RowLayout:
-        """The layout ``ident`` (made with ``salt()`` when new), marked as used now."""
-        layout = self.layouts.get(ident)
-        if layout is None:
-            layout = self.layouts[ident] = RowLayout(salt(), self.max_bytes)
-        else:
-            self.layouts.move_to_end(ident)
-        return layout
-
-    def insert(self, layout: RowLayout, keys: Sequence[bytes], tensors: Sequence[Tensor]) -> None:
-        """Store rows in ``layout``, then drop other layouts (least recently used first) over the budget."""
-        layout.store.insert(keys, tensors)
-        total = self.nbytes
-        while total > self.max_bytes and len(self.layouts) > 1:
-            ident, old = next(iter(self.layouts.items()))
-            if old is layout:
-                self.layouts.move_to_end(ident)
-                continue
-            del self.layouts[ident]
-            total -= old.store.nbytes
-            self.dropped += len(old.store)
-
-    def clear(self) -> None:
-        self.layouts.clear()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(lay.store.nbytes for lay in self.layouts.values())
-
-    def counts(self) -> tuple[int, int, int]:
-        """Rows held, rows evicted, rows skipped (larger than the budget)."""
-        stores = [lay.store for lay in self.layouts.values()]
-        return (
-            sum(map(len, stores)),
-            self.dropped + sum(s.evictions for s in stores),
-            sum(s.skipped for s in stores),
-        )
 
 
 # --------------------------------------------------------------------------- spec <-> JSON

@@ -55,37 +55,18 @@ from torchfreeze._core.canonical import make_state_dict_transparent
 from torchfreeze._core.checks import require_choice, require_module, short_repr
 from torchfreeze._core.uses import FrozenOnly
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, CacheRefusedError
-from torchfreeze.speed._entry import (
-    LEAF,
-    Entry,
-    RowLayout,
-    check_rows,
-    detached,
-    entry_rows,
-    flatten_output,
-    row_entries,
-)
-from torchfreeze.speed.keys import (
-    ModuleWatch,
-    autocast_state,
-    batch_key,
-    fast_signature,
-    key_salt,
-    module_fingerprint,
-    row_keys_fast,
-    take_rows,
-)
+from torchfreeze.speed._entry import Entry, detached, flatten_output
+from torchfreeze.speed._rows import SampleRows
+from torchfreeze.speed.keys import ModuleWatch, fast_signature, key_salt, module_fingerprint, row_keys_fast
 from torchfreeze.speed.refusal import cache_refusal_reasons, refusal_error
-from torchfreeze.speed.slabs import int64
 from torchfreeze.speed.storage import CacheStats, EntryStore
 
 __all__ = ["cache_features", "FeatureCache"]
 
 Granularity = Literal["sample", "batch"]
-_NOTHING: Any = object()  # "not computed yet"
 
 
-class FeatureCache(FrozenOnly):
+class FeatureCache(SampleRows, FrozenOnly):
     """A frozen module whose outputs are memoised by input content (see :func:`cache_features`).
 
     Attributes:
@@ -291,163 +272,6 @@ class FeatureCache(FrozenOnly):
         spec, out_leaves = flatten_output(result)
         self._store.insert([(key, Entry(spec, tuple(detached(x) for x in out_leaves)))])
         return result
-
-    def _call_sample(
-        self,
-        method: str,
-        signature: tuple[Any, ...],
-        fn: Callable[..., Any],
-        args: Any,
-        kwargs: Any,
-        leaves: list[Tensor],
-    ) -> Any:
-        if not leaves:
-            raise ArgumentError(
-                "cache_features: granularity='sample' needs at least one tensor input with a batch "
-                "dimension; got none. Use granularity='batch'."
-            )
-        n = leaves[0].shape[0] if leaves[0].dim() > 0 else -1
-        for i, t in enumerate(leaves):
-            if t.dim() == 0 or t.shape[0] != n:
-                raise ArgumentError(
-                    "cache_features: with granularity='sample' every tensor input must share the leading "
-                    f"batch dimension; input #0 has shape {tuple(leaves[0].shape)} and input #{i} has "
-                    f"{tuple(t.shape)}. Use granularity='batch' for such modules."
-                )
-        if len(leaves) == 1:
-            x = leaves[0]
-            ident: tuple[Any, ...] = (method, signature, autocast_state(), x.dtype, x.shape[1:])
-        else:
-            ident = (method, signature, autocast_state(), *[(t.dtype, t.shape[1:]) for t in leaves])
-        store = self._store
-        with store.lock:
-            layout = store.rows.get(ident, lambda: key_salt(self._key_base(), method, "sample", signature))
-        device = leaves[0].device
-        # a warm layout whose whole batches come again (a loader without shuffling) tries one hash of
-        # the whole batch first: a batch seen before skips the per-row keys
-        probing = layout.probing()
-        batch = batch_key(leaves, salt=layout.salt) if probing else None
-        if batch is not None:
-            with store.lock:
-                slots = layout.recall(batch)
-                if slots is not None:
-                    store.stats.hits += n
-                    store.stats.memory_hits += n
-                    return layout.output(layout.store.gather(slots, device))
-        keys = row_keys_fast(leaves, n, salt=layout.salt)
-        with store.lock:
-            found = layout.store.get(keys)
-            missing = found.count(None)
-            if not missing:  # every row is in the slabs (in other batches before)
-                store.stats.hits += n
-                store.stats.memory_hits += n
-                slots = int64(found)  # type: ignore[arg-type]
-                if layout.settle(probed=probing):
-                    layout.remember(batch or batch_key(leaves, salt=layout.salt), slots)
-                return layout.output(layout.store.gather(slots, device))
-            layout.warm = False
-            hit = [r for r, s in enumerate(found) if s is not None] if missing < n else []
-            hit_rows = layout.store.gather(int64([found[r] for r in hit]), device) if hit else []  # type: ignore[misc]
-        if not hit and store.directory is None and layout.single:  # all new rows, a known one-tensor output
-            result = self._compute(fn, args, kwargs)
-            if isinstance(result, Tensor) and result.dim() and result.shape[0] == n and layout.matches(LEAF, [result]):
-                with store.lock:
-                    store.stats.misses += n
-                    store.rows.insert(layout, keys, [result.detach()])
-                return result
-            return self._fill(layout, keys, [], [], fn, args, kwargs, device, result)
-        return self._fill(layout, keys, hit, hit_rows, fn, args, kwargs, device)
-
-    def _fill(
-        self,
-        layout: RowLayout,
-        keys: list[bytes],
-        hit: list[int],
-        hit_rows: list[Tensor],
-        fn: Callable[..., Any],
-        args: Any,
-        kwargs: Any,
-        device: torch.device,
-        computed: Any = _NOTHING,
-    ) -> Any:
-        """A batch with missing rows: read them from disk or compute them, store them, assemble the output.
-
-        ``computed`` is the whole batch's output when the caller computed it already.
-        """
-        n, store = len(keys), self._store
-        hit_set = set(hit)
-        missing = [r for r in range(n) if r not in hit_set]
-        found = self._read_rows(layout, keys, missing)
-        todo = [r for r in missing if r not in found]
-        with store.lock:
-            store.stats.hits += len(hit) + len(found)
-            store.stats.memory_hits += len(hit)
-            store.stats.disk_hits += len(found)
-            store.stats.misses += len(todo)
-        parts = [(hit, hit_rows)]
-        if found:
-            rows = list(found)
-            tensors = entry_rows([found[r] for r in rows])
-            with store.lock:
-                store.rows.insert(layout, [keys[r] for r in rows], tensors)
-            parts.append((rows, tensors))
-        if not todo:
-            return layout.output(assemble(n, parts, device))
-        whole = len(todo) == n
-        if computed is not _NOTHING:
-            result = computed
-        else:
-            sub = (args, kwargs) if whole else take_rows((args, kwargs), int64(todo).to(device))
-            result = self._compute(fn, *sub)
-        spec, out = flatten_output(result)
-        check_rows(out, len(todo))
-        if not layout.matches(spec, out):
-            if not whole:  # the rows at hand have another output structure: compute the whole batch once more
-                result = self._compute(fn, args, kwargs)
-                spec, out = flatten_output(result)
-                check_rows(out, n)
-                todo, whole = list(range(n)), True
-            with store.lock:
-                layout.adopt(spec, out)  # a new structure: the old rows are dropped
-        tensors = [x.detach() for x in out if isinstance(x, Tensor)]
-        with store.lock:
-            store.rows.insert(layout, [keys[r] for r in todo], tensors)
-        if store.directory is not None:
-            for r, entry in zip(todo, row_entries(result, len(todo)), strict=True):
-                store.write(keys[r].hex(), entry)
-        if whole:
-            return result
-        parts.append((todo, tensors))
-        return layout.output(assemble(n, parts, device))
-
-    def _read_rows(self, layout: RowLayout, keys: list[bytes], missing: list[int]) -> dict[int, Entry]:
-        """The missing rows found in the directory whose structure fits the layout (it adopts the first one's)."""
-        found: dict[int, Entry] = {}
-        if self._store.directory is None:
-            return found
-        for r in missing:
-            e = self._store.read(keys[r].hex())
-            if e is None:
-                continue
-            batched = [x.unsqueeze(0) if isinstance(x, Tensor) else x for x in e.leaves]
-            with self._store.lock:
-                if layout.spec is None:
-                    layout.adopt(e.spec, batched)
-                if layout.matches(e.spec, batched):
-                    found[r] = e
-        return found
-
-
-def assemble(n: int, parts: list[tuple[list[int], list[Tensor]]], device: torch.device) -> list[Tensor]:
-    """Output tensors of ``n`` rows from parts (rows, one tensor per output leaf): one ``index_copy_`` per part."""
-    template = next(ts for rows, ts in parts if rows)
-    out = [torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=device) for t in template]
-    for rows, tensors in parts:
-        if rows:
-            idx = torch.tensor(rows, device=device)
-            for o, t in zip(out, tensors, strict=True):
-                o.index_copy_(0, idx, t.to(device))
-    return out
 
 
 def cache_features(

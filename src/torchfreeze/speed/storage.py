@@ -2,7 +2,7 @@
 
 :class:`EntryStore` holds the entries of one :class:`~torchfreeze.speed.FeatureCache`
 and its :class:`CacheStats`; memory is looked up first, then the directory. Per-sample
-rows (``granularity="sample"``) live in slabs (:class:`~torchfreeze.speed._entry.RowLayouts`:
+rows (``granularity="sample"``) live in slabs (:class:`~torchfreeze.speed._rows.RowLayouts`:
 oldest rows out first within a layout, least recently used layout out first);
 whole-call entries (``granularity="batch"``) in a least-recently-used dict.
 
@@ -32,7 +32,8 @@ from typing import Any
 
 from torchfreeze._core.files import read_regular_file, write_bytes_atomic
 from torchfreeze.errors import CheckpointError
-from torchfreeze.speed._entry import Entry, RowLayouts, Unstorable, decode_entry, encode_entry
+from torchfreeze.speed._entry import Entry, Unstorable, decode_entry, encode_entry
+from torchfreeze.speed._rows import RowLayouts
 
 __all__ = ["CacheStats", "EntryStore"]
 
