@@ -178,3 +178,17 @@ def test_the_whole_batch_hash_is_skipped_in_the_first_epoch_and_dropped_for_shuf
     for idx in torch.randperm(64).split(4):
         cached(data[idx])
     assert calls == [] and cached.stats().misses == 64
+
+
+def test_a_batch_mixing_memory_disk_and_new_rows_is_assembled_in_order(tmp_path: Path) -> None:
+    inner = frozen_mlp()
+    a, b, c = torch.randn(3, 6), torch.randn(2, 6), torch.randn(2, 6)
+    cache_features(inner, directory=tmp_path)(b)  # b's rows only on disk
+    cached = cache_features(inner, directory=tmp_path)
+    cached(a)  # a's rows in memory (and on disk)
+    mixed = torch.cat([c[:1], b[1:], a[2:], b[:1], a[:1], c[1:]])
+    torch.testing.assert_close(cached(mixed), inner(mixed))
+    s = cached.stats()
+    assert (s.memory_hits, s.disk_hits, s.misses) == (2, 2, 3 + 2)
+    torch.testing.assert_close(cached(mixed), inner(mixed))  # now all of it from memory
+    assert cached.stats().memory_hits == 2 + 6
