@@ -372,20 +372,13 @@ def measure_memory(kind: Kind, scenario: str, variant: str, quick: bool, threads
 def step_timer(
     model: nn.Module, x: Any, y: torch.Tensor, steps: int, *, keep_eval: nn.Module | None = None
 ) -> Callable[[], float]:
-    """Timer of ``steps`` training steps; ``keep_eval`` is put back in eval after each ``train()`` (by hand)."""
-    opt = make_optimizer(model)
-    model.train()
-    if keep_eval is not None:
-        keep_eval.eval()
-    train_step(model, opt, x, y)  # warm-up (optimizer state allocated)
+    """Timer of ``steps`` training steps (seconds per step), built on :func:`step_runner`."""
+    step = step_runner(model, x, y, keep_eval=keep_eval)
 
     def go() -> float:
         t0 = time.perf_counter()
         for _ in range(steps):
-            model.train()
-            if keep_eval is not None:
-                keep_eval.eval()
-            train_step(model, opt, x, y)
+            step()
         return (time.perf_counter() - t0) / steps
 
     return go
