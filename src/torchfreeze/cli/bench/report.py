@@ -72,7 +72,9 @@ def _probe(s: Mapping[str, Any]) -> list[str]:
         "`blocked_autorange` of one epoch; `cache_first_epoch` (freezing, wrapping and the filling epoch) and "
         f"`precompute_end_to_end` (precomputing plus {s['epochs_end_to_end']} epochs): `Timer.timeit(1)` on a "
         f"fresh model. `floor`: the head trained on features computed once up front, looked up by batch index "
-        "(the inputs never read). `plain`: `requires_grad=False`, model in train mode; `no_grad`: backbone in "
+        "(the inputs never read); `floor_read`: the floor plus reading each batch's inputs and hashing them once "
+        "(`row_keys_fast`), the least any content-keyed cache does. `plain`: `requires_grad=False`, model in "
+        "train mode; `no_grad`: backbone in "
         "eval under `torch.no_grad`.",
         "",
         *_figures_table("variant", s["seconds_per_epoch"]),
