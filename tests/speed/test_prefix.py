@@ -185,6 +185,34 @@ def test_a_random_layer_in_no_group_is_named_when_the_replay_is_refused() -> Non
     assert prefix.stats().replayed_batches == 0
 
 
+def test_dynamic_padding_keeps_one_store_per_length_within_the_budget() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    tf.freeze(model, "0", mode="eval")
+    prefix = cache_frozen_prefix(model)
+    short, long = torch.randn(3, 5, 4), torch.randn(3, 7, 4)
+    expected = [model[2](model[1](model[0](x))) for x in (short, long)]
+    for _ in range(3):
+        for x, want in zip((short, long), expected):
+            torch.testing.assert_close(model(x), want)
+    stats = prefix.stats()
+    assert (stats.captured_batches, stats.replayed_batches, stats.hits, stats.misses) == (2, 4, 12, 6)
+    small = cache_frozen_prefix(tmp := nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), max_bytes=3 * 5 * 8 * 4)
+    tf.freeze(tmp, "0", mode="eval")
+    for x in (short, long, short, long):
+        tmp(x)
+    assert small.stats().bytes <= 3 * 7 * 8 * 4 and small.stats().replayed_batches == 0  # one length at a time
+
+
+def test_a_second_prefix_cache_on_one_model_is_refused_until_the_first_is_removed() -> None:
+    model = blocks()
+    first = cache_frozen_prefix(model)
+    with pytest.raises(ArgumentError, match="already has a prefix cache.*remove"):
+        cache_frozen_prefix(model)
+    assert len(model._forward_pre_hooks) == 1
+    first.remove()
+    cache_frozen_prefix(model).remove()
+
+
 def test_remove_leaves_no_hook_and_no_stub() -> None:
     model = blocks()
     tf.freeze(model, "0", mode="eval")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -84,7 +85,9 @@ class PrefixCache:
         self._names = groups
         self._modules = [[model.get_submodule(name) for name in group] for group in groups]
         self._group_of = {name: g for g, group in enumerate(groups) for name in group}
-        self._stores: dict[int, Store] = {}
+        # one store per (groups frozen, input layout): dynamic padding gives one layout per length
+        self._stores: dict[tuple[int, str], Store] = {}
+        self._refused: dict[int, tuple[tuple[Any, ...], str]] = {}  # per depth, while its token holds
         self._stats = PrefixStats()
         self._call: Call | None = None
         self._warned: set[str] = set()
@@ -116,6 +119,8 @@ class PrefixCache:
             handle.remove()
         self._handles = []
         self._stores.clear()
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
 
     def __repr__(self) -> str:
         return f"PrefixCache(groups={len(self._names)}, boundary={self.boundary!r}, max_bytes={self.max_bytes})"
@@ -161,14 +166,14 @@ class PrefixCache:
         if n <= 0 or any(t.dim() == 0 or t.shape[0] != n for t in tensors) or any(t.requires_grad for t in tensors):
             self._begin(Call("off", started=started), "uncached")
             return
-        store = self._store_for(depth)
-        self._stats.boundary = store.boundary or None
-        if store.refused:
-            self._begin(Call("off", started=started), "uncached")
-            return
         signature = repr(tree.flatten((args, kwargs))[1]) + repr(
             [(t.dtype, tuple(t.shape[1:])) if isinstance(t, Tensor) else repr(t) for t in leaves]
         )
+        store = self._store_for(depth, signature)
+        self._stats.boundary = store.boundary or self._stats.boundary
+        if store.refused:
+            self._begin(Call("off", started=started), "uncached")
+            return
         keys = row_keys_fast(tensors, n, salt=signature.encode())
         slots = store.slabs.lookup(keys)
         if store.boundary and bool((slots >= 0).all()):
@@ -181,7 +186,11 @@ class PrefixCache:
                 self._begin(call, "replayed")
                 return
         call = Call("capture", store=store, keys=keys, slots=slots, n=n, started=started)
-        source = next((st for d, st in self._stores.items() if d < depth), None)
+        source = max(
+            (st for (d, sig), st in self._stores.items() if d < depth and sig == signature),
+            key=lambda st: st.depth,
+            default=None,
+        )
         if source is not None:  # the previous prefix knows every row: run only what was frozen since
             source_slots = source.slabs.lookup(keys)
             if bool((source_slots >= 0).all()):
@@ -208,27 +217,44 @@ class PrefixCache:
         self._stats.seconds[phase] = self._stats.seconds.get(phase, 0.0) + time.perf_counter() - call.started
 
     # -- stores --------------------------------------------------------------------------------
-    def _store_for(self, depth: int) -> Store:
-        """The store of the prefix of ``depth`` groups, and at most one shallower store still valid.
+    def _store_for(self, depth: int, signature: str) -> Store:
+        """The store of the prefix of ``depth`` groups for this input layout; drop stores that cannot serve.
 
-        After more groups freeze, the previous prefix's store stays while the new one fills,
-        so a capture at the new boundary replays the old prefix and runs only the newly frozen
-        groups; it goes once the new store holds as many rows.
+        Kept: the other layouts of the same prefix, and shallower prefixes still valid that hold
+        more rows than this prefix's store of their layout: after more groups freeze, a capture at
+        the new boundary replays the old prefix and runs only the newly frozen groups. The least
+        recently used stores go first when all of them together exceed ``max_bytes``.
         """
-        store = self._stores.get(depth)
-        token = self._token(depth)
+        tokens = {depth: self._token(depth)}
+        token = tokens[depth]
+        key = (depth, signature)
+        store = self._stores.get(key)
         if store is None or store.token != token:
             store = Store(depth, token, SlabStore(max_bytes=self.max_bytes))
-        shallower = [
-            st
-            for d, st in self._stores.items()
-            if d < depth and st.verified and not st.refused and len(st.slabs) > len(store.slabs)
-        ]
-        source = max(shallower, key=lambda st: st.depth, default=None)
-        self._stores = {depth: store}
-        if source is not None and self._token(source.depth) == source.token:
-            self._stores[source.depth] = source
+        refused = self._refused.get(depth)
+        if refused is not None and refused[0] == token and not store.refused:
+            store.refused = refused[1]
+        kept: dict[tuple[int, str], Store] = {}
+        for (d, sig), st in self._stores.items():
+            if (d, sig) == key or st.refused:
+                continue
+            if d == depth and st.token == token:
+                kept[(d, sig)] = st
+            elif d < depth and st.verified:
+                deep = self._stores.get((depth, sig))
+                if (deep is None or len(deep.slabs) < len(st.slabs)) and tokens.setdefault(
+                    d, self._token(d)
+                ) == st.token:
+                    kept[(d, sig)] = st
+        kept[key] = store  # last: the most recently used
+        self._stores = kept
+        self._trim()
         return store
+
+    def _trim(self) -> None:
+        """Drop the least recently used stores (never the current one) while all exceed ``max_bytes``."""
+        while len(self._stores) > 1 and sum(st.slabs.nbytes for st in self._stores.values()) > self.max_bytes:
+            self._stores.pop(next(iter(self._stores)))
 
     # -- capture -------------------------------------------------------------------------------
     def _watch_order(self, call: Call) -> None:
@@ -286,6 +312,7 @@ class PrefixCache:
         if len(missing):
             rows = [t.detach()[missing.to(t.device)] for t in tensors]
             store.slabs.insert([call.keys[int(i)] for i in missing], rows)
+            self._trim()
             self._stats.misses += len(missing)
         self._stats.hits += call.n - len(missing)
 
@@ -378,6 +405,7 @@ class PrefixCache:
 
     def _refuse(self, store: Store, reason: str) -> None:
         store.refused = reason
+        self._refused[store.depth] = (store.token, reason)
         store.slabs.clear()
         self._stats.refused[f"{store.depth} groups frozen"] = reason
         if reason not in self._warned:
@@ -388,6 +416,10 @@ class PrefixCache:
                 "after it reads, or cache a part with cache_features instead.",
                 stacklevel=3,
             )
+
+
+#: the model each live prefix cache hooks (one per model: two would record each other's stand-ins)
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, PrefixCache] = weakref.WeakKeyDictionary()
 
 
 def _resolve_groups(model: nn.Module, groups: Sequence[Sequence[Selector]] | None) -> list[list[str]]:
@@ -431,7 +463,8 @@ def cache_frozen_prefix(
 
     Raises:
         ArgumentTypeError: ``model`` is not an ``nn.Module``, ``max_bytes`` not an int, ``groups`` not a list.
-        ArgumentError: fewer than two groups, a negative ``max_bytes``, or a group naming nothing.
+        ArgumentError: fewer than two groups, a negative ``max_bytes``, a group naming nothing, or
+            the model already has a prefix cache (use it, or ``remove()`` it first).
 
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
     >>> prefix = cache_frozen_prefix(model)
@@ -451,4 +484,11 @@ def cache_frozen_prefix(
             f"cache_frozen_prefix(max_bytes={max_bytes!r}): expected a non-negative number of bytes. "
             "Fix: pass e.g. max_bytes=2**30 for 1 GiB."
         )
-    return PrefixCache(model, _resolve_groups(model, groups), max_bytes=max_bytes)
+    if model in _ATTACHED:
+        raise ArgumentError(
+            f"cache_frozen_prefix(model={type(model).__name__}(...)): this model already has a prefix cache "
+            f"({_ATTACHED[model]!r}). Fix: use that one, or call its remove() first."
+        )
+    prefix = PrefixCache(model, _resolve_groups(model, groups), max_bytes=max_bytes)
+    _ATTACHED[model] = prefix
+    return prefix
