@@ -40,8 +40,7 @@ from __future__ import annotations
 import time
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -49,12 +48,12 @@ import torch
 from torch import Tensor, nn
 
 from torchfreeze._core import tree
-from torchfreeze._core.behaviour import nondeterministic_modules
 from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.select import Selector, resolve
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.nn import layer_groups
-from torchfreeze.speed._prefix_state import Call, ForwardRestore, PrefixStats, Record, Store, difference
+from torchfreeze.speed._prefix_replay import install_stubs, replay_problem, ungrouped_randomness
+from torchfreeze.speed._prefix_state import Call, PrefixStats, Record, Store
 from torchfreeze.speed.keys import autocast_state, row_keys_fast
 from torchfreeze.speed.refusal import cache_refusal_reasons
 from torchfreeze.speed.slabs import SlabStore
@@ -317,91 +316,21 @@ class PrefixCache:
         self._stats.hits += call.n - len(missing)
 
     # -- replay --------------------------------------------------------------------------------
-    def _stand_in(self, store: Store, slots: Tensor, name: str, n: int) -> Any:
-        record = store.records[name]
-        if name == store.boundary:
-            cached = iter(store.slabs.gather(slots))
-            leaves = [next(cached) if isinstance(x, tuple) else x for x in record.leaves]
-            return tree.unflatten(record.spec, leaves)
-        leaves = []
-        for x in record.leaves:
-            if isinstance(x, tuple):
-                dtype, device, row, full = x
-                shape = (n, *row) if row is not None else full
-                leaves.append(torch.zeros(shape, dtype=dtype, device=device))
-            else:
-                leaves.append(x)
-        return tree.unflatten(record.spec, leaves)
-
     def _install_stubs(self, call: Call, store: Store, slots: Tensor) -> None:
-        """Make the modules of ``store``'s prefix return stand-ins for this call (undone in the post-hook)."""
-        for name in store.early:
-            module = self.model.get_submodule(name)
-
-            def stub(*_args: Any, _name: str = name, **_kwargs: Any) -> Any:
-                return self._stand_in(store, slots, _name, call.n)
-
-            module.forward = stub
-            call.handles.append(ForwardRestore(module))
-
-    @contextmanager
-    def _stubbed(self, call: Call, store: Store, slots: Tensor) -> Iterator[None]:
-        self._install_stubs(call, store, slots)
-        try:
-            yield
-        finally:
-            for handle in call.handles:
-                handle.remove()
-            call.handles.clear()
+        install_stubs(self.model, call, store, slots)
 
     def _verify(self, store: Store, slots: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], n: int) -> None:
         """Run the model in full and with the prefix replayed; refuse the prefix if they disagree."""
         self._stats.verifications += 1
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        rng = torch.get_rng_state()
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
-
-        def rewind() -> None:
-            torch.set_rng_state(rng)
-            if cuda is not None:
-                torch.cuda.set_rng_state_all(cuda)
-            with torch.no_grad():
-                for b, saved in buffers:
-                    if not torch.equal(b, saved):  # copying bumps the version: only where something changed
-                        b.copy_(saved)
-
-        try:
-            with torch.no_grad():
-                full = self.model.forward(*args, **kwargs)
-                rewind()
-                with self._stubbed(Call("replay", n=n), store, slots):
-                    replayed = self.model.forward(*args, **kwargs)
-        finally:
-            rewind()
-        problem = difference(full, replayed)
+        problem = replay_problem(self.model, store, slots, args, kwargs, n)
         if problem:
             self._refuse(
                 store,
                 f"replaying the prefix up to '{store.boundary}' changes the model's output ({problem})"
-                + self._ungrouped_randomness(),
+                + ungrouped_randomness(self.model, self._names),
             )
         else:
             store.verified = True
-
-    def _ungrouped_randomness(self) -> str:
-        """Random layers in no group (a parameter-free Dropout between blocks): a likely cause, named."""
-        grouped = {name for names in self._names for name in names}
-
-        def inside(name: str) -> bool:
-            return any(name == g or name.startswith(g + ".") for g in grouped)
-
-        loose = [found for found in nondeterministic_modules(self.model) if not inside(found.name)]
-        if not loose:
-            return ""
-        return (
-            f"; {loose[0].sentence()} and belongs to no layer group, so freezing the groups does not pin it: "
-            f"pin it too (pin_mode(model, '{loose[0].name}', mode='eval')) or pass groups= that include it"
-        )
 
     def _refuse(self, store: Store, reason: str) -> None:
         store.refused = reason

@@ -1,0 +1,106 @@
+"""Replaying a stored prefix: stand-ins for the skipped modules, and the check that a replay is exact."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torchfreeze._core import tree
+from torchfreeze._core.behaviour import nondeterministic_modules
+from torchfreeze.speed._prefix_state import Call, ForwardRestore, Store, difference
+
+__all__ = ["stand_in", "install_stubs", "stubbed", "replay_problem", "ungrouped_randomness"]
+
+
+def stand_in(store: Store, slots: Tensor, name: str, n: int) -> Any:
+    """What module ``name`` returns in a replay: the stored rows at the boundary, zeros of its recorded shape before."""
+    record = store.records[name]
+    if name == store.boundary:
+        cached = iter(store.slabs.gather(slots))
+        leaves = [next(cached) if isinstance(x, tuple) else x for x in record.leaves]
+        return tree.unflatten(record.spec, leaves)
+    leaves = []
+    for x in record.leaves:
+        if isinstance(x, tuple):
+            dtype, device, row, full = x
+            shape = (n, *row) if row is not None else full
+            leaves.append(torch.zeros(shape, dtype=dtype, device=device))
+        else:
+            leaves.append(x)
+    return tree.unflatten(record.spec, leaves)
+
+
+def install_stubs(model: nn.Module, call: Call, store: Store, slots: Tensor) -> None:
+    """Make the modules of ``store``'s prefix return stand-ins for this call (undone by ``call.handles``)."""
+    for name in store.early:
+        module = model.get_submodule(name)
+
+        def stub(*_args: Any, _name: str = name, **_kwargs: Any) -> Any:
+            return stand_in(store, slots, _name, call.n)
+
+        module.forward = stub
+        call.handles.append(ForwardRestore(module))
+
+
+@contextmanager
+def stubbed(model: nn.Module, call: Call, store: Store, slots: Tensor) -> Iterator[None]:
+    """The stand-ins installed for the ``with`` block only."""
+    install_stubs(model, call, store, slots)
+    try:
+        yield
+    finally:
+        for handle in call.handles:
+            handle.remove()
+        call.handles.clear()
+
+
+def replay_problem(
+    model: nn.Module, store: Store, slots: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], n: int
+) -> str:
+    """How the model's output differs replayed from run in full (``""``: it does not).
+
+    Both passes run under ``no_grad`` from the same random state; every buffer that a pass
+    changed (BatchNorm statistics after the prefix, counters) is put back afterwards.
+    """
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
+
+    def rewind() -> None:
+        torch.set_rng_state(rng)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        with torch.no_grad():
+            for b, saved in buffers:
+                if not torch.equal(b, saved):  # copying bumps the version: only where something changed
+                    b.copy_(saved)
+
+    try:
+        with torch.no_grad():
+            full = model.forward(*args, **kwargs)
+            rewind()
+            with stubbed(model, Call("replay", n=n), store, slots):
+                replayed = model.forward(*args, **kwargs)
+    finally:
+        rewind()
+    return difference(full, replayed)
+
+
+def ungrouped_randomness(model: nn.Module, groups: list[list[str]]) -> str:
+    """A random layer in no group (a parameter-free Dropout between blocks), named with the fix; else ``""``."""
+    grouped = {name for names in groups for name in names}
+
+    def inside(name: str) -> bool:
+        return any(name == g or name.startswith(g + ".") for g in grouped)
+
+    loose = [found for found in nondeterministic_modules(model) if not inside(found.name)]
+    if not loose:
+        return ""
+    return (
+        f"; {loose[0].sentence()} and belongs to no layer group, so freezing the groups does not pin it: "
+        f"pin it too (pin_mode(model, '{loose[0].name}', mode='eval')) or pass groups= that include it"
+    )
