@@ -54,7 +54,7 @@ from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.nn import layer_groups
 from torchfreeze.speed._prefix_replay import install_stubs, replay_problem, ungrouped_randomness
 from torchfreeze.speed._prefix_state import Call, PrefixStats, Record, Store
-from torchfreeze.speed.keys import autocast_state, row_keys_fast
+from torchfreeze.speed.keys import ModuleWatch, autocast_state, row_keys_fast
 from torchfreeze.speed.refusal import cache_refusal_reasons
 from torchfreeze.speed.slabs import SlabStore
 
@@ -83,7 +83,12 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self._names = groups
         self._modules = [[model.get_submodule(name) for name in group] for group in groups]
-        self._group_of = {name: g for g, group in enumerate(groups) for name in group}
+        # change detection without walking the model on every call: one watch per group module
+        # (speed.keys.ModuleWatch: identities, versions, requires_grad, modes, attributes) and a
+        # generation per group, bumped on every change; the frozen depth is re-derived only then
+        self._watches = [[ModuleWatch(m) for m in modules] for modules in self._modules]
+        self._generations = [0] * len(groups)
+        self._depth: int | None = None
         # one store per (groups frozen, input layout): dynamic padding gives one layout per length
         self._stores: dict[tuple[int, str], Store] = {}
         self._refused: dict[int, tuple[tuple[Any, ...], str]] = {}  # per depth, while its token holds
@@ -125,28 +130,54 @@ class PrefixCache:
         return f"PrefixCache(groups={len(self._names)}, boundary={self.boundary!r}, max_bytes={self.max_bytes})"
 
     # -- the frozen prefix ---------------------------------------------------------------------
+    def _group_changed(self, g: int) -> bool:
+        """Whether group ``g`` changed since it was last looked at (and take it as it is now)."""
+        changed = False
+        for i, name in enumerate(self._names[g]):
+            current = self.model.get_submodule(name)
+            watch = self._watches[g][i]
+            if current is not watch.module:  # the module was replaced in the model
+                self._watches[g][i] = ModuleWatch(current)
+                self._modules[g][i] = current
+                changed = True
+                continue
+            token = watch.poll()
+            if token is not None:
+                watch.accept(token)
+                changed = True
+        if changed:
+            self._generations[g] += 1
+        return changed
+
+    def _joinable(self, g: int) -> bool:
+        """Whether group ``g`` is frozen and deterministic (cheap ``requires_grad`` test first)."""
+        modules = self._modules[g]
+        if any(p.requires_grad for m in modules for p in m.parameters()):
+            return False
+        return not any(cache_refusal_reasons(m, prefix=n) for n, m in zip(self._names[g], modules, strict=True))
+
     def _frozen_depth(self) -> int:
         """How many leading groups are frozen and deterministic now (never the last group)."""
+        last = len(self._names) - 1
+        depth = self._depth
+        changed = [self._group_changed(g) for g in range(depth or 0)]  # every group polled: each takes its new state
+        if depth is not None and not any(changed):
+            while depth < last and self._joinable(depth):  # more groups froze since
+                self._group_changed(depth)  # its current state is the baseline from now on
+                depth += 1
+            self._depth = depth
+            return depth
         depth = 0
-        for g, (names, modules) in enumerate(zip(self._names, self._modules, strict=True)):
-            if g == len(self._names) - 1:
+        while depth < last:
+            self._group_changed(depth)
+            if not self._joinable(depth):
                 break
-            if any(cache_refusal_reasons(m, prefix=n) for n, m in zip(names, modules, strict=True)):
-                break
-            depth = g + 1
+            depth += 1
+        self._depth = depth
         return depth
 
     def _token(self, depth: int) -> tuple[Any, ...]:
-        parts: list[Any] = [autocast_state()]
-        for modules in self._modules[:depth]:
-            for module in modules:
-                for sub in module.modules():
-                    parts.append((id(sub), sub.training))
-                for p in module.parameters():
-                    parts.append((id(p), p.data_ptr(), p._version, p.dtype, p.device))
-                for b in module.buffers():
-                    parts.append((id(b), b.data_ptr(), b._version))
-        return tuple(parts)
+        return (autocast_state(), tuple(self._generations[:depth]))
 
     # -- hooks ---------------------------------------------------------------------------------
     def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -208,6 +239,9 @@ class PrefixCache:
             return
         for handle in call.handles:
             handle.remove()
+        for watches in self._watches[: self._depth or 0]:
+            for watch in watches:
+                watch.rebase_attributes()  # counters a module keeps itself are not a change
         if call.mode == "capture" and call.store is not None and output is not None:
             self._finish_capture(call)
         kind = str(call.outputs["kind"])
