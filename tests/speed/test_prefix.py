@@ -286,3 +286,27 @@ def test_repr_and_stats_are_plain() -> None:
     prefix = cache_frozen_prefix(blocks())
     assert isinstance(prefix, PrefixCache) and "boundary=None" in repr(prefix)
     assert prefix.stats().to_dict()["hit_rate"] == 0.0
+
+
+def test_unfreezing_a_prefix_group_shrinks_the_prefix_at_once() -> None:
+    model = blocks()
+    tf.freeze(model, "0", "1", mode="eval")
+    prefix = cache_frozen_prefix(model)
+    x = torch.randn(4, 6)
+    model(x), model(x)
+    assert prefix.boundary == "1" and prefix.stats().replayed_batches == 1
+    tf.unfreeze(model, "1")
+    out = model(x)
+    assert out.requires_grad and prefix.stats().frozen_groups == 1
+    out.sum().backward()
+    assert model[1].linear.weight.grad is not None  # its gradient flows: it was not replayed
+
+
+def test_a_counter_the_prefix_keeps_itself_is_not_a_change() -> None:
+    model = blocks()  # Counting blocks count their calls in a plain attribute
+    tf.freeze(model, "0", mode="eval")
+    prefix = cache_frozen_prefix(model)
+    x = torch.randn(4, 6)
+    for _ in range(4):
+        model(x)
+    assert prefix.stats().replayed_batches == 3 and prefix.stats().misses == 4
