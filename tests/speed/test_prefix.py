@@ -310,3 +310,133 @@ def test_a_counter_the_prefix_keeps_itself_is_not_a_change() -> None:
     for _ in range(4):
         model(x)
     assert prefix.stats().replayed_batches == 3 and prefix.stats().misses == 4
+
+
+class PosEmbed(nn.Module):
+    """A ViT-like model: a top-level parameter (a position embedding) next to the modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(6, 8)
+        self.pos = nn.Parameter(torch.randn(8) * 0.1)
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) + self.pos
+        for block in self.blocks:
+            h = torch.relu(block(h))
+        return self.head(h)
+
+
+def test_a_parameter_named_in_a_group_is_watched_and_unfreezing_it_shrinks_the_prefix() -> None:
+    model, reference = PosEmbed(), PosEmbed()
+    groups = tf.layer_groups(model)
+    assert "pos" in groups[0]
+    for m in (model, reference):
+        tf.freeze(m, "embed", "pos", "blocks.0", mode="eval")
+    prefix = cache_frozen_prefix(model)
+
+    def unfreeze_pos(epoch: int, m: nn.Module, opt: torch.optim.Optimizer) -> None:
+        if epoch == 2:
+            tf.unfreeze(m, "pos")
+            opt.add_param_group({"params": [m.pos]})
+
+    losses = train(model, 4, on_epoch=unfreeze_pos)
+    torch.testing.assert_close(losses, train(reference, 4, on_epoch=unfreeze_pos), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.pos, PosEmbed().pos)  # it trained after the unfreeze
+    assert prefix.stats().replayed_batches > 0
+
+
+@pytest.mark.parametrize(
+    ("groups", "match"),
+    [
+        pytest.param([["embed"], ["blocks.0"], ["blocks.1", "head"]], "'pos' in none", id="a-parameter-left-out"),
+        pytest.param([["embed", "pos"], [], ["blocks", "head"]], r"groups\[1\]=\[\]", id="an-empty-group"),
+        pytest.param([["embed", "pos", "blocks.0"], ["blocks", "head"]], "in group 0 and in group 1", id="overlap"),
+    ],
+)
+def test_groups_that_leave_out_share_or_name_nothing_are_refused(groups: list[list[str]], match: str) -> None:
+    model = PosEmbed()
+    with pytest.raises(ArgumentError, match=match):
+        cache_frozen_prefix(model, groups=groups)
+    assert not model._forward_pre_hooks
+
+
+def test_a_loose_dropout_switching_to_train_mode_is_not_replayed_stale() -> None:
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 8), nn.Linear(8, 3))
+
+    model, reference = build(), build()
+    for m in (model, reference):
+        tf.freeze(m, "0", "2", mode="eval")  # the Dropout '1' belongs to no group and is not pinned
+    prefix = cache_frozen_prefix(model)
+    x = torch.randn(8, 6)
+    for m in (model, reference):
+        m.eval()
+        with torch.no_grad():
+            m(x), m(x)  # evaluation passes first: captured and verified with the dropout off
+        m.train()
+    with pytest.warns(UserWarning, match=r"layer '1' \(Dropout"):  # the train-mode replay is refused
+        for step in range(3):  # a new dropout mask every step
+            torch.manual_seed(step)
+            got = model(x)
+            torch.manual_seed(step)
+            torch.testing.assert_close(got, reference(x))
+    assert prefix.stats().replayed_batches == 1  # only the second evaluation pass
+
+
+def test_a_model_called_twice_per_step_with_a_trainable_batchnorm_after_the_prefix() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    tf.freeze(model, "0", mode="eval")
+    cache_frozen_prefix(model, groups=[["0"], ["1", "2"], ["3"]])
+    x = torch.randn(8, 6)
+    for _ in range(3):  # two views of one batch, one backward: the second call must not touch the first graph
+        loss = model(x).sum() + model(x).square().mean()
+        loss.backward()
+
+
+def test_switching_between_train_and_eval_keeps_a_store_per_mode() -> None:
+    model = blocks()
+    tf.freeze(model, "0", "1")  # frozen, not pinned: model.eval() / model.train() reach them
+    prefix = cache_frozen_prefix(model)
+    x = torch.randn(4, 6)
+    for _ in range(3):
+        model.train()
+        model(x)
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    stats = prefix.stats()
+    assert (stats.captured_batches, stats.replayed_batches) == (2, 4)
+
+
+class EarlyOutputs(nn.Module):
+    """``early=True`` also returns the stem's output, as ``output_hidden_states=True`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.mid, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, early: bool = False) -> object:
+        s = self.stem(x)
+        out = self.head(self.mid(s))
+        return (out, s) if early else out
+
+
+def test_a_call_asking_for_early_outputs_is_refused_alone() -> None:
+    model = EarlyOutputs()
+    tf.freeze(model, "stem", "mid", mode="eval")
+    prefix = cache_frozen_prefix(model)
+    x = torch.randn(4, 6)
+    expected = model.stem(x)
+    model(x, early=True)
+    with pytest.warns(UserWarning, match="output_hidden_states"):
+        _, early = model(x, early=True)
+    torch.testing.assert_close(early, expected)
+    model(x), model(x)
+    assert prefix.stats().replayed_batches == 1 and len(prefix.stats().refused) == 1

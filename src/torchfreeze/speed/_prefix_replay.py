@@ -59,13 +59,23 @@ def stubbed(model: nn.Module, call: Call, store: Store, slots: Tensor) -> Iterat
 
 
 def replay_problem(
-    model: nn.Module, store: Store, slots: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], n: int
+    model: nn.Module,
+    store: Store,
+    slots: Tensor,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    n: int,
+    *,
+    suffix: list[nn.Module],
 ) -> str:
     """How the model's output differs replayed from run in full (``""``: it does not).
 
-    Both passes run under ``no_grad`` from the same random state; every buffer that a pass
-    changed (BatchNorm statistics after the prefix, counters) is put back afterwards.
+    Both passes run under ``no_grad`` from the same random state, with the ``suffix`` (the
+    groups after the prefix) in eval mode for the two passes, so its BatchNorm statistics do
+    not move and a graph the caller keeps from an earlier call stays valid; a buffer that a
+    pass changed anyway is put back afterwards.
     """
+    flags = [(m, m.training) for top in suffix for m in top.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     rng = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
@@ -80,12 +90,16 @@ def replay_problem(
                     b.copy_(saved)
 
     try:
+        for m, _ in flags:
+            m.training = False
         with torch.no_grad():
             full = model.forward(*args, **kwargs)
             rewind()
             with stubbed(model, Call("replay", n=n), store, slots):
                 replayed = model.forward(*args, **kwargs)
     finally:
+        for m, flag in flags:
+            m.training = flag
         rewind()
     return difference(full, replayed)
 

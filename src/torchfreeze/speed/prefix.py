@@ -49,14 +49,16 @@ from torch import Tensor, nn
 
 from torchfreeze._core import tree
 from torchfreeze._core.checks import require_module, short_repr
-from torchfreeze._core.select import Selector, resolve
+from torchfreeze._core.select import Selector
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
-from torchfreeze.nn import layer_groups
+from torchfreeze.speed._prefix_groups import Groups, loose_modules, modes_only, resolve_groups
 from torchfreeze.speed._prefix_replay import install_stubs, replay_problem, ungrouped_randomness
 from torchfreeze.speed._prefix_state import Call, PrefixStats, Record, Store
 from torchfreeze.speed.keys import ModuleWatch, autocast_state, row_keys_fast
 from torchfreeze.speed.refusal import cache_refusal_reasons
 from torchfreeze.speed.slabs import SlabStore
+
+StoreKey = tuple[int, str, tuple[Any, ...]]  # groups frozen, input layout, modes
 
 __all__ = ["cache_frozen_prefix", "PrefixCache", "PrefixStats"]
 
@@ -78,20 +80,24 @@ class PrefixCache:
     >>> prefix.remove()
     """
 
-    def __init__(self, model: nn.Module, groups: list[list[str]], *, max_bytes: int) -> None:
+    def __init__(self, model: nn.Module, groups: Groups, *, max_bytes: int) -> None:
         self.model = model
         self.max_bytes = max_bytes
-        self._names = groups
-        self._modules = [[model.get_submodule(name) for name in group] for group in groups]
+        self._names = groups.modules  # hooked, and stood in for on a replay
+        self._param_names = groups.parameters  # a group may name a parameter directly (a ViT's pos_embed)
+        self._modules = [[model.get_submodule(name) for name in group] for group in self._names]
+        self._param_marks = [self._marks(g) for g in range(len(self._names))]
         # change detection without walking the model on every call: one watch per group module
         # (speed.keys.ModuleWatch: identities, versions, requires_grad, modes, attributes) and a
         # generation per group, bumped on every change; the frozen depth is re-derived only then
         self._watches = [[ModuleWatch(m) for m in modules] for modules in self._modules]
-        self._generations = [0] * len(groups)
+        self._generations = [0] * len(self._names)
+        # modules in no group (a parameter-free Dropout between blocks, the containers): their
+        # train/eval flags are part of every store's token, as are the prefix groups' flags
+        self._loose = loose_modules(model, self._names)
         self._depth: int | None = None
         # one store per (groups frozen, input layout): dynamic padding gives one layout per length
-        self._stores: dict[tuple[int, str], Store] = {}
-        self._refused: dict[int, tuple[tuple[Any, ...], str]] = {}  # per depth, while its token holds
+        self._stores: dict[StoreKey, Store] = {}
         self._stats = PrefixStats()
         self._call: Call | None = None
         self._warned: set[str] = set()
@@ -130,22 +136,37 @@ class PrefixCache:
         return f"PrefixCache(groups={len(self._names)}, boundary={self.boundary!r}, max_bytes={self.max_bytes})"
 
     # -- the frozen prefix ---------------------------------------------------------------------
+    def _marks(self, g: int) -> list[tuple[int, int, int, bool]]:
+        params = [self.model.get_parameter(name) for name in self._param_names[g]]
+        return [(id(p), p._version, p.data_ptr(), p.requires_grad) for p in params]
+
     def _group_changed(self, g: int) -> bool:
-        """Whether group ``g`` changed since it was last looked at (and take it as it is now)."""
-        changed = False
+        """Whether group ``g`` changed since it was last looked at (and take it as it is now).
+
+        A change of train/eval flags only is a change (the frozen depth is derived again) that
+        keeps the group's generation: stores are kept per mode, so switching between training
+        and evaluation does not throw the stored rows away.
+        """
+        changed = structural = False
         for i, name in enumerate(self._names[g]):
             current = self.model.get_submodule(name)
             watch = self._watches[g][i]
             if current is not watch.module:  # the module was replaced in the model
                 self._watches[g][i] = ModuleWatch(current)
                 self._modules[g][i] = current
-                changed = True
+                changed = structural = True
                 continue
+            old = watch.token
             token = watch.poll()
             if token is not None:
                 watch.accept(token)
                 changed = True
-        if changed:
+                structural = structural or not modes_only(old, token)
+        marks = self._marks(g) if self._param_names[g] else []
+        if marks != self._param_marks[g]:
+            self._param_marks[g] = marks
+            changed = structural = True
+        if structural:
             self._generations[g] += 1
         return changed
 
@@ -153,6 +174,8 @@ class PrefixCache:
         """Whether group ``g`` is frozen and deterministic (cheap ``requires_grad`` test first)."""
         modules = self._modules[g]
         if any(p.requires_grad for m in modules for p in m.parameters()):
+            return False
+        if any(self.model.get_parameter(name).requires_grad for name in self._param_names[g]):
             return False
         return not any(cache_refusal_reasons(m, prefix=n) for n, m in zip(self._names[g], modules, strict=True))
 
@@ -177,7 +200,14 @@ class PrefixCache:
         return depth
 
     def _token(self, depth: int) -> tuple[Any, ...]:
-        return (autocast_state(), tuple(self._generations[:depth]))
+        """What a store of ``depth`` groups depends on: weights and structure (generations), then modes."""
+        modes = [m.training for watches in self._watches[:depth] for watch in watches for m in watch.mods]
+        return (
+            autocast_state(),
+            tuple(self._generations[:depth]),
+            tuple(modes),
+            tuple(m.training for m in self._loose),
+        )
 
     # -- hooks ---------------------------------------------------------------------------------
     def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -217,7 +247,7 @@ class PrefixCache:
                 return
         call = Call("capture", store=store, keys=keys, slots=slots, n=n, started=started)
         source = max(
-            (st for (d, sig), st in self._stores.items() if d < depth and sig == signature),
+            (st for (d, sig, _), st in self._stores.items() if d < depth and sig == signature),
             key=lambda st: st.depth,
             default=None,
         )
@@ -251,34 +281,33 @@ class PrefixCache:
 
     # -- stores --------------------------------------------------------------------------------
     def _store_for(self, depth: int, signature: str) -> Store:
-        """The store of the prefix of ``depth`` groups for this input layout; drop stores that cannot serve.
+        """The store of the prefix of ``depth`` groups for this input layout and these modes.
 
-        Kept: the other layouts of the same prefix, and shallower prefixes still valid that hold
-        more rows than this prefix's store of their layout: after more groups freeze, a capture at
-        the new boundary replays the old prefix and runs only the newly frozen groups. The least
-        recently used stores go first when all of them together exceed ``max_bytes``.
+        Kept besides: the other layouts and modes of the same prefix (same weights), and
+        shallower prefixes still valid that hold more rows than this prefix's store of their
+        layout: after more groups freeze, a capture at the new boundary replays the old prefix
+        and runs only the newly frozen groups. The least recently used stores go first when all
+        of them together exceed ``max_bytes``.
         """
         tokens = {depth: self._token(depth)}
         token = tokens[depth]
-        key = (depth, signature)
+        key: StoreKey = (depth, signature, token[2:])
         store = self._stores.get(key)
         if store is None or store.token != token:
             store = Store(depth, token, SlabStore(max_bytes=self.max_bytes))
-        refused = self._refused.get(depth)
-        if refused is not None and refused[0] == token and not store.refused:
-            store.refused = refused[1]
-        kept: dict[tuple[int, str], Store] = {}
-        for (d, sig), st in self._stores.items():
-            if (d, sig) == key or st.refused:
+        kept: dict[StoreKey, Store] = {}
+        for k, st in self._stores.items():
+            d, sig, _ = k
+            if k == key:
                 continue
-            if d == depth and st.token == token:
-                kept[(d, sig)] = st
-            elif d < depth and st.verified:
-                deep = self._stores.get((depth, sig))
+            if d == depth and st.token[:2] == token[:2]:
+                kept[k] = st
+            elif d < depth and st.verified and not st.refused:
+                deep = self._stores.get((depth, sig, token[2:]))
                 if (deep is None or len(deep.slabs) < len(st.slabs)) and tokens.setdefault(
                     d, self._token(d)
                 ) == st.token:
-                    kept[(d, sig)] = st
+                    kept[k] = st
         kept[key] = store  # last: the most recently used
         self._stores = kept
         self._trim()
@@ -356,7 +385,8 @@ class PrefixCache:
     def _verify(self, store: Store, slots: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], n: int) -> None:
         """Run the model in full and with the prefix replayed; refuse the prefix if they disagree."""
         self._stats.verifications += 1
-        problem = replay_problem(self.model, store, slots, args, kwargs, n)
+        suffix = [m for modules in self._modules[store.depth :] for m in modules]
+        problem = replay_problem(self.model, store, slots, args, kwargs, n, suffix=suffix)
         if problem:
             self._refuse(
                 store,
@@ -368,42 +398,23 @@ class PrefixCache:
 
     def _refuse(self, store: Store, reason: str) -> None:
         store.refused = reason
-        self._refused[store.depth] = (store.token, reason)
         store.slabs.clear()
         self._stats.refused[f"{store.depth} groups frozen"] = reason
         if reason not in self._warned:
             self._warned.add(reason)
             warnings.warn(
-                f"cache_frozen_prefix: not caching the frozen prefix: {reason}. Training goes on uncached "
-                "(correct, not faster). Fix: pass groups= whose prefix ends in one module that everything "
-                "after it reads, or cache a part with cache_features instead.",
+                f"cache_frozen_prefix: not caching the frozen prefix for these inputs: {reason}. The model "
+                "runs uncached for them (correct, not faster). Likely causes: the call asks for early "
+                "outputs (output_hidden_states=True, output_attentions=True: such calls stay uncached, "
+                "others are not affected), or something after the prefix reads an early module's output "
+                "(a skip connection). Fix for the latter: pass groups= whose prefix ends in one module that "
+                "everything after it reads, or cache a part with cache_features instead.",
                 stacklevel=3,
             )
 
 
 #: the model each live prefix cache hooks (one per model: two would record each other's stand-ins)
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, PrefixCache] = weakref.WeakKeyDictionary()
-
-
-def _resolve_groups(model: nn.Module, groups: Sequence[Sequence[Selector]] | None) -> list[list[str]]:
-    if groups is None:
-        found = layer_groups(model)
-    else:
-        if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
-            raise ArgumentTypeError(
-                f"cache_frozen_prefix(groups={short_repr(groups)}): expected a list of layer groups (each a list "
-                "of selectors), front to back. Fix: pass e.g. groups=[['embed'], ['blocks.0'], ['head']]."
-            )
-        found = []
-        for g, group in enumerate(groups):
-            selectors = [group] if isinstance(group, str) else list(group)
-            found.append(resolve(model, *selectors, verb="cache_frozen_prefix", argument=f"groups[{g}]").matched)
-    if len(found) < 2:
-        raise ArgumentError(
-            f"cache_frozen_prefix(model={type(model).__name__}(...)): expected at least two layer groups (a prefix "
-            f"to freeze and something after it), found {len(found)}. Fix: pass groups= front to back."
-        )
-    return found
 
 
 def cache_frozen_prefix(
@@ -452,6 +463,6 @@ def cache_frozen_prefix(
             f"cache_frozen_prefix(model={type(model).__name__}(...)): this model already has a prefix cache "
             f"({_ATTACHED[model]!r}). Fix: use that one, or call its remove() first."
         )
-    prefix = PrefixCache(model, _resolve_groups(model, groups), max_bytes=max_bytes)
+    prefix = PrefixCache(model, resolve_groups(model, groups), max_bytes=max_bytes)
     _ATTACHED[model] = prefix
     return prefix
