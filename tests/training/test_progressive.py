@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -96,7 +97,8 @@ def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> Any:
 def test_dict_schedule_freezes_at_least_k_groups_front_to_back_and_never_unfreezes() -> None:
     model = Stack()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = ProgressiveFreezing(model, opt, {1: 1, 3: 2, 4: 1})  # the 4: 1 entry cannot unfreeze
+    with pytest.warns(UserWarning, match=r"schedule\[4\]=1"):
+        sched = ProgressiveFreezing(model, opt, {1: 1, 3: 2, 4: 1})  # the 4: 1 entry cannot unfreeze
     seen = [sched.frozen_groups]
     for _ in range(5):
         sched.step()
@@ -361,6 +363,38 @@ def test_the_grad_norm_run_resumed_without_the_scheduler_state_diverges() -> Non
     assert changed  # a group froze one interval late: its weights moved once more
 
 
+DECREASING = {
+    "below-the-one-before": ({1: 2, 3: 1}, "schedule[3]=1", "schedule[1]=2"),
+    "below-an-earlier-one": ({0: 2, 2: 2, 5: 0}, "schedule[5]=0", "schedule[0]=2"),
+    "keys-out-of-order": ({4: 1, 2: 2}, "schedule[4]=1", "schedule[2]=2"),
+}
+
+
+@pytest.mark.parametrize("case", list(DECREASING), ids=list(DECREASING))
+def test_a_dict_entry_below_an_earlier_one_warns_that_groups_never_unfreeze(case: str) -> None:
+    schedule, entry, earlier = DECREASING[case]
+    model = Stack()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning) as record:
+        sched = ProgressiveFreezing(model, opt, schedule)
+    message = str(record[0].message)
+    assert len(record) == 1 and record[0].filename == __file__, message  # points at the caller's line
+    assert entry in message and earlier in message and "never unfreeze" in message, message
+    most = 0
+    for count in range(1, 7):  # the entry is a no-op: the count of frozen groups never goes down
+        sched.step()
+        most = max([most, *(v for k, v in schedule.items() if k <= count)])
+        assert sched.frozen_groups == most, (count, sched.frozen_groups)
+
+
+@pytest.mark.parametrize("schedule", [{1: 1, 3: 2}, {1: 1, 3: 1}, {2: 1, 0: 0}], ids=["rising", "flat", "zero-first"])
+def test_a_dict_schedule_that_never_goes_down_does_not_warn(schedule: dict[int, int]) -> None:
+    model = Stack()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ProgressiveFreezing(model, torch.optim.SGD(model.parameters(), lr=0.1), schedule)
+
+
 # ------------------------------------------------------------------------------ errors
 
 
@@ -432,6 +466,21 @@ BAD_ARGUMENTS: dict[str, tuple[Callable[[nn.Module, Any], Any], type[Exception],
         "LBFGS",
     ),
     "not-a-module": (lambda m, o: ProgressiveFreezing([m], o, {1: 1}), ArgumentTypeError, "model="),  # type: ignore[arg-type]
+    "optimizer-of-another-model": (
+        lambda m, o: ProgressiveFreezing(m, torch.optim.SGD(Stack(1).parameters(), lr=0.1), {1: 1}),
+        ArgumentError,
+        "optimizer=",
+    ),
+    "groups-repeated": (
+        lambda m, o: ProgressiveFreezing(m, o, {1: 1}, groups=["layers.0", "layers.0", "head"]),
+        ArgumentError,
+        "groups=",
+    ),
+    "groups-nested": (
+        lambda m, o: ProgressiveFreezing(m, o, {1: 1}, groups=["layers", "layers.1", "head"]),
+        ArgumentError,
+        "groups=",
+    ),
 }
 
 
@@ -445,6 +494,107 @@ def test_bad_arguments_raise_a_library_error_naming_the_fix_and_change_nothing(c
         call(model, opt)
     message = str(info.value)
     assert words in message and "Fix:" in message and len(message) < 600, message
+    assert _snapshot(model, opt) == before
+
+
+def test_an_optimizer_of_another_model_is_refused_and_neither_changes() -> None:
+    model, other = Stack(), Stack(1)
+    opt = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    _train_unit(other, opt, 0, range(1))
+    before = (_snapshot(model, torch.optim.SGD(model.parameters(), lr=0.1)), _snapshot(other, opt))
+    with pytest.raises(ArgumentError) as info:
+        ProgressiveFreezing(model, opt, {1: 1})
+    message = str(info.value)
+    assert "optimizer=SGD" in message and "parameters of `model`" in message and "Fix:" in message, message
+    assert (_snapshot(model, torch.optim.SGD(model.parameters(), lr=0.1)), _snapshot(other, opt)) == before
+    assert all(p.requires_grad for p in model.parameters()) and len(opt.state) == len(list(other.parameters()))
+
+
+def test_an_optimizer_holding_some_of_the_model_is_accepted() -> None:
+    model = Stack()
+    opt = torch.optim.SGD([*model.head.parameters(), *Stack(1).parameters()], lr=0.1)  # the head, and more
+    ProgressiveFreezing(model, opt, {1: 1}).step()
+    assert not requires_grad_map(model)["layers.0.0.weight"]
+
+
+@pytest.mark.parametrize(
+    ("groups", "path", "first", "second"),
+    [
+        (["layers.0", "layers.0", "head"], "layers.0.0.weight", "group 0 ('layers.0')", "group 1 ('layers.0')"),
+        (["layers", "layers.1", "head"], "layers.1.0.weight", "group 0 ('layers')", "group 1 ('layers.1')"),
+        (["layers.0", "head", "head"], "head.weight", "group 1 ('head')", "group 2 ('head')"),
+    ],
+    ids=["repeated", "nested", "repeated-head"],
+)
+def test_overlapping_groups_are_refused_naming_the_parameter_and_both_groups(
+    groups: list[str], path: str, first: str, second: str
+) -> None:
+    model, opt = _model_opt()
+    before = _snapshot(model, opt)
+    with pytest.raises(ArgumentError) as info:
+        ProgressiveFreezing(model, opt, {1: 1}, groups=groups)
+    message = str(info.value)
+    assert repr(path) in message and first in message and second in message and "Fix:" in message, message
+    assert _snapshot(model, opt) == before
+
+
+# one expectation and one example per number option, whatever was wrong with the value
+OPTION_VALUES: dict[str, tuple[str, dict[str, Any], str, str, list[tuple[Any, type[Exception]]]]] = {
+    "t0": (
+        "freezeout",
+        {"total": 4},
+        "expected a fraction of training in (0, 1]",
+        "Fix: pass e.g. t0=0.5.",
+        [
+            (float("nan"), ArgumentError),
+            (float("inf"), ArgumentError),
+            (0, ArgumentError),
+            (-0.5, ArgumentError),
+            (1.5, ArgumentError),
+            ("0.5", ArgumentTypeError),
+            (True, ArgumentTypeError),
+            (torch.tensor(0.5), ArgumentTypeError),
+        ],
+    ),
+    "threshold": (
+        "grad_norm",
+        {},
+        "expected a relative change > 0",
+        "Fix: pass e.g. threshold=0.1.",
+        [
+            (float("nan"), ArgumentError),
+            (float("inf"), ArgumentError),
+            (0.0, ArgumentError),
+            (-1.0, ArgumentError),
+            ("0.1", ArgumentTypeError),
+            (False, ArgumentTypeError),
+        ],
+    ),
+    "total": (
+        "freezeout",
+        {},
+        "expected the length of training in units, an int >= 1",
+        "Fix: pass e.g. total=10.",
+        [(0, ArgumentError), (-3, ArgumentError), ("10", ArgumentTypeError), (10.0, ArgumentTypeError)],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("option", "index"),
+    [(name, i) for name, (_, _, _, _, values) in OPTION_VALUES.items() for i in range(len(values))],
+)
+def test_every_error_of_a_number_option_says_the_same_expectation_and_example(option: str, index: int) -> None:
+    schedule, extra, expected, fix, values = OPTION_VALUES[option]
+    value, error = values[index]
+    model, opt = _model_opt()
+    before = _snapshot(model, opt)
+    with pytest.raises((ArgumentError, ArgumentTypeError)) as info:  # the exact type is checked below
+        ProgressiveFreezing(model, opt, schedule, **extra, **{option: value})  # type: ignore[arg-type]
+    message = str(info.value)
+    assert type(info.value) is error, message
+    assert message.startswith(f"ProgressiveFreezing({option}=") and expected in message and fix in message, message
+    assert "1e-3" not in message  # not another option's example
     assert _snapshot(model, opt) == before
 
 

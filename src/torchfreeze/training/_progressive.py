@@ -1,4 +1,5 @@
-"""The schedules of ``ProgressiveFreezing``: argument checks, FreezeOut milestones, the gradient-norm rule.
+"""The schedules of ``ProgressiveFreezing``: argument checks (schedule, groups, optimizer), FreezeOut milestones,
+the gradient-norm rule.
 
 Each check follows the error rule (docs/errors.md): a wrong type raises
 :class:`~torchfreeze.errors.ArgumentTypeError`, a wrong value
@@ -9,15 +10,20 @@ Each check follows the error rule (docs/errors.md): a wrong type raises
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any, Literal
 
-from torchfreeze._core.checks import require_positive_int, short_repr
-from torchfreeze.errors import ArgumentError, ArgumentTypeError
-from torchfreeze.training._args import positive
+import torch
+from torch import nn
 
-__all__ = ["Plan", "ScheduleName", "plan_schedule", "freeze_more"]
+from torchfreeze._core.checks import short_repr
+from torchfreeze._core.select import Selection, Selector
+from torchfreeze.errors import ArgumentError, ArgumentTypeError
+
+__all__ = ["Plan", "ScheduleName", "plan_schedule", "freeze_more", "check_overlap", "check_optimizer_holds"]
 
 ScheduleName = Literal["freezeout", "freezeout-cubic", "grad_norm"]
 NAMES: tuple[str, ...] = ("freezeout", "freezeout-cubic", "grad_norm")
@@ -26,6 +32,12 @@ T0_DEFAULT = {"freezeout": 0.5, "freezeout-cubic": 0.8}
 THRESHOLD_DEFAULT = 0.1
 _VERB = "ProgressiveFreezing"
 _FIX_DICT = "Fix: e.g. schedule={2: 1, 4: 2} (from unit 2 on the first group is frozen, from unit 4 the first two)."
+#: what each number option means, its bound, and an example value (one expectation per option, every message)
+_OPTIONS = {
+    "t0": ("a fraction of training in (0, 1] (when the first group freezes)", 0.5),
+    "threshold": ("a relative change > 0 (a finite number)", THRESHOLD_DEFAULT),
+    "total": ("the length of training in units, an int >= 1", 10),
+}
 
 
 @dataclass
@@ -54,6 +66,60 @@ class Plan:
         if self.kind == "dict":
             return max((v for k, v in self.entries.items() if k <= count), default=0)
         return sum(1 for m in self.milestones if count >= m)
+
+
+def _number(value: object, name: str) -> float:
+    """``value`` as a float if it fits option ``name`` (``t0`` or ``threshold``); one message per option.
+
+    Raises:
+        ArgumentTypeError: not a real number (a string, a bool, a tensor).
+        ArgumentError: a real number out of the option's range (``nan`` and ``inf`` included).
+
+    >>> _number(0.25, "t0")
+    0.25
+    >>> _number(1.5, "t0")
+    Traceback (most recent call last):
+    ...
+    torchfreeze.errors.ArgumentError: ProgressiveFreezing(t0=1.5): expected a fraction of training in (0, 1] (when the first group freezes). Fix: pass e.g. t0=0.5.
+    """
+    expected, example = _OPTIONS[name]
+    head, fix = f"{_VERB}({name}={short_repr(value)})", f"Fix: pass e.g. {name}={example}."
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ArgumentTypeError(f"{head}: expected {expected}, got {type(value).__name__}. {fix}")
+    number = float(value)
+    upper = 1.0 if name == "t0" else math.inf
+    if not (math.isfinite(number) and 0.0 < number <= upper):
+        raise ArgumentError(f"{head}: expected {expected}. {fix}")
+    return number
+
+
+def _count(value: object, name: str) -> int:
+    """``value`` if it is an int >= 1 (``total``), with the same wording as :func:`_number`."""
+    expected, example = _OPTIONS[name]
+    head, fix = f"{_VERB}({name}={short_repr(value)})", f"Fix: pass e.g. {name}={example}."
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"{head}: expected {expected}, got {type(value).__name__}. {fix}")
+    if value < 1:
+        raise ArgumentError(f"{head}: expected {expected}. {fix}")
+    return value
+
+
+def _warn_decreasing(schedule: Mapping[Any, Any], entries: dict[int, int]) -> None:
+    """Warn about an entry that asks for fewer frozen groups than an earlier one: it changes nothing."""
+    most, at = 0, 0
+    for key in sorted(entries):
+        if entries[key] < most:
+            warnings.warn(
+                f"{_VERB}(schedule={short_repr(schedule)}): schedule[{key}]={entries[key]} asks for fewer frozen "
+                f"groups than schedule[{at}]={most}, but groups never unfreeze, so it changes nothing (from unit "
+                f"{at} on at least {most} groups stay frozen). Fix: drop the entry, or use GradualUnfreezing to "
+                "unfreeze.",
+                UserWarning,
+                stacklevel=5,  # _warn_decreasing <- _dict_entries <- plan_schedule <- __init__ <- the caller
+            )
+            return
+        if entries[key] > most:
+            most, at = entries[key], key
 
 
 def _only_for(name: str, value: object, kinds: str, kind: str) -> None:
@@ -94,6 +160,7 @@ def _dict_entries(schedule: Mapping[Any, Any], n: int, limit: int) -> dict[int, 
                 f"Fix: use a count between 0 and {limit}, or pass groups=[...]."
             )
         out[key] = value
+    _warn_decreasing(schedule, out)
     return out
 
 
@@ -126,6 +193,9 @@ def plan_schedule(
             last group without ``freeze_last=True``, ``total`` missing for FreezeOut, an option given to a
             schedule it does not apply to, a value out of range.
 
+    Warns:
+        UserWarning: a dict entry below an earlier one (groups never unfreeze: it changes nothing).
+
     >>> plan_schedule("freezeout", 3, 2, total=10, t0=None, threshold=None, freeze_last=False).milestones
     [5.0, 7.5]
     """
@@ -154,7 +224,7 @@ def plan_schedule(
     if schedule == "grad_norm":
         _only_for("total", total, "'freezeout'", "grad_norm")
         _only_for("t0", t0, "'freezeout'", "grad_norm")
-        value = THRESHOLD_DEFAULT if threshold is None else positive(threshold, "threshold", _VERB)
+        value = THRESHOLD_DEFAULT if threshold is None else _number(threshold, "threshold")
         return Plan("grad_norm", threshold=value)
     _only_for("threshold", threshold, "'grad_norm'", "FreezeOut")
     if total is None:
@@ -162,13 +232,8 @@ def plan_schedule(
             f"{_VERB}(schedule={schedule!r}, total=None): FreezeOut needs the length of training. "
             "Fix: pass total=<epochs> (interval='epoch') or total=<optimizer steps> (interval='step')."
         )
-    total = require_positive_int(total, _VERB, "total", 10)
-    start = T0_DEFAULT[schedule] if t0 is None else positive(t0, "t0", _VERB)
-    if start > 1.0:
-        raise ArgumentError(
-            f"{_VERB}(t0={short_repr(t0)}): expected a fraction of training in (0, 1]. Fix: e.g. t0=0.5 "
-            "(the first group freezes half-way)."
-        )
+    total = _count(total, "total")
+    start = T0_DEFAULT[schedule] if t0 is None else _number(t0, "t0")
     miles = freezeout_milestones(total, start, n, limit, schedule == "freezeout-cubic")
     return Plan(schedule, milestones=miles, total=total, t0=start)
 
@@ -193,3 +258,39 @@ def freeze_more(
             break
         k += 1
     return k
+
+
+def check_overlap(groups: Sequence[Selector], members: Sequence[Selection]) -> None:
+    """Refuse groups that share a parameter path: "the first k groups" must be a prefix of the model.
+
+    Raises:
+        ArgumentError: a parameter in two groups (the message names it and both groups).
+    """
+    owner: dict[str, int] = {}
+    for i, sel in enumerate(members):
+        for path in sel.parameters:
+            j = owner.setdefault(path, i)
+            if j != i:
+                raise ArgumentError(
+                    f"{_VERB}(groups={short_repr(list(groups), 120)}): the parameter {path!r} is in group {j} "
+                    f"({short_repr(groups[j])}) and in group {i} ({short_repr(groups[i])}); expected groups that "
+                    "do not overlap (each parameter in one group). Nothing was changed. Fix: name each block "
+                    "once, e.g. groups=['layers.0', 'layers.1', 'head']."
+                )
+
+
+def check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer that holds none of ``model``'s parameters (by identity): it trains another model.
+
+    Raises:
+        ArgumentError: no parameter the optimizer holds is one of ``model``'s.
+    """
+    mine = {id(p) for p in model.parameters()}
+    if any(id(p) in mine for g in optimizer.param_groups for p in g["params"]):
+        return
+    held = sum(len(g["params"]) for g in optimizer.param_groups)
+    raise ArgumentError(
+        f"{_VERB}(optimizer={type(optimizer).__name__}): it holds {held} parameter(s), none of them the model's; "
+        "expected an optimizer that holds parameters of `model` (frozen ones leave it). Nothing was changed. "
+        "Fix: pass the optimizer built from this model, e.g. torch.optim.AdamW(model.parameters())."
+    )

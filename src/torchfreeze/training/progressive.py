@@ -18,7 +18,14 @@ from torchfreeze.errors import ArgumentError, ArgumentTypeError, SharedParameter
 from torchfreeze.nn import freeze, is_frozen, layer_groups
 from torchfreeze.nn.freezing import Shared
 from torchfreeze.training._args import layer_group_list
-from torchfreeze.training._progressive import Plan, ScheduleName, freeze_more, plan_schedule
+from torchfreeze.training._progressive import (
+    Plan,
+    ScheduleName,
+    check_optimizer_holds,
+    check_overlap,
+    freeze_more,
+    plan_schedule,
+)
 from torchfreeze.training.optim import drop_frozen
 from torchfreeze.training.state import _validate_freeze_state, freeze_state, load_freeze_state
 
@@ -48,7 +55,8 @@ class ProgressiveFreezing:
 
     Schedules:
 
-    - a dict ``{count: k}``: from unit ``count`` on, at least the first ``k`` groups are frozen;
+    - a dict ``{count: k}``: from unit ``count`` on, at least the first ``k`` groups are frozen
+      (an entry below an earlier one, ``{1: 2, 3: 1}``, changes nothing and is warned about);
     - ``"freezeout"`` (FreezeOut, Brock et al. 2017, arXiv:1706.04983): with ``L`` groups, group
       ``i`` is frozen from unit ``t_i * total`` on, ``t_i = t0 + (1 - t0) * i / (L - 1)``
       (``t0`` default 0.5); ``"freezeout-cubic"`` uses ``t_i ** 3`` (``t0`` given before cubing,
@@ -69,24 +77,31 @@ class ProgressiveFreezing:
 
     Args:
         model: the model (or its ``torchfreeze.distributed.wrap`` handle).
-        optimizer: its optimizer (not LBFGS). Frozen parameters it holds are removed at once.
+        optimizer: its optimizer (not LBFGS; it must hold parameters of ``model``). Frozen parameters it holds are removed at once.
         schedule: a dict ``{count: groups frozen}``, ``"freezeout"``, ``"freezeout-cubic"`` or
             ``"grad_norm"``.
-        groups: layer groups (selectors, input side first); default :func:`torchfreeze.layer_groups`.
+        groups: layer groups (selectors, input side first, not overlapping); default :func:`torchfreeze.layer_groups`.
         interval: the unit :meth:`step` is called at and ``total`` counts: ``"epoch"`` or ``"step"``.
         mode: the mode frozen groups are pinned to: ``"eval"`` (default: dropout off, statistics
             fixed, so the frozen prefix is deterministic and ``cache_frozen_prefix`` can cache it),
             ``"train"``, or ``None`` to leave modes alone.
-        total: FreezeOut only: the length of training in units.
-        t0: FreezeOut only: when the first group freezes, as a fraction of ``total``.
-        threshold: ``"grad_norm"`` only: the relative change below which a group freezes (default 0.1).
+        total: FreezeOut only: the length of training in units (an int >= 1).
+        t0: FreezeOut only: when the first group freezes, as a fraction of ``total`` in (0, 1].
+        threshold: ``"grad_norm"`` only: the relative change below which a group freezes (> 0, default 0.1).
         freeze_last: allow the schedule to freeze the last group too.
         shared: tied parameters across groups, as for :func:`torchfreeze.freeze`.
 
     Raises:
         ArgumentTypeError: an argument of the wrong type.
-        ArgumentError: a bad schedule or option (the message names it and the fix), LBFGS, a raw
-            live DDP, a tie across the boundary of a reachable frozen prefix (``SharedParameterError``).
+        ArgumentError: a bad schedule or option (the message names it and the fix), LBFGS, an
+            optimizer that holds none of the model's parameters, groups that overlap (a parameter
+            in two groups), a raw live DDP, a tie across the boundary of a reachable frozen
+            prefix (``SharedParameterError``).
+
+    Warns:
+        UserWarning: a dict entry that asks for fewer frozen groups than an earlier one (``{1: 2, 3: 1}``):
+            groups never unfreeze, so it changes nothing (use :class:`~torchfreeze.GradualUnfreezing`
+            to unfreeze).
 
     Nothing changes when the constructor raises: everything is validated first.
 
@@ -146,6 +161,8 @@ class ProgressiveFreezing:
         )
         # a group that names nothing is a SelectorError, raised before anything changes
         members = [resolve(model, g, verb=_VERB, argument="groups") for g in self.groups]
+        check_overlap(self.groups, members)
+        check_optimizer_holds(model, optimizer)
         self._check_ties(model, members)
         self.model = model
         self.optimizer = optimizer
