@@ -244,8 +244,11 @@ def precompute_features(
     the method, the data set's length and the content of the sampled items, ``batch_size``,
     ``dtype``, the backbone's device type, the collate function's name, the autocast state, the
     torch version and ``salt``. The code of ``forward`` or of the data set is not seen: change
-    ``salt`` after changing them. The file is untrusted input: one that is not a regular file,
-    foreign, written for other settings, truncated or damaged (a SHA-256 over header and data,
+    ``salt`` after changing them. Of the data, only the length and the sampled items are seen
+    (the ``verify`` items; the first and the last with ``verify=0``): editing items that were not
+    sampled (cleaning a few labels or inputs) is not seen and the old file would be reused, so
+    change ``salt`` after editing the data (e.g. ``salt="data-v2"``). The file is untrusted
+    input: one that is not a regular file, foreign, written for other settings, truncated or damaged (a SHA-256 over header and data,
     checked on every reuse) is computed again and replaced, never used.
 
     Args:
@@ -260,7 +263,7 @@ def precompute_features(
         collate_fn: batches the inputs ``x`` of the items (default ``torch.utils.data.default_collate``).
         num_workers: ``DataLoader`` worker processes reading the items.
         method: ``"auto"``, ``"forward"`` or ``"forward_features"`` (see above).
-        salt: text mixed into the file's key (e.g. the version of your preprocessing).
+        salt: text mixed into the file's key (e.g. the version of your data or preprocessing).
 
     Returns:
         A :class:`PrecomputedFeatures` data set.
