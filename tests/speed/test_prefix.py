@@ -213,6 +213,18 @@ def test_a_second_prefix_cache_on_one_model_is_refused_until_the_first_is_remove
     cache_frozen_prefix(model).remove()
 
 
+def test_a_model_with_a_prefix_cache_is_garbage_collected() -> None:
+    import gc
+    import weakref
+
+    model = blocks()
+    cache_frozen_prefix(model)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
 def test_remove_leaves_no_hook_and_no_stub() -> None:
     model = blocks()
     tf.freeze(model, "0", mode="eval")

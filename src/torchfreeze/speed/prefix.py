@@ -129,7 +129,8 @@ class PrefixCache:
             handle.remove()
         self._handles = []
         self._stores.clear()
-        if _ATTACHED.get(self.model) is self:
+        ref = _ATTACHED.get(self.model)
+        if ref is not None and ref() is self:
             del _ATTACHED[self.model]
 
     def __repr__(self) -> str:
@@ -414,7 +415,8 @@ class PrefixCache:
 
 
 #: the model each live prefix cache hooks (one per model: two would record each other's stand-ins)
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, PrefixCache] = weakref.WeakKeyDictionary()
+#: (weak both ways: the cache holds its model, so a strong value would keep the model alive for ever)
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[PrefixCache]] = weakref.WeakKeyDictionary()
 
 
 def cache_frozen_prefix(
@@ -458,11 +460,12 @@ def cache_frozen_prefix(
             f"cache_frozen_prefix(max_bytes={max_bytes!r}): expected a non-negative number of bytes. "
             "Fix: pass e.g. max_bytes=2**30 for 1 GiB."
         )
-    if model in _ATTACHED:
+    attached = _ATTACHED[model]() if model in _ATTACHED else None
+    if attached is not None:
         raise ArgumentError(
             f"cache_frozen_prefix(model={type(model).__name__}(...)): this model already has a prefix cache "
-            f"({_ATTACHED[model]!r}). Fix: use that one, or call its remove() first."
+            f"({attached!r}). Fix: use that one, or call its remove() first."
         )
     prefix = PrefixCache(model, resolve_groups(model, groups), max_bytes=max_bytes)
-    _ATTACHED[model] = prefix
+    _ATTACHED[model] = weakref.ref(prefix)
     return prefix
