@@ -14,17 +14,23 @@ import torchfreeze as tf
 from torchfreeze.errors import ArgumentError, ArgumentTypeError, SelectorError
 from torchfreeze.speed.prefix import PrefixCache, cache_frozen_prefix
 
+CALLS: dict[int, int] = {}
+
 
 class Counting(nn.Module):
-    """A Linear + GELU block that counts its forward calls."""
+    """A Linear + GELU block that counts its forward calls (outside itself: a module that sets its
+    own attributes when it runs is never replayed, see the test of that below)."""
 
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
         self.linear = nn.Linear(d_in, d_out)
-        self.calls = 0
+
+    @property
+    def calls(self) -> int:
+        return CALLS.get(id(self), 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
+        CALLS[id(self)] = self.calls + 1
         return F.gelu(self.linear(x))
 
 
@@ -314,14 +320,39 @@ def test_unfreezing_a_prefix_group_shrinks_the_prefix_at_once() -> None:
     assert model[1].linear.weight.grad is not None  # its gradient flows: it was not replayed
 
 
-def test_a_counter_the_prefix_keeps_itself_is_not_a_change() -> None:
-    model = blocks()  # Counting blocks count their calls in a plain attribute
-    tf.freeze(model, "0", mode="eval")
+class Gate(nn.Module):
+    """A frozen block that keeps state in an attribute, which the head reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 8)
+        self.last_gate = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_gate = float(x.mean())
+        return self.linear(x)
+
+
+class GateModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gate, self.head = Gate(), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gate(x)) * self.gate.last_gate
+
+
+def test_a_module_that_sets_its_own_attributes_when_it_runs_is_not_replayed() -> None:
+    model = GateModel()
+    tf.freeze(model, "gate", mode="eval")
     prefix = cache_frozen_prefix(model)
-    x = torch.randn(4, 6)
-    for _ in range(4):
-        model(x)
-    assert prefix.stats().replayed_batches == 3 and prefix.stats().misses == 4
+    a, b = torch.randn(4, 6), torch.randn(4, 6) + 1
+    with pytest.warns(UserWarning, match="sets its own attributes"):
+        model(a)
+    model(b)
+    torch.testing.assert_close(model(a), model.head(model.gate.linear(a)) * float(a.mean()))
+    assert prefix.stats().replayed_batches == 0
 
 
 class PosEmbed(nn.Module):
@@ -452,3 +483,93 @@ def test_a_call_asking_for_early_outputs_is_refused_alone() -> None:
     torch.testing.assert_close(early, expected)
     model(x), model(x)
     assert prefix.stats().replayed_batches == 1 and len(prefix.stats().refused) == 1
+
+
+def test_a_trainable_parameter_of_a_later_group_feeding_the_prefix_is_refused() -> None:
+    model = PosEmbed()
+    tf.freeze(model, "embed", "blocks.0", mode="eval")  # pos stays trainable, named with the head
+    prefix = cache_frozen_prefix(model, groups=[["embed"], ["blocks.0"], ["blocks.1", "head", "pos"]])
+    x = torch.randn(4, 6)
+    with pytest.warns(UserWarning, match="trainable parameter feeds"):
+        model(x).sum().backward()
+    model(x).sum().backward()
+    assert prefix.stats().replayed_batches == 0 and model.pos.grad is not None
+
+
+def test_unfreezing_a_parameter_outside_the_prefix_starts_a_new_store() -> None:
+    model = PosEmbed()
+    tf.freeze(model, "embed", "pos", "blocks.0", mode="eval")
+    prefix = cache_frozen_prefix(model, groups=[["embed"], ["blocks.0"], ["blocks.1", "head", "pos"]])
+    x = torch.randn(4, 6)
+    model(x), model(x)
+    assert prefix.stats().replayed_batches == 1
+    tf.unfreeze(model, "pos")
+    with pytest.warns(UserWarning, match="trainable parameter feeds"):
+        model(x).sum().backward()
+    assert model.pos.grad is not None
+
+
+def test_a_user_hook_on_a_prefix_module_prevents_the_replay() -> None:
+    model = blocks()
+    tf.freeze(model, "0", "1", mode="eval")
+    seen: list[torch.Tensor] = []
+    model[0].register_forward_hook(lambda _m, _i, out: seen.append(out))
+    prefix = cache_frozen_prefix(model)
+    x = torch.randn(4, 6)
+    with pytest.warns(UserWarning, match="forward hook"):
+        model(x), model(x)
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1]) and prefix.stats().replayed_batches == 0
+
+
+def test_a_buffer_of_a_module_in_no_group_is_watched() -> None:
+    class Normalized(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.register_buffer("mean", torch.zeros(6))
+            self.body = nn.Linear(6, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x - self.mean))
+
+    model = Normalized()
+    tf.freeze(model, "body", mode="eval")
+    cache_frozen_prefix(model)
+    x = torch.randn(4, 6)
+    model(x), model(x)
+    model.mean.add_(1.0)
+    torch.testing.assert_close(model(x), model.head(model.body(x - model.mean)))
+
+
+def test_remove_inside_a_replayed_forward_leaves_no_stand_in() -> None:
+    model = blocks()
+    tf.freeze(model, "0", "1", mode="eval")
+    prefix = cache_frozen_prefix(model)
+    model[3].register_forward_pre_hook(lambda *_: prefix.remove() if prefix.stats().hits >= 4 else None)
+    x = torch.randn(4, 6)
+    model(x), model(x), model(x)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(model[0](x), F.gelu(model[0].linear(x)))
+
+
+def test_an_in_place_change_after_the_boundary_does_not_reach_the_stored_rows() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    tf.freeze(model, "0", mode="eval")
+    prefix = cache_frozen_prefix(model, groups=[["0"], ["1"], ["2", "3"]])
+    tf.freeze(model, "1", mode="eval")
+    x = torch.randn(4, 6)
+    expected = model[3](torch.relu(model[1](model[0](x))))
+    model(x)
+    torch.testing.assert_close(model(x), expected)
+    assert prefix.stats().replayed_batches == 1
+
+
+def test_a_sparse_input_runs_uncached() -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3))
+    tf.freeze(model, "0", mode="eval")
+    prefix = cache_frozen_prefix(model)
+    x = torch.randn(4, 6).to_sparse()
+    model(x)
+    assert prefix.stats().uncached_batches == 1

@@ -67,13 +67,15 @@ def replay_problem(
     n: int,
     *,
     suffix: list[nn.Module],
+    check_grad: bool = False,
 ) -> str:
     """How the model's output differs replayed from run in full (``""``: it does not).
 
     Both passes run under ``no_grad`` from the same random state, with the ``suffix`` (the
     groups after the prefix) in eval mode for the two passes, so its BatchNorm statistics do
     not move and a graph the caller keeps from an earlier call stays valid; a buffer that a
-    pass changed anyway is put back afterwards.
+    pass changed anyway is put back afterwards. With ``check_grad`` the full pass runs under
+    autograd and the boundary's output must not require grad (nothing trainable may feed it).
     """
     flags = [(m, m.training) for top in suffix for m in top.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -89,15 +91,29 @@ def replay_problem(
                 if not torch.equal(b, saved):  # copying bumps the version: only where something changed
                     b.copy_(saved)
 
+    fed: list[bool] = []
+
+    def boundary_hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        fed.append(any(t.requires_grad for t in tree.tensor_leaves(output)))
+
+    handle = model.get_submodule(store.boundary).register_forward_hook(boundary_hook)
     try:
         for m, _ in flags:
             m.training = False
-        with torch.no_grad():
+        with torch.set_grad_enabled(check_grad):
             full = model.forward(*args, **kwargs)
-            rewind()
-            with stubbed(model, Call("replay", n=n), store, slots):
-                replayed = model.forward(*args, **kwargs)
+        handle.remove()
+        if any(fed):
+            return (
+                f"a trainable parameter feeds the output of '{store.boundary}' (a position embedding or class "
+                "token named in a later group, say): a replay would cut its gradient. Fix: put it in the group "
+                "where it is used, or freeze it"
+            )
+        rewind()
+        with torch.no_grad(), stubbed(model, Call("replay", n=n), store, slots):
+            replayed = model.forward(*args, **kwargs)
     finally:
+        handle.remove()
         for m, flag in flags:
             m.training = flag
         rewind()

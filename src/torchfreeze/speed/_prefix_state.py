@@ -66,6 +66,10 @@ class Store:
     records: dict[str, Record] = field(default_factory=dict)
     verified: bool = False
     refused: str = ""
+    #: parameters trainable when it was made: a store stays valid while no other one becomes trainable
+    trainable: frozenset[int] = frozenset()
+    #: verified under autograd: nothing trainable feeds the boundary's output
+    grad_checked: bool = False
 
 
 class ForwardRestore:
@@ -94,6 +98,8 @@ class Call:
     outputs: dict[str, Any] = field(default_factory=dict)
     handles: list[RemovableHandle | ForwardRestore] = field(default_factory=list)
     started: float = 0.0
+    grad: bool = False  # autograd on for this call
+    last: tuple[str, list[Any]] = ("", [])  # the latest prefix output, copied when it was returned
 
 
 def difference(full: Any, replayed: Any) -> str:
@@ -103,6 +109,7 @@ def difference(full: Any, replayed: Any) -> str:
         return "the output structure differs"
     for i, (a, b) in enumerate(zip(a_leaves, b_leaves, strict=True)):
         if isinstance(a, Tensor) and isinstance(b, Tensor):
+            a, b = a.detach(), b.detach()
             if a.shape != b.shape or a.dtype != b.dtype:
                 return f"output #{i} has shape {tuple(b.shape)} instead of {tuple(a.shape)}"
             if a.is_floating_point() or a.is_complex():

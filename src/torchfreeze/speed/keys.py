@@ -178,6 +178,10 @@ class ModuleWatch:
         self._walk()  # the structure may have changed: walk again
         return self._take()
 
+    def attributes_changed(self) -> bool:
+        """Whether an attribute or flag differs from the token (a forward pass that set one, say)."""
+        return not self._same_attributes(self.token[0])
+
     def rebase_attributes(self) -> None:
         """Take the attributes and flags as they are now (after a forward pass that updated its own counters).
 

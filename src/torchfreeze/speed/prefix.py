@@ -95,6 +95,9 @@ class PrefixCache:
         # modules in no group (a parameter-free Dropout between blocks, the containers): their
         # train/eval flags are part of every store's token, as are the prefix groups' flags
         self._loose = loose_modules(model, self._names)
+        self._loose_state = self._loose_marks()
+        self._loose_generation = 0
+        self._all_params = list(model.parameters())
         self._depth: int | None = None
         # one store per (groups frozen, input layout): dynamic padding gives one layout per length
         self._stores: dict[StoreKey, Store] = {}
@@ -125,6 +128,10 @@ class PrefixCache:
 
     def remove(self) -> None:
         """Take the hooks off the model and drop the stored rows; the model is as it was before."""
+        if self._call is not None:  # removed from inside a forward (a hook, a callback)
+            for handle in self._call.handles:
+                handle.remove()
+            self._call = None
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -200,21 +207,49 @@ class PrefixCache:
         self._depth = depth
         return depth
 
-    def _token(self, depth: int) -> tuple[Any, ...]:
-        """What a store of ``depth`` groups depends on: weights and structure (generations), then modes."""
+    def _loose_marks(self) -> list[Any]:
+        """Own attributes, parameters and buffers of the modules in no group (not their children)."""
+        marks: list[Any] = []
+        for m in self._loose:
+            attrs = {
+                k: (id(v), v._version) if isinstance(v, Tensor) else v
+                for k, v in vars(m).items()
+                if not k.startswith("_") and k != "training"
+            }
+            own = [*m._parameters.items(), *m._buffers.items()]
+            marks.append(
+                (attrs, [(n, id(t), t._version, t.data_ptr(), t.requires_grad) for n, t in own if t is not None])
+            )
+        return marks
+
+    def _loose_changed(self) -> None:
+        marks = self._loose_marks()
+        try:
+            same = marks == self._loose_state
+        except (RuntimeError, TypeError, ValueError):  # an attribute that does not compare (an array)
+            same = False
+        if not same:
+            self._loose_state = marks
+            self._loose_generation += 1
+
+    def _weights(self, depth: int) -> tuple[Any, ...]:
+        """What the rows of a store of ``depth`` groups depend on besides modes: weights, structure, attributes."""
+        return (tuple(self._generations[:depth]), self._loose_generation)
+
+    def _modes(self, depth: int) -> tuple[Any, ...]:
+        """The flags a store of ``depth`` groups belongs to: autocast, the prefix's and loose modules' modes."""
         modes = [m.training for watches in self._watches[:depth] for watch in watches for m in watch.mods]
-        return (
-            autocast_state(),
-            tuple(self._generations[:depth]),
-            tuple(modes),
-            tuple(m.training for m in self._loose),
-        )
+        return (autocast_state(), tuple(modes), tuple(m.training for m in self._loose))
+
+    def _token(self, depth: int) -> tuple[Any, ...]:
+        return (*self._weights(depth), self._modes(depth))
 
     # -- hooks ---------------------------------------------------------------------------------
     def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._call is not None:  # a nested call of the model inside its own forward: leave it alone
             return
         started = time.perf_counter()
+        self._loose_changed()
         depth = self._frozen_depth()
         self._stats.frozen_groups = depth
         if depth == 0:
@@ -224,7 +259,11 @@ class PrefixCache:
         leaves, _ = tree.flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, Tensor)]
         n = tensors[0].shape[0] if tensors and tensors[0].dim() > 0 else -1
-        if n <= 0 or any(t.dim() == 0 or t.shape[0] != n for t in tensors) or any(t.requires_grad for t in tensors):
+        if (
+            n <= 0
+            or any(t.dim() == 0 or t.shape[0] != n for t in tensors)
+            or any(t.requires_grad or t.layout != torch.strided or t.is_nested for t in tensors)
+        ):
             self._begin(Call("off", started=started), "uncached")
             return
         signature = repr(tree.flatten((args, kwargs))[1]) + repr(
@@ -237,16 +276,20 @@ class PrefixCache:
             return
         keys = row_keys_fast(tensors, n, salt=signature.encode())
         slots = store.slabs.lookup(keys)
+        grad = torch.is_grad_enabled()
         if store.boundary and bool((slots >= 0).all()):
-            if not store.verified:
+            self._refuse_hooked(store, depth)
+            if not store.refused and (not store.verified or (grad and not store.grad_checked)):
                 self._verify(store, slots, args, kwargs, n)
-            if not store.refused:
-                call = Call("replay", store=store, keys=keys, slots=slots, n=n, started=started)
-                self._install_stubs(call, store, slots)
-                self._stats.hits += n
-                self._begin(call, "replayed")
+            if store.refused:
+                self._begin(Call("off", started=started), "uncached")
                 return
-        call = Call("capture", store=store, keys=keys, slots=slots, n=n, started=started)
+            call = Call("replay", store=store, keys=keys, slots=slots, n=n, started=started)
+            self._install_stubs(call, store, slots)
+            self._stats.hits += n
+            self._begin(call, "replayed")
+            return
+        call = Call("capture", store=store, keys=keys, slots=slots, n=n, started=started, grad=grad)
         source = max(
             (st for (d, sig, _), st in self._stores.items() if d < depth and sig == signature),
             key=lambda st: st.depth,
@@ -270,11 +313,17 @@ class PrefixCache:
             return
         for handle in call.handles:
             handle.remove()
-        for watches in self._watches[: self._depth or 0]:
-            for watch in watches:
-                watch.rebase_attributes()  # counters a module keeps itself are not a change
         if call.mode == "capture" and call.store is not None and output is not None:
             self._finish_capture(call)
+        for g, watches in enumerate(self._watches[: self._depth or 0]):
+            for i, watch in enumerate(watches):
+                if call.mode == "capture" and call.store is not None and watch.attributes_changed():
+                    self._refuse(
+                        call.store,
+                        f"module '{self._names[g][i]}' sets its own attributes when it runs (state that a replay "
+                        "would not set, and that the model may read later)",
+                    )
+                watch.rebase_attributes()
         kind = str(call.outputs["kind"])
         setattr(self._stats, f"{kind}_batches", getattr(self._stats, f"{kind}_batches") + 1)
         phase = f"{kind} ({self._stats.frozen_groups} groups frozen)"
@@ -284,31 +333,24 @@ class PrefixCache:
     def _store_for(self, depth: int, signature: str) -> Store:
         """The store of the prefix of ``depth`` groups for this input layout and these modes.
 
-        Kept besides: the other layouts and modes of the same prefix (same weights), and
-        shallower prefixes still valid that hold more rows than this prefix's store of their
-        layout: after more groups freeze, a capture at the new boundary replays the old prefix
-        and runs only the newly frozen groups. The least recently used stores go first when all
-        of them together exceed ``max_bytes``.
+        Every other store stays while its rows are still valid (same weights, nothing newly
+        trainable): other layouts, other modes or autocast states, other depths (after more
+        groups freeze, a capture at the new boundary replays a shallower prefix that holds every
+        row, and runs only the newly frozen groups). The least recently used stores go first
+        when all of them together exceed ``max_bytes``.
         """
-        tokens = {depth: self._token(depth)}
-        token = tokens[depth]
-        key: StoreKey = (depth, signature, token[2:])
+        trainable = frozenset(id(p) for p in self._all_params if p.requires_grad)
+        weights: dict[int, tuple[Any, ...]] = {depth: self._weights(depth)}
+        modes = self._modes(depth)
+        key: StoreKey = (depth, signature, modes)
         store = self._stores.get(key)
-        if store is None or store.token != token:
-            store = Store(depth, token, SlabStore(max_bytes=self.max_bytes))
+        if store is None or store.token[:2] != weights[depth] or not trainable <= store.trainable:
+            store = Store(depth, (*weights[depth], modes), SlabStore(max_bytes=self.max_bytes), trainable=trainable)
         kept: dict[StoreKey, Store] = {}
         for k, st in self._stores.items():
-            d, sig, _ = k
-            if k == key:
-                continue
-            if d == depth and st.token[:2] == token[:2]:
+            d = k[0]
+            if k != key and trainable <= st.trainable and st.token[:2] == weights.setdefault(d, self._weights(d)):
                 kept[k] = st
-            elif d < depth and st.verified and not st.refused:
-                deep = self._stores.get((depth, sig, token[2:]))
-                if (deep is None or len(deep.slabs) < len(st.slabs)) and tokens.setdefault(
-                    d, self._token(d)
-                ) == st.token:
-                    kept[k] = st
         kept[key] = store  # last: the most recently used
         self._stores = kept
         self._trim()
@@ -334,6 +376,8 @@ class PrefixCache:
             if not call.suffix_started:
                 call.order.append(name)
                 call.outputs[name] = output
+                # copied now: something after the prefix may change it in place (Dropout(inplace=True))
+                call.last = (name, [t.detach().clone() for t in tree.tensor_leaves(output)])
 
         return hook
 
@@ -359,6 +403,13 @@ class PrefixCache:
         if not tensors or any(_row_shape(t, call.n) is None for t in tensors):
             self._refuse(store, f"the output of '{boundary}' has no batch dimension of {call.n} rows to store")
             return
+        if call.grad:
+            if any(t.requires_grad for t in tensors):
+                self._refuse(store, _FED_BY_TRAINABLE.format(boundary=boundary))
+                return
+            store.grad_checked = True
+        if call.last[0] == boundary:
+            tensors = call.last[1]  # as it was returned, before anything after the prefix ran
         if not store.boundary:
             store.boundary, store.early = boundary, list(call.order)
             for name in call.order:
@@ -387,7 +438,8 @@ class PrefixCache:
         """Run the model in full and with the prefix replayed; refuse the prefix if they disagree."""
         self._stats.verifications += 1
         suffix = [m for modules in self._modules[store.depth :] for m in modules]
-        problem = replay_problem(self.model, store, slots, args, kwargs, n, suffix=suffix)
+        grad = torch.is_grad_enabled()
+        problem = replay_problem(self.model, store, slots, args, kwargs, n, suffix=suffix, check_grad=grad)
         if problem:
             self._refuse(
                 store,
@@ -396,6 +448,25 @@ class PrefixCache:
             )
         else:
             store.verified = True
+            store.grad_checked = store.grad_checked or grad
+
+    def _refuse_hooked(self, store: Store, depth: int) -> None:
+        """Refuse a replay that would skip someone's hooks on a prefix module (or hand them stand-ins)."""
+        import torch.nn.modules.module as torch_module  # global hooks live there
+
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            self._refuse(store, "global module forward hooks are registered (a replay would skip or mislead them)")
+            return
+        for g, watches in enumerate(self._watches[:depth]):
+            for watch in watches:
+                for m in watch.mods:
+                    if m._forward_hooks or m._forward_pre_hooks:
+                        self._refuse(
+                            store,
+                            f"a module of group {g} ({type(m).__name__}) has a forward hook: a replay would not run "
+                            "it, or hand it stand-ins. Fix: hook a module after the prefix, or remove the hook",
+                        )
+                        return
 
     def _refuse(self, store: Store, reason: str) -> None:
         store.refused = reason
@@ -413,6 +484,11 @@ class PrefixCache:
                 stacklevel=3,
             )
 
+
+_FED_BY_TRAINABLE = (
+    "a trainable parameter feeds the output of '{boundary}' (a position embedding or class token named in a "
+    "later group, say): a replay would cut its gradient. Fix: put it in the group where it is used, or freeze it"
+)
 
 #: the model each live prefix cache hooks (one per model: two would record each other's stand-ins)
 #: (weak both ways: the cache holds its model, so a strong value would keep the model alive for ever)
