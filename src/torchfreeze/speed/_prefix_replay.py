@@ -13,7 +13,17 @@ from torchfreeze._core import tree
 from torchfreeze._core.behaviour import nondeterministic_modules
 from torchfreeze.speed._prefix_state import Call, ForwardRestore, Store, difference
 
-__all__ = ["stand_in", "install_stubs", "stubbed", "replay_problem", "ungrouped_randomness"]
+__all__ = ["stand_in", "install_stubs", "stubbed", "replay_problem", "ungrouped_randomness", "submodule"]
+
+
+def submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` by attribute lookups (cheaper: this runs on every call)."""
+    module = model
+    for part in name.split("."):
+        module = getattr(module, part)
+    if not isinstance(module, nn.Module):
+        raise AttributeError(f"'{name}' is not a module of the model")
+    return module
 
 
 def stand_in(store: Store, slots: Tensor, name: str, n: int) -> Any:
@@ -37,7 +47,7 @@ def stand_in(store: Store, slots: Tensor, name: str, n: int) -> Any:
 def install_stubs(model: nn.Module, call: Call, store: Store, slots: Tensor) -> None:
     """Make the modules of ``store``'s prefix return stand-ins for this call (undone by ``call.handles``)."""
     for name in store.early:
-        module = model.get_submodule(name)
+        module = submodule(model, name)
 
         def stub(*_args: Any, _name: str = name, **_kwargs: Any) -> Any:
             return stand_in(store, slots, _name, call.n)

@@ -52,7 +52,7 @@ from torchfreeze._core.checks import require_module, short_repr
 from torchfreeze._core.select import Selector
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.speed._prefix_groups import Groups, loose_modules, modes_only, resolve_groups
-from torchfreeze.speed._prefix_replay import install_stubs, replay_problem, ungrouped_randomness
+from torchfreeze.speed._prefix_replay import install_stubs, replay_problem, submodule, ungrouped_randomness
 from torchfreeze.speed._prefix_state import Call, PrefixStats, Record, Store
 from torchfreeze.speed.keys import ModuleWatch, autocast_state, row_keys_fast
 from torchfreeze.speed.refusal import cache_refusal_reasons
@@ -61,6 +61,22 @@ from torchfreeze.speed.slabs import SlabStore
 StoreKey = tuple[int, str, tuple[Any, ...]]  # groups frozen, input layout, modes
 
 __all__ = ["cache_frozen_prefix", "PrefixCache", "PrefixStats"]
+
+
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _mark(value: Any) -> Any:
+    """What is compared of an attribute: plain values by value, a tensor by identity and version,
+    anything else by identity (comparing a Hugging Face config by value on every call would cost
+    more than the replay saves)."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, Tensor):
+        return (id(value), value._version)
+    if isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value):
+        return value
+    return ("id", id(value))
 
 
 def _row_shape(t: Tensor, n: int) -> tuple[int, ...] | None:
@@ -157,7 +173,7 @@ class PrefixCache:
         """
         changed = structural = False
         for i, name in enumerate(self._names[g]):
-            current = self.model.get_submodule(name)
+            current = submodule(self.model, name)
             watch = self._watches[g][i]
             if current is not watch.module:  # the module was replaced in the model
                 self._watches[g][i] = ModuleWatch(current)
@@ -211,11 +227,7 @@ class PrefixCache:
         """Own attributes, parameters and buffers of the modules in no group (not their children)."""
         marks: list[Any] = []
         for m in self._loose:
-            attrs = {
-                k: (id(v), v._version) if isinstance(v, Tensor) else v
-                for k, v in vars(m).items()
-                if not k.startswith("_") and k != "training"
-            }
+            attrs = {k: _mark(v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
             own = [*m._parameters.items(), *m._buffers.items()]
             marks.append(
                 (attrs, [(n, id(t), t._version, t.data_ptr(), t.requires_grad) for n, t in own if t is not None])
