@@ -573,3 +573,24 @@ def test_a_sparse_input_runs_uncached() -> None:
     x = torch.randn(4, 6).to_sparse()
     model(x)
     assert prefix.stats().uncached_batches == 1
+
+
+def test_a_plain_attribute_of_the_root_read_before_the_prefix_is_watched() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.scale = 1.0
+            self.body, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x * self.scale))
+
+    model = Scaled()
+    tf.freeze(model, "body", mode="eval")
+    prefix = cache_frozen_prefix(model)
+    x = torch.randn(4, 6)
+    model(x), model(x)
+    model.scale = 3.0
+    torch.testing.assert_close(model(x), model.head(model.body(x * 3.0)))
+    assert prefix.stats().replayed_batches == 1
