@@ -12,7 +12,7 @@ from torch.utils.hooks import RemovableHandle
 from torchfreeze._core import tree
 from torchfreeze.speed.slabs import SlabStore
 
-__all__ = ["PrefixStats", "Record", "Store", "Call", "ForwardRestore", "difference"]
+__all__ = ["PrefixStats", "Record", "Store", "Call", "ForwardRestore", "difference", "row_shape"]
 
 
 @dataclass
@@ -100,6 +100,11 @@ class Call:
     started: float = 0.0
     grad: bool = False  # autograd on for this call
     last: tuple[str, list[Any]] = ("", [])  # the latest prefix output, copied when it was returned
+
+
+def row_shape(t: Tensor, n: int) -> tuple[int, ...] | None:
+    """The shape of one row of ``t`` when its first dimension holds the ``n`` rows of the batch."""
+    return tuple(t.shape[1:]) if t.dim() > 0 and t.shape[0] == n else None
 
 
 def difference(full: Any, replayed: Any) -> str:

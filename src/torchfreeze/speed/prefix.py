@@ -53,7 +53,8 @@ from torchfreeze._core.select import Selector
 from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.speed._prefix_groups import Groups, loose_modules, modes_only, resolve_groups
 from torchfreeze.speed._prefix_replay import install_stubs, replay_problem, submodule, ungrouped_randomness
-from torchfreeze.speed._prefix_state import Call, PrefixStats, Record, Store
+from torchfreeze.speed._prefix_state import Call, PrefixStats, Record, Store, row_shape
+from torchfreeze.speed._prefix_watch import FED_BY_TRAINABLE, REPLAY_CAUSES, hooked, loose_marks, watch_order
 from torchfreeze.speed.keys import ModuleWatch, autocast_state, row_keys_fast
 from torchfreeze.speed.refusal import cache_refusal_reasons
 from torchfreeze.speed.slabs import SlabStore
@@ -61,26 +62,6 @@ from torchfreeze.speed.slabs import SlabStore
 StoreKey = tuple[int, str, tuple[Any, ...]]  # groups frozen, input layout, modes
 
 __all__ = ["cache_frozen_prefix", "PrefixCache", "PrefixStats"]
-
-
-_PLAIN = (int, float, str, bool, type(None))
-
-
-def _mark(value: Any) -> Any:
-    """What is compared of an attribute: plain values by value, a tensor by identity and version,
-    anything else by identity (comparing a Hugging Face config by value on every call would cost
-    more than the replay saves)."""
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, Tensor):
-        return (id(value), value._version)
-    if isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value):
-        return value
-    return ("id", id(value))
-
-
-def _row_shape(t: Tensor, n: int) -> tuple[int, ...] | None:
-    return tuple(t.shape[1:]) if t.dim() > 0 and t.shape[0] == n else None
 
 
 class PrefixCache:
@@ -111,7 +92,7 @@ class PrefixCache:
         # modules in no group (a parameter-free Dropout between blocks, the containers): their
         # train/eval flags are part of every store's token, as are the prefix groups' flags
         self._loose = loose_modules(model, self._names)
-        self._loose_state = self._loose_marks()
+        self._loose_state = loose_marks(self._loose)
         self._loose_generation = 0
         self._all_params = list(model.parameters())
         self._depth: int | None = None
@@ -223,19 +204,8 @@ class PrefixCache:
         self._depth = depth
         return depth
 
-    def _loose_marks(self) -> list[Any]:
-        """Own attributes, parameters and buffers of the modules in no group (not their children)."""
-        marks: list[Any] = []
-        for m in self._loose:
-            attrs = {k: _mark(v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
-            own = [*m._parameters.items(), *m._buffers.items()]
-            marks.append(
-                (attrs, [(n, id(t), t._version, t.data_ptr(), t.requires_grad) for n, t in own if t is not None])
-            )
-        return marks
-
     def _loose_changed(self) -> None:
-        marks = self._loose_marks()
+        marks = loose_marks(self._loose)
         try:
             same = marks == self._loose_state
         except (RuntimeError, TypeError, ValueError):  # an attribute that does not compare (an array)
@@ -312,7 +282,7 @@ class PrefixCache:
             if bool((source_slots >= 0).all()):
                 call.source, call.source_slots = source, source_slots
                 self._install_stubs(call, source, source_slots)
-        self._watch_order(call)
+        watch_order(call, self._names, self._modules)
         self._begin(call, "captured")
 
     def _begin(self, call: Call, kind: str) -> None:
@@ -374,31 +344,6 @@ class PrefixCache:
             self._stores.pop(next(iter(self._stores)))
 
     # -- capture -------------------------------------------------------------------------------
-    def _watch_order(self, call: Call) -> None:
-        depth = call.store.depth if call.store is not None else 0
-        for g, (names, modules) in enumerate(zip(self._names, self._modules, strict=True)):
-            for name, mod in zip(names, modules, strict=True):
-                if g < depth:
-                    call.handles.append(mod.register_forward_hook(self._recorder(call, name)))
-                else:
-                    call.handles.append(mod.register_forward_pre_hook(self._suffix_marker(call)))
-
-    def _recorder(self, call: Call, name: str) -> Any:
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            if not call.suffix_started:
-                call.order.append(name)
-                call.outputs[name] = output
-                # copied now: something after the prefix may change it in place (Dropout(inplace=True))
-                call.last = (name, [t.detach().clone() for t in tree.tensor_leaves(output)])
-
-        return hook
-
-    def _suffix_marker(self, call: Call) -> Any:
-        def hook(_module: nn.Module, _args: Any) -> None:
-            call.suffix_started = True
-
-        return hook
-
     def _finish_capture(self, call: Call) -> None:
         store = call.store
         if store is None or not call.order:
@@ -412,12 +357,12 @@ class PrefixCache:
             return
         out_leaves, _ = tree.flatten(call.outputs[boundary])
         tensors = [x for x in out_leaves if isinstance(x, Tensor)]
-        if not tensors or any(_row_shape(t, call.n) is None for t in tensors):
+        if not tensors or any(row_shape(t, call.n) is None for t in tensors):
             self._refuse(store, f"the output of '{boundary}' has no batch dimension of {call.n} rows to store")
             return
         if call.grad:
             if any(t.requires_grad for t in tensors):
-                self._refuse(store, _FED_BY_TRAINABLE.format(boundary=boundary))
+                self._refuse(store, FED_BY_TRAINABLE.format(boundary=boundary))
                 return
             store.grad_checked = True
         if call.last[0] == boundary:
@@ -429,7 +374,7 @@ class PrefixCache:
                 store.records[name] = Record(
                     spec,
                     [
-                        (x.dtype, x.device, _row_shape(x, call.n), tuple(x.shape)) if isinstance(x, Tensor) else x
+                        (x.dtype, x.device, row_shape(x, call.n), tuple(x.shape)) if isinstance(x, Tensor) else x
                         for x in leaves
                     ],
                 )
@@ -456,7 +401,7 @@ class PrefixCache:
             self._refuse(
                 store,
                 f"replaying the prefix up to '{store.boundary}' changes the model's output ({problem})"
-                + ungrouped_randomness(self.model, self._names),
+                + (ungrouped_randomness(self.model, self._names) or REPLAY_CAUSES),
             )
         else:
             store.verified = True
@@ -464,21 +409,9 @@ class PrefixCache:
 
     def _refuse_hooked(self, store: Store, depth: int) -> None:
         """Refuse a replay that would skip someone's hooks on a prefix module (or hand them stand-ins)."""
-        import torch.nn.modules.module as torch_module  # global hooks live there
-
-        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-            self._refuse(store, "global module forward hooks are registered (a replay would skip or mislead them)")
-            return
-        for g, watches in enumerate(self._watches[:depth]):
-            for watch in watches:
-                for m in watch.mods:
-                    if m._forward_hooks or m._forward_pre_hooks:
-                        self._refuse(
-                            store,
-                            f"a module of group {g} ({type(m).__name__}) has a forward hook: a replay would not run "
-                            "it, or hand it stand-ins. Fix: hook a module after the prefix, or remove the hook",
-                        )
-                        return
+        reason = hooked([m for watches in self._watches[:depth] for watch in watches for m in watch.mods])
+        if reason:
+            self._refuse(store, reason)
 
     def _refuse(self, store: Store, reason: str) -> None:
         store.refused = reason
@@ -488,19 +421,10 @@ class PrefixCache:
             self._warned.add(reason)
             warnings.warn(
                 f"cache_frozen_prefix: not caching the frozen prefix for these inputs: {reason}. The model "
-                "runs uncached for them (correct, not faster). Likely causes: the call asks for early "
-                "outputs (output_hidden_states=True, output_attentions=True: such calls stay uncached, "
-                "others are not affected), or something after the prefix reads an early module's output "
-                "(a skip connection). Fix for the latter: pass groups= whose prefix ends in one module that "
-                "everything after it reads, or cache a part with cache_features instead.",
+                "runs uncached for them (correct, not faster).",
                 stacklevel=3,
             )
 
-
-_FED_BY_TRAINABLE = (
-    "a trainable parameter feeds the output of '{boundary}' (a position embedding or class token named in a "
-    "later group, say): a replay would cut its gradient. Fix: put it in the group where it is used, or freeze it"
-)
 
 #: the model each live prefix cache hooks (one per model: two would record each other's stand-ins)
 #: (weak both ways: the cache holds its model, so a strong value would keep the model alive for ever)
