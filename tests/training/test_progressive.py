@@ -630,7 +630,9 @@ def test_a_tie_across_a_reachable_boundary_is_refused_at_construction() -> None:
 LOAD_ERRORS: dict[str, tuple[Callable[[dict[str, Any]], Any], type[Exception], str]] = {
     "not-a-dict": (lambda s: [s], ArgumentTypeError, "expected the dict"),
     "gradual-unfreezing-state": (
-        lambda s: GradualUnfreezing(Stack(), torch.optim.SGD(Stack().parameters(), lr=0.1), {1: 1}).state_dict(),
+        lambda s: (lambda m: GradualUnfreezing(m, torch.optim.SGD(m.parameters(), lr=0.1), {1: 1}))(
+            Stack()
+        ).state_dict(),
         ArgumentError,
         "format",
     ),

@@ -333,3 +333,11 @@ def test_unknown_shared_policy_is_refused_before_anything_changes() -> None:
     with pytest.raises(ArgumentError, match="shared"):
         GradualUnfreezing(model, opt, "one_group_per_epoch", shared="share")  # type: ignore[arg-type]
     assert requires_grad_map(model) == before
+
+
+def test_overlapping_groups_are_refused_and_nothing_changes() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2))
+    before = requires_grad_map(model)
+    with pytest.raises(ArgumentError, match=r"GradualUnfreezing\(groups=.*is in group 0 .* and in group 1"):
+        GradualUnfreezing(model, torch.optim.SGD(model.parameters(), lr=0.1), {1: 1}, groups=["0", "0", "2"])
+    assert requires_grad_map(model) == before

@@ -260,7 +260,7 @@ def freeze_more(
     return k
 
 
-def check_overlap(groups: Sequence[Selector], members: Sequence[Selection]) -> None:
+def check_overlap(groups: Sequence[Selector], members: Sequence[Selection], verb: str = _VERB) -> None:
     """Refuse groups that share a parameter path: "the first k groups" must be a prefix of the model.
 
     Raises:
@@ -272,14 +272,14 @@ def check_overlap(groups: Sequence[Selector], members: Sequence[Selection]) -> N
             j = owner.setdefault(path, i)
             if j != i:
                 raise ArgumentError(
-                    f"{_VERB}(groups={short_repr(list(groups), 120)}): the parameter {path!r} is in group {j} "
+                    f"{verb}(groups={short_repr(list(groups), 120)}): the parameter {path!r} is in group {j} "
                     f"({short_repr(groups[j])}) and in group {i} ({short_repr(groups[i])}); expected groups that "
                     "do not overlap (each parameter in one group). Nothing was changed. Fix: name each block "
                     "once, e.g. groups=['layers.0', 'layers.1', 'head']."
                 )
 
 
-def check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer, verb: str = _VERB) -> None:
     """Refuse an optimizer that holds none of ``model``'s parameters (by identity): it trains another model.
 
     Raises:
@@ -290,7 +290,7 @@ def check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) ->
         return
     held = sum(len(g["params"]) for g in optimizer.param_groups)
     raise ArgumentError(
-        f"{_VERB}(optimizer={type(optimizer).__name__}): it holds {held} parameter(s), none of them the model's; "
+        f"{verb}(optimizer={type(optimizer).__name__}): it holds {held} parameter(s), none of them the model's; "
         "expected an optimizer that holds parameters of `model` (frozen ones leave it). Nothing was changed. "
         "Fix: pass the optimizer built from this model, e.g. torch.optim.AdamW(model.parameters())."
     )

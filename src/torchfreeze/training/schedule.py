@@ -15,6 +15,7 @@ from torchfreeze.errors import ArgumentError, ArgumentTypeError
 from torchfreeze.nn import freeze_to, is_frozen, layer_groups, unfreeze
 from torchfreeze.nn.freezing import Shared
 from torchfreeze.training._args import layer_group_list, positive, saved_groups, schedule_kind
+from torchfreeze.training._progressive import check_overlap
 from torchfreeze.training.optim import _add_groups, _held_ids, _new_groups, _warn_unjoined
 from torchfreeze.training.schedulers import (
     _copy_entry,
@@ -162,8 +163,8 @@ class GradualUnfreezing:
                 )
             entries = {i * period: i + 1 for i in range(n)}
         entries = cast(Mapping[int, Any], entries)
-        for group in self.groups:
-            resolve(model, group, verb="GradualUnfreezing", argument="groups")  # SelectorError if it names nothing
+        members = [resolve(model, group, verb="GradualUnfreezing", argument="groups") for group in self.groups]
+        check_overlap(self.groups, members, "GradualUnfreezing")  # as ProgressiveFreezing: each parameter in one group
         plan: dict[int, Selector | int] = {}
         for key in sorted(entries, key=lambda k: (not _is_count(k), k if _is_count(k) else 0)):
             value = entries[key]
