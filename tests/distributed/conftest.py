@@ -1,24 +1,8 @@
-"""The distributed tests: helpers from this folder, and a gloo world of one process for in-process tests."""
+"""The distributed tests: helpers from this folder (the gloo world of one is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-import torch.distributed as dist
-
 sys.path.insert(0, str(Path(__file__).parent))
-
-
-@pytest.fixture
-def world_of_one() -> Iterator[None]:
-    """A default gloo process group of one rank (in-process, no port), destroyed afterwards."""
-    if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover - CPU torch has gloo
-        pytest.skip("needs gloo")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()

@@ -6,12 +6,11 @@ import copy
 import gc
 import io
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from _helpers import requires_grad_map
@@ -673,18 +672,6 @@ def test_load_state_dict_refuses_a_state_that_does_not_fit_and_changes_nothing(c
 
 
 # ------------------------------------------------------------------------------ distributed
-
-
-@pytest.fixture
-def world_of_one() -> Iterator[None]:
-    """A default gloo process group of one rank (in-process, no port), destroyed afterwards."""
-    if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover - CPU torch has gloo
-        pytest.skip("needs gloo")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_raw_live_ddp_is_refused(world_of_one: None) -> None:

@@ -238,7 +238,7 @@ class PrefixCache:
             self._stats.boundary = None
             self._begin(Call("off", started=started), "uncached")
             return
-        leaves, _ = tree.flatten((args, kwargs))
+        leaves, spec = tree.flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, Tensor)]
         n = tensors[0].shape[0] if tensors and tensors[0].dim() > 0 else -1
         if (
@@ -248,7 +248,7 @@ class PrefixCache:
         ):
             self._begin(Call("off", started=started), "uncached")
             return
-        signature = repr(tree.flatten((args, kwargs))[1]) + repr(
+        signature = repr(spec) + repr(
             [(t.dtype, tuple(t.shape[1:])) if isinstance(t, Tensor) else repr(t) for t in leaves]
         )
         store = self._store_for(depth, signature)
